@@ -1,0 +1,222 @@
+//! Embedding cache: an in-process, byte-bounded memory cache (alone, or as
+//! an L1 in front of Redis) and Redis.
+//!
+//! A value is only ever a successful upstream answer's `output.embedding`,
+//! stored as the JSON text upstream sent. Values read from Redis are checked
+//! (a list of `dimension` finite numbers) before they are served; anything
+//! else is treated as a miss and overwritten by the next answer.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use quick_cache::sync::Cache as QuickCache;
+use quick_cache::Weighter;
+
+use crate::cache_key::CacheKey;
+use crate::redis_store::RedisStore;
+
+/// Prefix of values in Redis: versioned so a format change never serves
+/// old bytes as new ones.
+const REDIS_VALUE_PREFIX: &[u8] = b"eg1:";
+/// A typical entry (1536 floats as JSON text), to size the memory index.
+const TYPICAL_ENTRY_BYTES: u64 = 32 * 1024;
+
+#[derive(Clone)]
+struct Entry {
+    embedding: Bytes,
+    expires: Instant,
+}
+
+#[derive(Clone)]
+struct EntryWeight;
+
+impl Weighter<CacheKey, Entry> for EntryWeight {
+    fn weight(&self, _key: &CacheKey, val: &Entry) -> u64 {
+        // Key, bookkeeping and the bytes themselves.
+        (val.embedding.len() as u64 + 96).max(1)
+    }
+}
+
+/// What a lookup found.
+pub enum Lookup {
+    Hit(Bytes),
+    Miss,
+}
+
+pub struct Cache {
+    memory: Option<QuickCache<CacheKey, Entry, EntryWeight>>,
+    redis: Option<Arc<RedisStore>>,
+    ttl: Duration,
+    /// Redis keys live under this prefix.
+    namespace: &'static str,
+}
+
+impl Cache {
+    pub fn new(memory_max_bytes: u64, redis: Option<Arc<RedisStore>>, ttl: Duration) -> Cache {
+        let memory = (memory_max_bytes > 0).then(|| {
+            let items = (memory_max_bytes / TYPICAL_ENTRY_BYTES).clamp(16, 1 << 20) as usize;
+            QuickCache::with_weighter(items, memory_max_bytes, EntryWeight)
+        });
+        Cache {
+            memory,
+            redis,
+            ttl,
+            namespace: "eg:c:",
+        }
+    }
+
+    fn redis_key(&self, key: &CacheKey) -> String {
+        format!("{}{}", self.namespace, key.to_hex())
+    }
+
+    /// Looks `key` up; a Redis error or timeout is a miss.
+    pub async fn get(&self, key: &CacheKey, dimension: usize) -> Lookup {
+        if let Some(mem) = &self.memory {
+            if let Some(e) = mem.get(key) {
+                if e.expires > Instant::now() {
+                    return Lookup::Hit(e.embedding);
+                }
+                mem.remove(key);
+            }
+        }
+        let Some(redis) = &self.redis else {
+            return Lookup::Miss;
+        };
+        let rkey = self.redis_key(key);
+        let got = redis
+            .call("cache_get", false, |mut c| async move {
+                redis::cmd("GET")
+                    .arg(&rkey)
+                    .query_async::<Option<Vec<u8>>>(&mut c)
+                    .await
+            })
+            .await;
+        let raw = match got {
+            Ok(Some(raw)) => raw,
+            Ok(None) | Err(_) => return Lookup::Miss,
+        };
+        let Some(body) = raw.strip_prefix(REDIS_VALUE_PREFIX) else {
+            tracing::warn!(key = ?key, "cache entry in an unknown format; treated as a miss");
+            return Lookup::Miss;
+        };
+        if !valid_embedding(body, dimension) {
+            tracing::warn!(key = ?key, "cache entry failed validation; treated as a miss");
+            return Lookup::Miss;
+        }
+        let embedding = Bytes::copy_from_slice(body);
+        if let Some(mem) = &self.memory {
+            // The L1 copy expires no later than a fresh Redis entry would.
+            mem.insert(
+                *key,
+                Entry {
+                    embedding: embedding.clone(),
+                    expires: Instant::now() + self.ttl,
+                },
+            );
+        }
+        Lookup::Hit(embedding)
+    }
+
+    /// Stores an embedding that was validated by the caller: in memory now,
+    /// in Redis in the background (the answer does not wait for it).
+    pub fn store(self: &Arc<Self>, key: CacheKey, embedding: Bytes) {
+        self.put_memory(&key, embedding.clone());
+        if self.redis.is_some() {
+            let me = self.clone();
+            tokio::spawn(async move { me.put_redis(&key, embedding).await });
+        }
+    }
+
+    /// Stores in memory and Redis, waiting for both.
+    pub async fn put(&self, key: &CacheKey, embedding: Bytes) {
+        self.put_memory(key, embedding.clone());
+        self.put_redis(key, embedding).await;
+    }
+
+    fn put_memory(&self, key: &CacheKey, embedding: Bytes) {
+        if let Some(mem) = &self.memory {
+            mem.insert(
+                *key,
+                Entry {
+                    embedding,
+                    expires: Instant::now() + self.ttl,
+                },
+            );
+        }
+    }
+
+    async fn put_redis(&self, key: &CacheKey, embedding: Bytes) {
+        let Some(redis) = &self.redis else {
+            return;
+        };
+        let rkey = self.redis_key(key);
+        let ttl_ms = self.ttl.as_millis().min(u128::from(u64::MAX)) as u64;
+        let mut value = Vec::with_capacity(REDIS_VALUE_PREFIX.len() + embedding.len());
+        value.extend_from_slice(REDIS_VALUE_PREFIX);
+        value.extend_from_slice(&embedding);
+        // Skipped while Redis is down: the next miss refills it.
+        let _ = redis
+            .call("cache_put", false, |mut c| async move {
+                redis::cmd("SET")
+                    .arg(&rkey)
+                    .arg(value)
+                    .arg("PX")
+                    .arg(ttl_ms)
+                    .query_async::<()>(&mut c)
+                    .await
+            })
+            .await;
+    }
+}
+
+/// True when `raw` is a JSON list of exactly `dimension` finite numbers.
+pub fn valid_embedding(raw: &[u8], dimension: usize) -> bool {
+    match serde_json::from_slice::<Vec<f64>>(raw) {
+        Ok(v) => v.len() == dimension && v.iter().all(|x| x.is_finite()),
+        Err(_) => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn validation() {
+        assert!(valid_embedding(b"[1,2.5,-0.020782470703125]", 3));
+        assert!(!valid_embedding(b"[1,2]", 3));
+        assert!(!valid_embedding(b"[1,\"2\",3]", 3));
+        assert!(!valid_embedding(b"{}", 0));
+        assert!(!valid_embedding(b"[1,2,", 3));
+    }
+
+    #[tokio::test]
+    async fn memory_hit_and_expiry() {
+        let models = vec!["m".to_string()];
+        let req = crate::request::EmbeddingRequest::parse(
+            br#"{"model":"m","input":{"contents":[{"text":"a"}]}}"#,
+            &crate::request::ParseRules {
+                models: &models,
+                max_text_chars: 70,
+            },
+        );
+        let Ok(req) = req else { return };
+        let key = crate::cache_key::cache_key(crate::cache_key::KeyScope::Shared, None, &req);
+        let c = Cache::new(1 << 20, None, Duration::from_millis(1));
+        assert!(matches!(c.get(&key, 2).await, Lookup::Miss));
+        c.put(&key, Bytes::from_static(b"[1,2]")).await;
+        let c2 = Cache::new(1 << 20, None, Duration::from_secs(60));
+        c2.put(&key, Bytes::from_static(b"[1,2]")).await;
+        assert!(matches!(c2.get(&key, 2).await, Lookup::Hit(b) if &b[..] == b"[1,2]"));
+        // The 1 ms entry: once its deadline passes it is gone.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            if matches!(c.get(&key, 2).await, Lookup::Miss) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "entry never expired");
+            tokio::task::yield_now().await;
+        }
+    }
+}

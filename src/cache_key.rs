@@ -1,0 +1,263 @@
+//! The cache key: SHA-256 over a versioned, prefix-free encoding of
+//! everything that can change the upstream result.
+//!
+//! Each field is written as `tag byte, u64 big-endian length, bytes`, so no
+//! field can run into the next (`["ab","c"]` and `["a","bc"]` differ). The
+//! request is destructured field by field: adding a field to
+//! [`EmbeddingRequest`] breaks the build here until someone decides whether
+//! it belongs in the key.
+
+use std::fmt;
+
+use serde_json::{Map, Value};
+use sha2::{Digest as _, Sha256};
+
+use crate::request::{EmbeddingRequest, Item};
+
+/// Bump when the encoding changes: old entries then simply stop matching.
+const KEY_VERSION: &[u8] = b"embedgate-cache-key/v1";
+
+/// Who may share an entry.
+#[derive(Debug, Clone, Copy)]
+pub enum KeyScope<'a> {
+    /// Entries belong to one tenant (`cache.scope = "tenant"`).
+    Tenant(&'a str),
+    /// Entries are shared company-wide (`cache.scope = "shared"`).
+    Shared,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct CacheKey([u8; 32]);
+
+impl CacheKey {
+    pub fn to_hex(self) -> String {
+        hex::encode(self.0)
+    }
+}
+
+impl fmt::Debug for CacheKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "CacheKey({})", &self.to_hex()[..16])
+    }
+}
+
+struct Encoder(Sha256);
+
+impl Encoder {
+    fn field(&mut self, tag: u8, bytes: &[u8]) {
+        self.0.update([tag]);
+        self.0.update((bytes.len() as u64).to_be_bytes());
+        self.0.update(bytes);
+    }
+}
+
+// Tags: one byte per kind of field, never reused.
+const TAG_SCOPE_TENANT: u8 = 1;
+const TAG_SCOPE_SHARED: u8 = 2;
+const TAG_WORKSPACE: u8 = 3;
+const TAG_MODEL: u8 = 4;
+const TAG_ITEM_COUNT: u8 = 5;
+const TAG_MODALITY: u8 = 6;
+const TAG_CONTENT: u8 = 7;
+const TAG_FACTOR: u8 = 8;
+const TAG_PARAMETERS: u8 = 9;
+const TAG_EXTRA: u8 = 10;
+const TAG_INPUT_EXTRA: u8 = 11;
+
+/// The key for `req` as seen by a tenant whose requests go upstream with
+/// `workspace` (the upstream account context, which `oss://` inputs and
+/// results are bound to).
+pub fn cache_key(scope: KeyScope<'_>, workspace: Option<&str>, req: &EmbeddingRequest) -> CacheKey {
+    let EmbeddingRequest {
+        model,
+        items,
+        parameters,
+        // Only decides whether an over-long input errors; errors are never cached.
+        auto_truncation: _,
+        extra,
+        input_extra,
+    } = req;
+
+    let mut e = Encoder(Sha256::new());
+    e.0.update(KEY_VERSION);
+    match scope {
+        KeyScope::Tenant(name) => e.field(TAG_SCOPE_TENANT, name.as_bytes()),
+        KeyScope::Shared => e.field(TAG_SCOPE_SHARED, b""),
+    }
+    e.field(TAG_WORKSPACE, workspace.unwrap_or("").as_bytes());
+    e.field(TAG_MODEL, model.as_bytes());
+    e.field(TAG_ITEM_COUNT, &(items.len() as u64).to_be_bytes());
+    for Item {
+        modality,
+        content,
+        factor,
+    } in items
+    {
+        e.field(TAG_MODALITY, modality.as_str().as_bytes());
+        e.field(TAG_CONTENT, content.as_bytes());
+        e.field(TAG_FACTOR, &factor.to_bits().to_be_bytes());
+    }
+    let mut params = parameters.clone();
+    params.remove("auto_truncation");
+    e.field(TAG_PARAMETERS, canonical_object(&params).as_bytes());
+    e.field(TAG_EXTRA, canonical_object(extra).as_bytes());
+    e.field(TAG_INPUT_EXTRA, canonical_object(input_extra).as_bytes());
+    CacheKey(e.0.finalize().into())
+}
+
+/// JSON with object keys sorted at every depth, whatever map type
+/// serde_json was built with (`preserve_order` may be on via another crate).
+fn canonical_object(m: &Map<String, Value>) -> String {
+    let mut out = String::new();
+    write_object(m, &mut out);
+    out
+}
+
+fn write_object(m: &Map<String, Value>, out: &mut String) {
+    let mut keys: Vec<&String> = m.keys().collect();
+    keys.sort();
+    out.push('{');
+    for (i, k) in keys.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str(&Value::String((*k).clone()).to_string());
+        out.push(':');
+        if let Some(v) = m.get(*k) {
+            write_value(v, out);
+        }
+    }
+    out.push('}');
+}
+
+fn write_value(v: &Value, out: &mut String) {
+    match v {
+        Value::Object(m) => write_object(m, out),
+        Value::Array(a) => {
+            out.push('[');
+            for (i, x) in a.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                write_value(x, out);
+            }
+            out.push(']');
+        }
+        other => out.push_str(&other.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::request::ParseRules;
+
+    fn key_with(scope: KeyScope<'_>, body: &str) -> CacheKey {
+        let models = vec!["multimodal-embedding-one-peace-v1".to_string()];
+        let req = EmbeddingRequest::parse(
+            body.as_bytes(),
+            &ParseRules {
+                models: &models,
+                max_text_chars: 70,
+            },
+        )
+        .unwrap();
+        cache_key(scope, None, &req)
+    }
+
+    fn key(body: &str) -> CacheKey {
+        key_with(KeyScope::Tenant("search"), body)
+    }
+
+    const BASE: &str = r#"{"model":"multimodal-embedding-one-peace-v1","input":{"contents":[{"text":"你好","factor":1},{"image":"https://x/1.png"}]},"parameters":{}}"#;
+
+    #[test]
+    fn equivalences() {
+        let k = key(BASE);
+        let same = [
+            // 1.x layout: model, parameters, input; spaced separators; factor first.
+            r#"{"model": "multimodal-embedding-one-peace-v1", "parameters": {}, "input": {"contents": [{"factor": 1, "text": "你好"}, {"image": "https://x/1.png"}]}}"#,
+            // 1.20 layout: ASCII escapes.
+            r#"{"model":"multimodal-embedding-one-peace-v1","input":{"contents":[{"text":"\u4f60\u597d","factor":1.0},{"image":"https://x/1.png","factor":"1"}]},"parameters":{}}"#,
+            // factor absent == 1; parameters absent == {}.
+            r#"{"model":"multimodal-embedding-one-peace-v1","input":{"contents":[{"text":"你好"},{"image":"https://x/1.png","factor":1}]}}"#,
+            // auto_truncation does not change the result.
+            r#"{"model":"multimodal-embedding-one-peace-v1","input":{"contents":[{"text":"你好","factor":"1.0"},{"image":"https://x/1.png"}]},"parameters":{"auto_truncation":true}}"#,
+            "{\n  \"model\" : \"multimodal-embedding-one-peace-v1\",\n  \"input\" : { \"contents\" : [ { \"text\" : \"你好\" } , { \"image\" : \"https://x/1.png\" } ] }\n}",
+        ];
+        for body in same {
+            assert_eq!(key(body), k, "{body}");
+        }
+        // Nested parameter key order does not matter either.
+        assert_eq!(
+            key(
+                r#"{"model":"multimodal-embedding-one-peace-v1","input":{"contents":[{"text":"a"}]},"parameters":{"x":{"b":1,"a":2},"dimension":512}}"#
+            ),
+            key(
+                r#"{"model":"multimodal-embedding-one-peace-v1","input":{"contents":[{"text":"a"}]},"parameters":{"dimension":512,"x":{"a":2,"b":1}}}"#
+            ),
+        );
+    }
+
+    #[test]
+    fn distinctions() {
+        let k = key(BASE);
+        let different = [
+            // factor
+            r#"{"model":"multimodal-embedding-one-peace-v1","input":{"contents":[{"text":"你好","factor":2},{"image":"https://x/1.png"}]}}"#,
+            // item order
+            r#"{"model":"multimodal-embedding-one-peace-v1","input":{"contents":[{"image":"https://x/1.png"},{"text":"你好"}]}}"#,
+            // modality with the same content
+            r#"{"model":"multimodal-embedding-one-peace-v1","input":{"contents":[{"text":"你好"},{"audio":"https://x/1.png"}]}}"#,
+            // content
+            r#"{"model":"multimodal-embedding-one-peace-v1","input":{"contents":[{"text":"你好!"},{"image":"https://x/1.png"}]}}"#,
+            // parameters
+            r#"{"model":"multimodal-embedding-one-peace-v1","input":{"contents":[{"text":"你好"},{"image":"https://x/1.png"}]},"parameters":{"dimension":512}}"#,
+            // the SDK's nested-parameters quirk
+            r#"{"model":"multimodal-embedding-one-peace-v1","input":{"contents":[{"text":"你好"},{"image":"https://x/1.png"}]},"parameters":{"parameters":{"auto_truncation":true}}}"#,
+            // extra top-level field
+            r#"{"model":"multimodal-embedding-one-peace-v1","input":{"contents":[{"text":"你好"},{"image":"https://x/1.png"}]},"resources":[]}"#,
+            // extra input field
+            r#"{"model":"multimodal-embedding-one-peace-v1","input":{"contents":[{"text":"你好"},{"image":"https://x/1.png"}],"x":1}}"#,
+        ];
+        for body in different {
+            assert_ne!(key(body), k, "{body}");
+        }
+        // Tenant scope and shared scope.
+        assert_ne!(key_with(KeyScope::Tenant("ads"), BASE), k);
+        assert_ne!(key_with(KeyScope::Shared, BASE), k);
+        assert_eq!(
+            key_with(KeyScope::Shared, BASE),
+            key_with(KeyScope::Shared, BASE)
+        );
+    }
+
+    #[test]
+    fn prefix_free_contents() {
+        let a = key(
+            r#"{"model":"multimodal-embedding-one-peace-v1","input":{"contents":[{"text":"ab"},{"text":"c"}]}}"#,
+        );
+        let b = key(
+            r#"{"model":"multimodal-embedding-one-peace-v1","input":{"contents":[{"text":"a"},{"text":"bc"}]}}"#,
+        );
+        assert_ne!(a, b);
+    }
+
+    #[test]
+    fn workspace_separates_entries() {
+        let models = vec!["multimodal-embedding-one-peace-v1".to_string()];
+        let req = EmbeddingRequest::parse(
+            BASE.as_bytes(),
+            &ParseRules {
+                models: &models,
+                max_text_chars: 70,
+            },
+        )
+        .unwrap();
+        assert_ne!(
+            cache_key(KeyScope::Shared, Some("ws-1"), &req),
+            cache_key(KeyScope::Shared, None, &req)
+        );
+    }
+}

@@ -1,0 +1,334 @@
+//! The `embedgate` command: parse the CLI and config, bind, run.
+
+use std::io::{Read, Write};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use tokio::net::TcpListener;
+
+use embedgate::config::Config;
+use embedgate::date::Day;
+use embedgate::secret::Digest;
+
+#[derive(Parser)]
+#[command(
+    name = "embedgate",
+    version,
+    about = "Caching and metering gateway for DashScope multimodal embeddings"
+)]
+struct Cli {
+    /// Config file (TOML). Without one, embedded defaults apply (no tenants).
+    #[arg(long, short, global = true)]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway (the default).
+    Run,
+    /// Read a key on stdin and print its SHA-256 digest for `key_sha256`.
+    HashKey,
+    /// Validate a config file and print every error with its key and line.
+    CheckConfig {
+        /// The config file.
+        path: PathBuf,
+    },
+    /// Print usage rows from the ledger in Redis.
+    Usage {
+        /// First day, YYYY-MM-DD (UTC).
+        #[arg(long)]
+        from: String,
+        /// Last day, YYYY-MM-DD (UTC).
+        #[arg(long)]
+        to: String,
+        /// Only this tenant.
+        #[arg(long)]
+        tenant: Option<String>,
+        /// json or csv.
+        #[arg(long, default_value = "json")]
+        format: String,
+    },
+    /// Run a fake DashScope for tests, benchmarks and demos.
+    #[command(hide = true)]
+    FakeDashscope {
+        #[arg(long, default_value = "127.0.0.1:8090")]
+        listen: SocketAddr,
+        /// Accept only this upstream key (read from the named env variable).
+        #[arg(long)]
+        api_key_env: Option<String>,
+        /// Added latency per embedding call, ms.
+        #[arg(long, default_value_t = 0)]
+        latency_ms: u64,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command.unwrap_or(Command::Run) {
+        Command::HashKey => hash_key(),
+        Command::CheckConfig { path } => match Config::load(&path) {
+            Ok(c) => {
+                println!("{}: ok ({} tenants)", path.display(), c.tenants.len());
+                ExitCode::SUCCESS
+            }
+            Err(errors) => {
+                for e in &errors.0 {
+                    eprintln!("{}: {e}", path.display());
+                }
+                ExitCode::from(2)
+            }
+        },
+        Command::Run => with_runtime(run(cli.config)),
+        Command::Usage {
+            from,
+            to,
+            tenant,
+            format,
+        } => with_runtime(usage(cli.config, from, to, tenant, format)),
+        Command::FakeDashscope {
+            listen,
+            api_key_env,
+            latency_ms,
+        } => with_runtime(fake(listen, api_key_env, latency_ms)),
+    }
+}
+
+fn with_runtime(f: impl std::future::Future<Output = ExitCode>) -> ExitCode {
+    match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt.block_on(f),
+        Err(e) => {
+            eprintln!("embedgate: cannot start the runtime: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn hash_key() -> ExitCode {
+    let mut key = String::new();
+    if std::io::stdin().read_to_string(&mut key).is_err() {
+        eprintln!("embedgate: could not read the key from stdin");
+        return ExitCode::FAILURE;
+    }
+    // A trailing newline from `echo` or a terminal is not part of the key.
+    let key = key.trim_end_matches(['\n', '\r']);
+    if key.is_empty() {
+        eprintln!("embedgate: no key on stdin (try: printf %s \"$KEY\" | embedgate hash-key)");
+        return ExitCode::FAILURE;
+    }
+    println!("{}", Digest::of(key.as_bytes()).to_hex());
+    ExitCode::SUCCESS
+}
+
+fn load(path: Option<PathBuf>) -> Result<Config, ExitCode> {
+    match path {
+        Some(p) => Config::load(&p).map_err(|errors| {
+            for e in &errors.0 {
+                eprintln!("embedgate: {}: {e}", p.display());
+            }
+            ExitCode::from(2)
+        }),
+        None => Config::parse("", &|k| std::env::var(k).ok()).map_err(|errors| {
+            eprintln!("embedgate: {errors}");
+            ExitCode::from(2)
+        }),
+    }
+}
+
+fn init_logs() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("EMBEDGATE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let text = std::env::var("EMBEDGATE_LOG_FORMAT").is_ok_and(|v| v == "text");
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if text {
+        builder.init();
+    } else {
+        builder.json().flatten_event(true).init();
+    }
+}
+
+async fn run(path: Option<PathBuf>) -> ExitCode {
+    init_logs();
+    let config = match load(path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    if config.upstream.api_key.is_none() {
+        tracing::warn!(
+            env = %config.upstream.api_key_env,
+            "upstream key not set: upstream calls will be refused by DashScope"
+        );
+    }
+    if config.tenants.is_empty() {
+        tracing::warn!("no tenants configured: every API request will get 401");
+    }
+    let listener = match TcpListener::bind(config.server.listen).await {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("embedgate: server.listen {}: {e}", config.server.listen);
+            return ExitCode::FAILURE;
+        }
+    };
+    let metrics_listener = match config.server.metrics_listen {
+        Some(addr) => match TcpListener::bind(addr).await {
+            Ok(l) => Some(l),
+            Err(e) => {
+                eprintln!("embedgate: server.metrics_listen {addr}: {e}");
+                return ExitCode::FAILURE;
+            }
+        },
+        None => None,
+    };
+    // The bound addresses, on stdout, for scripts and tests that bind port 0.
+    let mut out = std::io::stdout().lock();
+    if let Ok(a) = listener.local_addr() {
+        let _ = writeln!(out, "embedgate listening on http://{a}");
+    }
+    if let Some(a) = metrics_listener.as_ref().and_then(|l| l.local_addr().ok()) {
+        let _ = writeln!(out, "embedgate metrics on http://{a}/metrics");
+    }
+    let _ = out.flush();
+    drop(out);
+    tracing::info!(
+        listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+        tenants = config.tenants.len(),
+        cache = if config.cache.redis_url.is_some() { "redis" } else { "memory" },
+        "embedgate started"
+    );
+    match embedgate::run(config, listener, metrics_listener, shutdown_signal()).await {
+        Ok(()) => {
+            tracing::info!("embedgate stopped");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("embedgate: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) {
+            (Ok(mut term), Ok(mut int)) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = int.recv() => {}
+                }
+            }
+            _ => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+async fn usage(
+    path: Option<PathBuf>,
+    from: String,
+    to: String,
+    tenant: Option<String>,
+    format: String,
+) -> ExitCode {
+    let config = match load(path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let mut query = format!("from={from}&to={to}&format={format}");
+    if let Some(t) = &tenant {
+        query.push_str(&format!("&tenant={t}"));
+    }
+    let q = match embedgate::admin::UsageQuery::parse(&query) {
+        Ok(q) => q,
+        Err(e) => {
+            eprintln!("embedgate usage: {}", e.message());
+            return ExitCode::from(2);
+        }
+    };
+    let Some(url) = &config.cache.redis_url else {
+        eprintln!(
+            "embedgate usage: no cache.redis_url in the config; without Redis the ledger lives in the gateway process (GET /admin/usage)"
+        );
+        return ExitCode::from(2);
+    };
+    let metrics = Arc::new(embedgate::metrics::Metrics::new());
+    let redis = match embedgate::redis_store::RedisStore::start(
+        url,
+        config.cache.redis_cluster,
+        Duration::from_secs(2),
+        metrics.clone(),
+    ) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("embedgate usage: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if tokio::time::timeout(Duration::from_secs(5), redis.wait_up())
+        .await
+        .is_err()
+    {
+        eprintln!("embedgate usage: Redis is not reachable");
+        return ExitCode::FAILURE;
+    }
+    let ledger = embedgate::ledger::Ledger::new(Some(redis), metrics);
+    let names: Vec<String> = config.tenants.iter().map(|t| t.name.clone()).collect();
+    let rows = match ledger
+        .report(q.from, q.to, q.tenant.as_deref(), &names)
+        .await
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("embedgate usage: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if q.csv {
+        print!("{}", embedgate::ledger::to_csv(&rows));
+    } else {
+        let v =
+            serde_json::json!({"from": q.from.to_string(), "to": q.to.to_string(), "rows": rows});
+        println!("{v}");
+    }
+    let _ = Day::today();
+    ExitCode::SUCCESS
+}
+
+async fn fake(listen: SocketAddr, api_key_env: Option<String>, latency_ms: u64) -> ExitCode {
+    let listener = match TcpListener::bind(listen).await {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("fake-dashscope: {listen}: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if let Ok(a) = listener.local_addr() {
+        println!("fake-dashscope listening on http://{a}");
+    }
+    let key = api_key_env.and_then(|v| std::env::var(v).ok());
+    let state = embedgate::fake_dashscope::start(listener, key);
+    state
+        .latency_ms
+        .store(latency_ms, std::sync::atomic::Ordering::SeqCst);
+    shutdown_signal().await;
+    ExitCode::SUCCESS
+}

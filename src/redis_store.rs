@@ -1,0 +1,257 @@
+//! The shared Redis connection (standalone or Cluster) used by the cache,
+//! the limits and the ledger, with a health flag and per-call timeouts.
+//!
+//! Requests never wait on a Redis that is known to be down: the first failed
+//! call marks it down, hot-path callers then skip it, and a background probe
+//! marks it up again. Every key a tenant touches carries the hash tag
+//! `{eg:<tenant>}` so one tenant's keys live in one Cluster slot and its Lua
+//! scripts stay atomic.
+
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::cluster_async::ClusterConnection;
+use redis::{Cmd, Pipeline, RedisFuture, RedisResult, Value};
+use tokio::sync::{Notify, OnceCell};
+
+use crate::metrics::Metrics;
+use crate::secret::Secret;
+
+/// How often a down Redis is probed.
+const PROBE_INTERVAL: Duration = Duration::from_millis(500);
+
+/// One connection handle, cheap to clone, multiplexed underneath.
+#[derive(Clone)]
+pub enum Conn {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Conn::Single(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Conn::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Single(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+/// Why a Redis call did not give an answer.
+#[derive(Debug)]
+pub enum StoreError {
+    /// Known down (or not yet connected); the call was not attempted.
+    Down,
+    Timeout,
+    Redis(redis::RedisError),
+}
+
+impl std::fmt::Display for StoreError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StoreError::Down => f.write_str("redis is down"),
+            StoreError::Timeout => f.write_str("redis call timed out"),
+            StoreError::Redis(e) => write!(f, "redis error: {e}"),
+        }
+    }
+}
+
+pub struct RedisStore {
+    conn: OnceCell<Conn>,
+    /// Last known health; false until the first successful call.
+    up: AtomicBool,
+    /// Woken when Redis comes back, so buffered work is flushed at once.
+    pub came_up: Notify,
+    timeout: Duration,
+    metrics: Arc<Metrics>,
+}
+
+impl RedisStore {
+    /// Starts connecting in the background and returns at once: the gateway
+    /// serves (without Redis) while Redis is unreachable.
+    ///
+    /// `url` is one `redis://` URL, or for a Cluster a comma-separated list of
+    /// seed node URLs.
+    pub fn start(
+        url: &Secret,
+        cluster: bool,
+        timeout: Duration,
+        metrics: Arc<Metrics>,
+    ) -> Result<Arc<RedisStore>, String> {
+        let store = Arc::new(RedisStore {
+            conn: OnceCell::new(),
+            up: AtomicBool::new(false),
+            came_up: Notify::new(),
+            timeout,
+            metrics,
+        });
+        let nodes: Vec<String> = url
+            .expose()
+            .split(',')
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+            .collect();
+        if cluster {
+            let client = redis::cluster::ClusterClientBuilder::new(nodes)
+                .connection_timeout(timeout * 4)
+                .response_timeout(timeout)
+                .build()
+                .map_err(|e| format!("cache.redis_url: {}", redact(&e.to_string())))?;
+            let s = store.clone();
+            tokio::spawn(async move {
+                loop {
+                    match client.get_async_connection().await {
+                        Ok(c) => {
+                            let _ = s.conn.set(Conn::Cluster(c));
+                            break;
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %redact(&e.to_string()), "redis cluster not reachable yet");
+                            tokio::time::sleep(PROBE_INTERVAL * 4).await;
+                        }
+                    }
+                }
+            });
+        } else {
+            let first = nodes.first().cloned().unwrap_or_default();
+            let client = redis::Client::open(first)
+                .map_err(|e| format!("cache.redis_url: {}", redact(&e.to_string())))?;
+            let cfg = ConnectionManagerConfig::new()
+                .set_connection_timeout(Some(timeout * 4))
+                .set_response_timeout(Some(timeout))
+                .set_number_of_retries(2)
+                .set_max_delay(Duration::from_secs(1));
+            let mgr = ConnectionManager::new_lazy_with_config(client, cfg)
+                .map_err(|e| format!("cache.redis_url: {}", redact(&e.to_string())))?;
+            let _ = store.conn.set(Conn::Single(mgr));
+        }
+        let s = store.clone();
+        tokio::spawn(async move { s.probe_loop().await });
+        Ok(store)
+    }
+
+    pub fn is_up(&self) -> bool {
+        self.up.load(Ordering::Relaxed)
+    }
+
+    async fn probe_loop(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(PROBE_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let ok = match self.conn.get() {
+                None => false,
+                Some(c) => {
+                    let mut c = c.clone();
+                    matches!(
+                        tokio::time::timeout(
+                            self.timeout * 4,
+                            redis::cmd("PING").query_async::<String>(&mut c)
+                        )
+                        .await,
+                        Ok(Ok(_))
+                    )
+                }
+            };
+            let was = self.up.swap(ok, Ordering::Relaxed);
+            if ok && !was {
+                tracing::info!("redis is reachable");
+                self.came_up.notify_waiters();
+            } else if !ok && was {
+                tracing::warn!("redis is unreachable; serving without it");
+            }
+            self.metrics.redis_up.set(i64::from(ok));
+        }
+    }
+
+    /// Runs one Redis call with the configured timeout. `op` names the call
+    /// in `embedgate_cache_errors_total{op}`. `force` attempts the call even
+    /// when Redis is believed down (background flushers use it).
+    pub async fn call<T, F, Fut>(
+        &self,
+        op: &'static str,
+        force: bool,
+        f: F,
+    ) -> Result<T, StoreError>
+    where
+        F: FnOnce(Conn) -> Fut,
+        Fut: Future<Output = RedisResult<T>>,
+    {
+        let Some(conn) = self.conn.get() else {
+            self.metrics.cache_errors.with_label_values(&[op]).inc();
+            return Err(StoreError::Down);
+        };
+        if !force && !self.is_up() {
+            self.metrics.cache_errors.with_label_values(&[op]).inc();
+            return Err(StoreError::Down);
+        }
+        let r = match tokio::time::timeout(self.timeout, f(conn.clone())).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(StoreError::Redis(e)),
+            Err(_) => Err(StoreError::Timeout),
+        };
+        match &r {
+            Ok(_) => {
+                if !self.up.swap(true, Ordering::Relaxed) {
+                    self.came_up.notify_waiters();
+                    self.metrics.redis_up.set(1);
+                }
+            }
+            Err(e) => {
+                self.metrics.cache_errors.with_label_values(&[op]).inc();
+                // A script error is a bug, not an outage.
+                let outage = !matches!(e, StoreError::Redis(re) if re.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::ResponseError));
+                if outage && self.up.swap(false, Ordering::Relaxed) {
+                    tracing::warn!(op, error = %e, "redis call failed; serving without it");
+                    self.metrics.redis_up.set(0);
+                }
+            }
+        }
+        r
+    }
+
+    /// Waits until Redis is believed up.
+    pub async fn wait_up(&self) {
+        loop {
+            let notified = self.came_up.notified();
+            if self.is_up() {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+/// Removes a password from a Redis URL inside an error message.
+fn redact(s: &str) -> String {
+    match (s.find("://"), s.find('@')) {
+        (Some(a), Some(b)) if b > a => format!("{}://*****{}", &s[..a], &s[b..]),
+        _ => s.to_string(),
+    }
+}
+
+/// The hash-tagged prefix of every key that belongs to `tenant`.
+pub fn tenant_tag(tenant: &str) -> String {
+    format!("{{eg:{tenant}}}")
+}

@@ -1,0 +1,398 @@
+//! Calls to DashScope: a pooled hyper client (rustls for https, plain http
+//! for tests), the company key, header forwarding, and bounded retries with
+//! backoff and jitter inside the request deadline.
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::header::{HeaderMap, HeaderName, HeaderValue, AUTHORIZATION, CONTENT_TYPE, HOST};
+use http::{Method, Request, StatusCode, Uri};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use rand::Rng;
+
+use crate::config::UpstreamConfig;
+use crate::error::GatewayError;
+use crate::metrics::Metrics;
+use crate::secret::Secret;
+use std::sync::Arc;
+
+/// Largest upstream answer we read; an embedding is ~30 KB.
+const MAX_UPSTREAM_BODY: usize = 16 * 1024 * 1024;
+/// Never wait longer than this between attempts, whatever upstream asks.
+const MAX_BACKOFF: Duration = Duration::from_secs(8);
+/// Idle pooled connections are closed after this.
+const POOL_IDLE: Duration = Duration::from_secs(60);
+
+/// The embedding endpoint, as the SDK builds it.
+pub const EMBEDDING_PATH: &str =
+    "/api/v1/services/embeddings/multimodal-embedding/multimodal-embedding";
+/// The SDK's upload-certificate endpoint.
+pub const UPLOADS_PATH: &str = "/api/v1/uploads";
+
+/// Client headers that reach upstream. Everything else (the tenant's
+/// `Authorization`, cookies, hop-by-hop headers, `X-DashScope-SSE`, which
+/// the gateway answers itself, and `X-DashScope-WorkSpace`, which comes from
+/// the tenant's config) stays here.
+fn forwardable(name: &HeaderName) -> bool {
+    let n = name.as_str();
+    match n {
+        "user-agent" | "accept-language" => true,
+        "x-dashscope-sse" | "x-dashscope-workspace" => false,
+        _ => n.starts_with("x-dashscope-"),
+    }
+}
+
+pub struct UpstreamResponse {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+pub struct Upstream {
+    client: Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>,
+    base: Uri,
+    host: HeaderValue,
+    key: Option<Secret>,
+    timeout: Duration,
+    max_retries: u32,
+    backoff: Duration,
+    metrics: Arc<Metrics>,
+}
+
+impl Upstream {
+    pub fn new(cfg: &UpstreamConfig, metrics: Arc<Metrics>) -> Result<Upstream, String> {
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(cfg.connect_timeout));
+        http.set_keepalive(Some(Duration::from_secs(30)));
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_provider_and_webpki_roots(rustls::crypto::ring::default_provider())
+            .map_err(|e| format!("TLS setup failed: {e}"))?
+            .https_or_http()
+            .enable_http1()
+            .enable_http2()
+            .wrap_connector(http);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(POOL_IDLE)
+            .pool_max_idle_per_host(256)
+            .build(https);
+        let host = cfg
+            .base_url
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+            .ok_or_else(|| "upstream.base_url has no host".to_string())?;
+        Ok(Upstream {
+            client,
+            base: cfg.base_url.clone(),
+            host,
+            key: cfg.api_key.clone(),
+            timeout: cfg.timeout,
+            max_retries: cfg.max_retries,
+            backoff: cfg.retry_backoff,
+            metrics,
+        })
+    }
+
+    /// Sends one logical request, retrying 429/5xx/connect errors with
+    /// backoff while the deadline allows. Returns upstream's last answer,
+    /// whatever its status; only transport failures are errors.
+    pub async fn send(
+        &self,
+        method: Method,
+        path_and_query: &str,
+        client_headers: &HeaderMap,
+        workspace: Option<&str>,
+        body: Bytes,
+    ) -> Result<UpstreamResponse, GatewayError> {
+        let uri = self.uri(path_and_query)?;
+        let headers = self.headers(client_headers, workspace, !body.is_empty());
+        let deadline = Instant::now() + self.timeout;
+        let mut attempt = 0u32;
+        loop {
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            if remaining.is_zero() {
+                return Err(GatewayError::GatewayTimeout);
+            }
+            let mut req = Request::builder()
+                .method(method.clone())
+                .uri(uri.clone())
+                .body(Full::new(body.clone()))
+                .map_err(|e| GatewayError::Internal(format!("building upstream request: {e}")))?;
+            *req.headers_mut() = headers.clone();
+            let started = Instant::now();
+            let outcome = tokio::time::timeout(remaining, async {
+                let resp = self.client.request(req).await?;
+                let (parts, body) = resp.into_parts();
+                let body = Limited::new(body, MAX_UPSTREAM_BODY)
+                    .collect()
+                    .await
+                    .map(|c| c.to_bytes())
+                    .map_err(|e| AttemptError::Body(e.to_string()))?;
+                Ok::<_, AttemptError>(UpstreamResponse {
+                    status: parts.status,
+                    headers: parts.headers,
+                    body,
+                })
+            })
+            .await;
+            self.metrics
+                .upstream_duration
+                .observe(started.elapsed().as_secs_f64());
+            let retryable = match outcome {
+                Err(_) => {
+                    self.metrics
+                        .upstream_responses
+                        .with_label_values(&["timeout"])
+                        .inc();
+                    return Err(GatewayError::GatewayTimeout);
+                }
+                Ok(Ok(resp)) => {
+                    self.metrics
+                        .upstream_responses
+                        .with_label_values(&[resp.status.as_str()])
+                        .inc();
+                    if !(resp.status == StatusCode::TOO_MANY_REQUESTS
+                        || resp.status.is_server_error())
+                        || attempt >= self.max_retries
+                    {
+                        return Ok(resp);
+                    }
+                    Retry {
+                        after: retry_after(&resp.headers),
+                        last: Ok(resp),
+                    }
+                }
+                Ok(Err(e)) => {
+                    self.metrics
+                        .upstream_responses
+                        .with_label_values(&["connect_error"])
+                        .inc();
+                    let err = GatewayError::BadGateway(e.to_string());
+                    if attempt >= self.max_retries {
+                        return Err(err);
+                    }
+                    Retry {
+                        after: None,
+                        last: Err(err),
+                    }
+                }
+            };
+            let wait = retryable.after.unwrap_or_else(|| self.backoff_for(attempt));
+            if Instant::now() + wait >= deadline {
+                // No time left for another attempt: answer with what we have.
+                return retryable.last;
+            }
+            tracing::debug!(
+                attempt,
+                wait_ms = wait.as_millis() as u64,
+                "retrying upstream"
+            );
+            tokio::time::sleep(wait).await;
+            attempt += 1;
+        }
+    }
+
+    /// Exponential backoff with ±50% jitter, capped.
+    fn backoff_for(&self, attempt: u32) -> Duration {
+        let base = self.backoff.saturating_mul(1u32 << attempt.min(10));
+        let jitter = rand::thread_rng().gen_range(0.5..1.5);
+        base.mul_f64(jitter).min(MAX_BACKOFF)
+    }
+
+    fn uri(&self, path_and_query: &str) -> Result<Uri, GatewayError> {
+        let mut parts = self.base.clone().into_parts();
+        parts.path_and_query = Some(
+            path_and_query
+                .parse()
+                .map_err(|_| GatewayError::InvalidParameter("invalid request path".into()))?,
+        );
+        Uri::from_parts(parts).map_err(|e| GatewayError::Internal(format!("upstream uri: {e}")))
+    }
+
+    fn headers(&self, client: &HeaderMap, workspace: Option<&str>, json_body: bool) -> HeaderMap {
+        let mut h = HeaderMap::with_capacity(12);
+        for (name, value) in client {
+            if forwardable(name) {
+                h.append(name.clone(), value.clone());
+            }
+        }
+        h.insert(HOST, self.host.clone());
+        if let Some(key) = &self.key {
+            if let Ok(v) = HeaderValue::from_str(&format!("Bearer {}", key.expose())) {
+                let mut v = v;
+                v.set_sensitive(true);
+                h.insert(AUTHORIZATION, v);
+            }
+        }
+        if let Some(ws) = workspace.and_then(|w| HeaderValue::from_str(w).ok()) {
+            h.insert("x-dashscope-workspace", ws);
+        }
+        if json_body {
+            h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        }
+        h.insert(
+            http::header::ACCEPT,
+            HeaderValue::from_static("application/json"),
+        );
+        h
+    }
+}
+
+struct Retry {
+    after: Option<Duration>,
+    last: Result<UpstreamResponse, GatewayError>,
+}
+
+#[derive(Debug)]
+enum AttemptError {
+    Client(hyper_util::client::legacy::Error),
+    Body(String),
+}
+
+impl From<hyper_util::client::legacy::Error> for AttemptError {
+    fn from(e: hyper_util::client::legacy::Error) -> Self {
+        AttemptError::Client(e)
+    }
+}
+
+impl std::fmt::Display for AttemptError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AttemptError::Client(e) => {
+                write!(f, "upstream request failed: {e}")?;
+                let mut src = std::error::Error::source(e);
+                while let Some(s) = src {
+                    write!(f, ": {s}")?;
+                    src = s.source();
+                }
+                Ok(())
+            }
+            AttemptError::Body(e) => write!(f, "reading upstream body failed: {e}"),
+        }
+    }
+}
+
+/// Upstream's `retry-after-ms` / `retry-after` (seconds), capped.
+fn retry_after(h: &HeaderMap) -> Option<Duration> {
+    if let Some(ms) = h
+        .get("retry-after-ms")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|s| s.trim().parse::<f64>().ok())
+    {
+        return Some(Duration::from_secs_f64((ms / 1000.0).clamp(0.0, 8.0)));
+    }
+    h.get(http::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|s| s.trim().parse::<f64>().ok())
+        .map(|s| Duration::from_secs_f64(s.clamp(0.0, 8.0)))
+}
+
+/// Turns a non-200 upstream answer into the error the client sees:
+/// upstream's own status, code and message when it gave them.
+pub fn upstream_error(resp: &UpstreamResponse) -> GatewayError {
+    #[derive(serde::Deserialize)]
+    struct ErrBody {
+        code: Option<String>,
+        message: Option<String>,
+        msg: Option<String>,
+        request_id: Option<String>,
+    }
+    match serde_json::from_slice::<ErrBody>(&resp.body) {
+        Ok(b) if b.code.is_some() || b.message.is_some() || b.msg.is_some() => {
+            GatewayError::Upstream {
+                status: resp.status,
+                code: b
+                    .code
+                    .unwrap_or_else(|| default_code(resp.status).to_string()),
+                message: b.message.or(b.msg).unwrap_or_default(),
+                request_id: b.request_id,
+            }
+        }
+        _ if resp.status.is_server_error() => GatewayError::BadGateway(format!(
+            "upstream answered HTTP {} without a DashScope error body",
+            resp.status
+        )),
+        _ => GatewayError::Upstream {
+            status: resp.status,
+            code: default_code(resp.status).to_string(),
+            message: format!(
+                "upstream answered HTTP {} without a DashScope error body",
+                resp.status.as_u16()
+            ),
+            request_id: None,
+        },
+    }
+}
+
+fn default_code(status: StatusCode) -> &'static str {
+    match status.as_u16() {
+        400 => "InvalidParameter",
+        401 => "InvalidApiKey",
+        403 => "AccessDenied",
+        404 => "NotFound",
+        408 => "RequestTimeOut",
+        413 => "BadRequest.TooLarge",
+        429 => "Throttling",
+        503 => "ServiceUnavailable",
+        504 => "GatewayTimeout",
+        _ => "InternalError",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn forwards_only_dashscope_and_sdk_headers() {
+        for (name, want) in [
+            ("x-dashscope-ossresourceresolve", true),
+            ("x-dashscope-datainspection", true),
+            ("x-dashscope-sdk-client", true),
+            ("x-dashscope-sdk-session-id", true),
+            ("user-agent", true),
+            ("x-dashscope-sse", false),
+            ("x-dashscope-workspace", false),
+            ("authorization", false),
+            ("cookie", false),
+            ("connection", false),
+            ("transfer-encoding", false),
+        ] {
+            assert_eq!(forwardable(&HeaderName::from_static(name)), want, "{name}");
+        }
+    }
+
+    #[test]
+    fn error_passthrough_keeps_upstream_fields() {
+        let r = UpstreamResponse {
+            status: StatusCode::BAD_REQUEST,
+            headers: HeaderMap::new(),
+            body: Bytes::from_static(
+                br#"{"code":"InvalidURL","message":"Invalid URL provided in your request.","request_id":"up-9"}"#,
+            ),
+        };
+        let e = upstream_error(&r);
+        assert_eq!(e.status(), StatusCode::BAD_REQUEST);
+        assert_eq!(e.code(), "InvalidURL");
+        assert_eq!(e.message(), "Invalid URL provided in your request.");
+        let html = UpstreamResponse {
+            status: StatusCode::BAD_GATEWAY,
+            headers: HeaderMap::new(),
+            body: Bytes::from_static(b"<html>bad</html>"),
+        };
+        assert_eq!(upstream_error(&html).status(), StatusCode::BAD_GATEWAY);
+    }
+
+    #[test]
+    fn retry_after_is_capped() {
+        let mut h = HeaderMap::new();
+        h.insert("retry-after", HeaderValue::from_static("120"));
+        assert_eq!(retry_after(&h), Some(Duration::from_secs(8)));
+        h.insert("retry-after-ms", HeaderValue::from_static("250"));
+        assert_eq!(retry_after(&h), Some(Duration::from_millis(250)));
+    }
+}
