@@ -39,8 +39,6 @@ const DEFAULT_MAX_RETRIES: u32 = 2;
 const DEFAULT_RETRY_BACKOFF: Duration = Duration::from_millis(100);
 /// Time given to requests in flight after SIGTERM.
 const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
-/// Ledger entries kept in memory while Redis is down (one entry per answer).
-const DEFAULT_LEDGER_BUFFER: usize = 1_000_000;
 
 /// A fully validated configuration.
 #[derive(Debug, Clone)]
@@ -127,7 +125,6 @@ pub struct Weights {
 #[derive(Debug, Clone)]
 pub struct MeteringConfig {
     pub weights: Weights,
-    pub ledger_buffer: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -267,7 +264,6 @@ struct RawLimits {
 #[serde(deny_unknown_fields)]
 struct RawMetering {
     weights: Option<RawWeights>,
-    ledger_buffer: Option<i64>,
 }
 
 #[derive(Deserialize)]
@@ -659,14 +655,7 @@ fn build(raw: RawConfig, c: &mut Check<'_>, env: EnvLookup<'_>) -> Config {
         weights.image = c.positive("metering.weights.image", w.image, 1);
         weights.audio = c.positive("metering.weights.audio", w.audio, 2);
     }
-    let metering = MeteringConfig {
-        weights,
-        ledger_buffer: c.positive(
-            "metering.ledger_buffer",
-            m.ledger_buffer,
-            DEFAULT_LEDGER_BUFFER as u64,
-        ) as usize,
-    };
+    let metering = MeteringConfig { weights };
 
     let admin = match raw.admin {
         None => None,
