@@ -189,36 +189,34 @@ impl Limits {
             return Ok(None);
         };
         if let Some(redis) = &self.redis {
-            if redis.is_up() {
-                let key = format!("{}:rate", tenant_tag(&tenant.name));
-                let interval_us = (1_000_000.0 / cfg.per_second).max(1.0).round() as u64;
-                let script = &self.rate_script;
-                let r = redis
-                    .call("rate", false, |mut c| async move {
-                        script
-                            .key(&key)
-                            .arg(interval_us)
-                            .arg(cfg.burst)
-                            .invoke_async::<(i64, i64, i64, i64)>(&mut c)
-                            .await
+            let key = format!("{}:rate", tenant_tag(&tenant.name));
+            let interval_us = (1_000_000.0 / cfg.per_second).max(1.0).round() as u64;
+            let script = &self.rate_script;
+            let r = redis
+                .call("rate", false, |mut c| async move {
+                    script
+                        .key(&key)
+                        .arg(interval_us)
+                        .arg(cfg.burst)
+                        .invoke_async::<(i64, i64, i64, i64)>(&mut c)
+                        .await
+                })
+                .await;
+            if let Ok((allowed, remaining, retry_us, reset_us)) = r {
+                let reset = Duration::from_micros(reset_us.max(0) as u64);
+                return if allowed == 1 {
+                    Ok(Some(RateState {
+                        limit: cfg.burst,
+                        remaining: remaining.max(0) as u64,
+                        reset,
+                    }))
+                } else {
+                    Err(GatewayError::RateLimited {
+                        retry_after: Duration::from_micros(retry_us.max(0) as u64),
                     })
-                    .await;
-                if let Ok((allowed, remaining, retry_us, reset_us)) = r {
-                    let reset = Duration::from_micros(reset_us.max(0) as u64);
-                    return if allowed == 1 {
-                        Ok(Some(RateState {
-                            limit: cfg.burst,
-                            remaining: remaining.max(0) as u64,
-                            reset,
-                        }))
-                    } else {
-                        Err(GatewayError::RateLimited {
-                            retry_after: Duration::from_micros(retry_us.max(0) as u64),
-                        })
-                    };
-                }
-                // Redis failed: fall through to this process's limiter.
+                };
             }
+            // Redis failed or is down: this process's limiter decides.
         }
         match &tenant.local_rate {
             Some(local) => local

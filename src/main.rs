@@ -143,22 +143,28 @@ fn load(path: Option<PathBuf>) -> Result<Config, ExitCode> {
     }
 }
 
-fn init_logs() {
+/// Logs go to stderr through a background writer, so a request never waits
+/// on a log write; the returned guard flushes it at exit.
+fn init_logs() -> tracing_appender::non_blocking::WorkerGuard {
     let filter = tracing_subscriber::EnvFilter::try_from_env("EMBEDGATE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let text = std::env::var("EMBEDGATE_LOG_FORMAT").is_ok_and(|v| v == "text");
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(false)
+        .finish(std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(writer);
     if text {
         builder.init();
     } else {
         builder.json().flatten_event(true).init();
     }
+    guard
 }
 
 async fn run(path: Option<PathBuf>) -> ExitCode {
-    init_logs();
+    let _log_guard = init_logs();
     let config = match load(path) {
         Ok(c) => c,
         Err(code) => return code,

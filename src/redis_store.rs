@@ -8,7 +8,7 @@
 //! scripts stay atomic.
 
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,6 +22,10 @@ use crate::secret::Secret;
 
 /// How often a down Redis is probed.
 const PROBE_INTERVAL: Duration = Duration::from_millis(500);
+
+const UNKNOWN: u8 = 0;
+const UP: u8 = 1;
+const DOWN: u8 = 2;
 
 /// One connection handle, cheap to clone, multiplexed underneath.
 #[derive(Clone)]
@@ -79,8 +83,8 @@ impl std::fmt::Display for StoreError {
 
 pub struct RedisStore {
     conn: OnceCell<Conn>,
-    /// Last known health; false until the first successful call.
-    up: AtomicBool,
+    /// Last known health: [`UNKNOWN`] until the first call or probe answers.
+    state: AtomicU8,
     /// Woken when Redis comes back, so buffered work is flushed at once.
     pub came_up: Notify,
     timeout: Duration,
@@ -101,7 +105,7 @@ impl RedisStore {
     ) -> Result<Arc<RedisStore>, String> {
         let store = Arc::new(RedisStore {
             conn: OnceCell::new(),
-            up: AtomicBool::new(false),
+            state: AtomicU8::new(UNKNOWN),
             came_up: Notify::new(),
             timeout,
             metrics,
@@ -151,8 +155,22 @@ impl RedisStore {
         Ok(store)
     }
 
+    /// True when the last call or probe got an answer.
     pub fn is_up(&self) -> bool {
-        self.up.load(Ordering::Relaxed)
+        self.state.load(Ordering::Relaxed) == UP
+    }
+
+    /// False only when Redis is known to be down: right after start, calls
+    /// are attempted before the first probe has answered.
+    fn worth_trying(&self) -> bool {
+        self.state.load(Ordering::Relaxed) != DOWN
+    }
+
+    /// Records health; true when this changed it from not-up to up.
+    fn set_up(&self, up: bool) -> bool {
+        let prev = self.state.swap(if up { UP } else { DOWN }, Ordering::Relaxed);
+        self.metrics.redis_up.set(i64::from(up));
+        up && prev != UP
     }
 
     async fn probe_loop(self: Arc<Self>) {
@@ -174,14 +192,13 @@ impl RedisStore {
                     )
                 }
             };
-            let was = self.up.swap(ok, Ordering::Relaxed);
-            if ok && !was {
+            let was_up = self.is_up();
+            if self.set_up(ok) {
                 tracing::info!("redis is reachable");
                 self.came_up.notify_waiters();
-            } else if !ok && was {
+            } else if !ok && was_up {
                 tracing::warn!("redis is unreachable; serving without it");
             }
-            self.metrics.redis_up.set(i64::from(ok));
         }
     }
 
@@ -202,7 +219,7 @@ impl RedisStore {
             self.metrics.cache_errors.with_label_values(&[op]).inc();
             return Err(StoreError::Down);
         };
-        if !force && !self.is_up() {
+        if !force && !self.worth_trying() {
             self.metrics.cache_errors.with_label_values(&[op]).inc();
             return Err(StoreError::Down);
         }
@@ -213,18 +230,17 @@ impl RedisStore {
         };
         match &r {
             Ok(_) => {
-                if !self.up.swap(true, Ordering::Relaxed) {
+                if !self.is_up() && self.set_up(true) {
                     self.came_up.notify_waiters();
-                    self.metrics.redis_up.set(1);
                 }
             }
             Err(e) => {
                 self.metrics.cache_errors.with_label_values(&[op]).inc();
                 // A script error is a bug, not an outage.
                 let outage = !matches!(e, StoreError::Redis(re) if re.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::ResponseError));
-                if outage && self.up.swap(false, Ordering::Relaxed) {
+                if outage && self.state.load(Ordering::Relaxed) != DOWN {
+                    self.set_up(false);
                     tracing::warn!(op, error = %e, "redis call failed; serving without it");
-                    self.metrics.redis_up.set(0);
                 }
             }
         }
