@@ -1,5 +1,6 @@
-//! TOML configuration: raw serde structs (`deny_unknown_fields`) turned by
-//! [`Config::parse`] into types that cannot be invalid.
+//! TOML configuration: raw serde structs, checked against the known keys
+//! (every unknown key is an error), turned by [`Config::parse`] into types
+//! that cannot be invalid.
 //!
 //! Every error names the dotted key and, where the file has it, the line.
 //! Semantic errors are collected, not returned one at a time, so an operator
@@ -197,10 +198,10 @@ impl fmt::Display for ConfigErrors {
 
 impl std::error::Error for ConfigErrors {}
 
-// ---- raw shapes, exactly what the file may say ----
+// ---- raw shapes, exactly what the file may say (unknown keys are found by
+// `drop_unknown`, which reports all of them, not just the first) ----
 
 #[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
 struct RawConfig {
     #[serde(default)]
     server: RawServer,
@@ -218,7 +219,6 @@ struct RawConfig {
 }
 
 #[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
 struct RawServer {
     listen: Option<String>,
     metrics_listen: Option<String>,
@@ -229,7 +229,6 @@ struct RawServer {
 }
 
 #[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
 struct RawUpstream {
     base_url: Option<String>,
     api_key_env: Option<String>,
@@ -243,7 +242,6 @@ struct RawUpstream {
 }
 
 #[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
 struct RawCache {
     redis_url: Option<String>,
     redis_cluster: Option<bool>,
@@ -254,20 +252,17 @@ struct RawCache {
 }
 
 #[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
 struct RawLimits {
     quota_on_store_error: Option<String>,
     quota_counts_hits: Option<bool>,
 }
 
 #[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
 struct RawMetering {
     weights: Option<RawWeights>,
 }
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
 struct RawWeights {
     text: Option<i64>,
     image: Option<i64>,
@@ -275,13 +270,11 @@ struct RawWeights {
 }
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
 struct RawAdmin {
     token_sha256: Option<String>,
 }
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
 struct RawTenant {
     name: Option<String>,
     key_sha256: Option<Vec<String>>,
@@ -291,14 +284,12 @@ struct RawTenant {
 }
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
 struct RawRate {
     per_second: Option<f64>,
     burst: Option<i64>,
 }
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
 struct RawQuota {
     units: Option<i64>,
     per: Option<String>,
@@ -435,18 +426,41 @@ impl Config {
 
     /// Validates config text; environment variables come from `env`.
     pub fn parse(src: &str, env: EnvLookup<'_>) -> Result<Config, ConfigErrors> {
-        let raw: RawConfig = toml::from_str(src).map_err(|e| {
+        let syntax = |e: toml_edit::TomlError| {
             let line = e.span().map(|s| line_at(src, s.start));
             ConfigErrors(vec![ConfigError {
                 key: String::new(),
                 line,
                 message: e.message().trim().to_string(),
             }])
-        })?;
+        };
+        let mut doc = src.parse::<toml_edit::DocumentMut>().map_err(syntax)?;
         let mut c = Check {
             doc: toml_edit::ImDocument::parse(src).ok(),
             src,
             errors: Vec::new(),
+        };
+        // Unknown keys are reported with the other errors, then dropped so
+        // the rest of the file is still checked.
+        let mut unknown = Vec::new();
+        drop_unknown(doc.as_table_mut(), "", "", &mut unknown);
+        for key in unknown {
+            c.err(&key, "unknown key");
+        }
+        // Unknown keys were reported above; serde ignores them (the raw
+        // structs do not deny them) and stops only at a value of the wrong type.
+        let raw: RawConfig = match toml::from_str(src) {
+            Ok(raw) => raw,
+            Err(e) => {
+                let line = e.span().map(|s| line_at(src, s.start));
+                c.errors.push(ConfigError {
+                    key: String::new(),
+                    line,
+                    message: e.message().trim().to_string(),
+                });
+                c.errors.sort_by_key(|e| e.line.unwrap_or(usize::MAX));
+                return Err(ConfigErrors(c.errors));
+            }
         };
         let config = build(raw, &mut c, env);
         if c.errors.is_empty() {
@@ -806,6 +820,97 @@ fn build(raw: RawConfig, c: &mut Check<'_>, env: EnvLookup<'_>) -> Config {
     }
 }
 
+/// The keys a table may have, by its path with array indices left out;
+/// `None` for a path that is not a table.
+fn known_keys(path: &str) -> Option<&'static [&'static str]> {
+    Some(match path {
+        "" => &[
+            "server", "upstream", "cache", "limits", "metering", "admin", "tenants",
+        ],
+        "server" => &[
+            "listen",
+            "metrics_listen",
+            "max_body_bytes",
+            "max_in_flight",
+            "shutdown_grace",
+            "watch_config",
+        ],
+        "upstream" => &[
+            "base_url",
+            "api_key_env",
+            "timeout",
+            "connect_timeout",
+            "max_retries",
+            "retry_backoff",
+            "models",
+            "embedding_dimension",
+            "max_text_chars",
+        ],
+        "cache" => &[
+            "redis_url",
+            "redis_cluster",
+            "ttl",
+            "scope",
+            "memory_max_bytes",
+            "redis_timeout",
+        ],
+        "limits" => &["quota_on_store_error", "quota_counts_hits"],
+        "metering" => &["weights"],
+        "metering.weights" => &["text", "image", "audio"],
+        "admin" => &["token_sha256"],
+        "tenants" => &["name", "key_sha256", "workspace", "rate", "quota"],
+        "tenants.rate" => &["per_second", "burst"],
+        "tenants.quota" => &["units", "per"],
+        _ => return None,
+    })
+}
+
+/// Removes keys the schema does not know, recording their dotted names.
+fn drop_unknown(
+    table: &mut dyn toml_edit::TableLike,
+    schema_path: &str,
+    shown_path: &str,
+    unknown: &mut Vec<String>,
+) {
+    let Some(allowed) = known_keys(schema_path) else {
+        return;
+    };
+    let keys: Vec<String> = table.iter().map(|(k, _)| k.to_string()).collect();
+    for key in keys {
+        let shown = if shown_path.is_empty() {
+            key.clone()
+        } else {
+            format!("{shown_path}.{key}")
+        };
+        if !allowed.contains(&key.as_str()) {
+            unknown.push(shown);
+            table.remove(&key);
+            continue;
+        }
+        let schema = if schema_path.is_empty() {
+            key.clone()
+        } else {
+            format!("{schema_path}.{key}")
+        };
+        let Some(item) = table.get_mut(&key) else {
+            continue;
+        };
+        if let Some(t) = item.as_table_like_mut() {
+            drop_unknown(t, &schema, &shown, unknown);
+        } else if let Some(aot) = item.as_array_of_tables_mut() {
+            for (i, t) in aot.iter_mut().enumerate() {
+                drop_unknown(t, &schema, &format!("{shown}[{i}]"), unknown);
+            }
+        } else if let Some(arr) = item.as_array_mut() {
+            for (i, v) in arr.iter_mut().enumerate() {
+                if let Some(t) = v.as_inline_table_mut() {
+                    drop_unknown(t, &schema, &format!("{shown}[{i}]"), unknown);
+                }
+            }
+        }
+    }
+}
+
 fn valid_tenant_name(n: &str) -> bool {
     !n.is_empty()
         && n.len() <= 64
@@ -841,7 +946,25 @@ mod tests {
         let err = parse("[server]\nlisten = \"127.0.0.1:1\"\nlisen = 3\n").unwrap_err();
         let e = &err.0[0];
         assert_eq!(e.line, Some(3));
-        assert!(e.message.contains("lisen"), "{e}");
+        assert_eq!(e.key, "server.lisen");
+    }
+
+    #[test]
+    fn unknown_keys_are_listed_with_every_other_error() {
+        let src = format!(
+            "[server]\nlisen = 3\nshutdown_grace = \"soon\"\n\n[[tenants]]\nname = \"a\"\nkey_sha256 = [\"{DIGEST}\"]\nrate = {{ per_second = 1, brust = 2 }}\ncolour = \"red\"\n"
+        );
+        let err = parse(&src).unwrap_err();
+        let shown: Vec<String> = err.0.iter().map(|e| e.to_string()).collect();
+        assert_eq!(
+            shown,
+            vec![
+                "line 2: server.lisen: unknown key".to_string(),
+                "line 3: server.shutdown_grace: `soon` is not a duration (expected number at 0); use e.g. \"30s\", \"5m\", \"30d\"".to_string(),
+                "line 8: tenants[0].rate.brust: unknown key".to_string(),
+                "line 9: tenants[0].colour: unknown key".to_string(),
+            ]
+        );
     }
 
     #[test]

@@ -125,7 +125,7 @@ pub async fn uploads(app: &Arc<App>, req: Request<Incoming>) -> Response<Body> {
             .clone()
             .try_acquire_owned()
             .map_err(|_| GatewayError::Overloaded)?;
-        ctx.rate = app.limits.check_rate(&tenant).await?;
+        check_rate(app, &tenant, &mut ctx).await?;
         let pq = req
             .uri()
             .path_and_query()
@@ -163,6 +163,26 @@ pub async fn uploads(app: &Arc<App>, req: Request<Incoming>) -> Response<Body> {
     finish(app, ctx, response, started, "uploads")
 }
 
+/// Takes a token from the tenant's rate; a refusal still reports the rate
+/// state (none left, full again after `Retry-After`) in the headers.
+async fn check_rate(app: &App, tenant: &Tenant, ctx: &mut Ctx) -> Result<(), GatewayError> {
+    match app.limits.check_rate(tenant).await {
+        Ok(state) => {
+            ctx.rate = state;
+            Ok(())
+        }
+        Err(GatewayError::RateLimited { retry_after }) => {
+            ctx.rate = tenant.rate.map(|cfg| RateState {
+                limit: cfg.burst,
+                remaining: 0,
+                reset: retry_after,
+            });
+            Err(GatewayError::RateLimited { retry_after })
+        }
+        Err(e) => Err(e),
+    }
+}
+
 fn authenticate(app: &App, h: &HeaderMap, ctx: &mut Ctx) -> Result<Arc<Tenant>, GatewayError> {
     let tenant = app
         .tenants
@@ -188,7 +208,7 @@ async fn serve_embedding(
         .try_acquire_owned()
         .map_err(|_| GatewayError::Overloaded)?;
     // 3. rate limit
-    ctx.rate = app.limits.check_rate(&tenant).await?;
+    check_rate(app, &tenant, ctx).await?;
     ctx.quota_remaining = app.limits.remaining(&tenant);
 
     // 4. body and parse

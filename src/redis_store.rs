@@ -168,7 +168,9 @@ impl RedisStore {
 
     /// Records health; true when this changed it from not-up to up.
     fn set_up(&self, up: bool) -> bool {
-        let prev = self.state.swap(if up { UP } else { DOWN }, Ordering::Relaxed);
+        let prev = self
+            .state
+            .swap(if up { UP } else { DOWN }, Ordering::Relaxed);
         self.metrics.redis_up.set(i64::from(up));
         up && prev != UP
     }
