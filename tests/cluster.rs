@@ -116,7 +116,8 @@ async fn cache_quota_and_ledger_on_redis_cluster() {
         &[Tenant {
             name: "search",
             key: "k-search",
-            extra: "quota = { units = 5, per = \"day\" }\nrate = { per_second = 0.001, burst = 100 }",
+            extra:
+                "quota = { units = 5, per = \"day\" }\nrate = { per_second = 0.001, burst = 100 }",
         }],
         &extra,
     );

@@ -2,7 +2,13 @@
 //! an in-process fake DashScope that counts calls, and a real `redis-server`
 //! on a free port. Nothing here sleeps to wait for state: it polls with a
 //! deadline.
-#![allow(dead_code, unreachable_pub, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+#![allow(
+    dead_code,
+    unreachable_pub,
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic
+)]
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -15,7 +21,8 @@ use embedgate::fake_dashscope::{self, FakeState};
 use embedgate::secret::Digest;
 use serde_json::Value;
 
-pub const EMBED_PATH: &str = "/api/v1/services/embeddings/multimodal-embedding/multimodal-embedding";
+pub const EMBED_PATH: &str =
+    "/api/v1/services/embeddings/multimodal-embedding/multimodal-embedding";
 pub const MODEL: &str = "multimodal-embedding-one-peace-v1";
 /// The company key the gateway reads from its environment; the fake accepts only it.
 pub const UPSTREAM_KEY: &str = "sk-company-upstream-key";
@@ -131,7 +138,10 @@ impl Redis {
 
     /// A synchronous connection for assertions.
     pub fn conn(&self) -> redis::Connection {
-        redis::Client::open(self.url()).unwrap().get_connection().unwrap()
+        redis::Client::open(self.url())
+            .unwrap()
+            .get_connection()
+            .unwrap()
     }
 
     /// Kills the server (SIGKILL; the append-only file keeps the data).
@@ -173,7 +183,10 @@ pub fn config(fake: &Fake, redis: Option<&Redis>, tenants: &[Tenant<'_>], extra:
     if let Some(r) = redis {
         s.push_str(&format!("[cache]\nredis_url = \"{}\"\n\n", r.url()));
     }
-    s.push_str(&format!("[admin]\ntoken_sha256 = \"{}\"\n\n", digest(ADMIN_TOKEN)));
+    s.push_str(&format!(
+        "[admin]\ntoken_sha256 = \"{}\"\n\n",
+        digest(ADMIN_TOKEN)
+    ));
     for t in tenants {
         s.push_str(&format!(
             "[[tenants]]\nname = \"{}\"\nkey_sha256 = [\"{}\"]\n{}\n\n",
@@ -295,7 +308,10 @@ impl Gateway {
             if let Some(status) = self.child.try_wait().unwrap() {
                 return status.code();
             }
-            assert!(Instant::now() < deadline, "gateway did not exit after SIGTERM");
+            assert!(
+                Instant::now() < deadline,
+                "gateway did not exit after SIGTERM"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -354,7 +370,8 @@ impl Reply {
 
 /// A body with one text item.
 pub fn text_body(text: &str) -> String {
-    serde_json::json!({"model": MODEL, "input": {"contents": [{"text": text}]}, "parameters": {}}).to_string()
+    serde_json::json!({"model": MODEL, "input": {"contents": [{"text": text}]}, "parameters": {}})
+        .to_string()
 }
 
 /// A body from a list of (modality, content) pairs.
@@ -363,7 +380,8 @@ pub fn body(items: &[(&str, &str)]) -> String {
         .iter()
         .map(|(m, c)| serde_json::json!({ *m: *c }))
         .collect();
-    serde_json::json!({"model": MODEL, "input": {"contents": contents}, "parameters": {}}).to_string()
+    serde_json::json!({"model": MODEL, "input": {"contents": contents}, "parameters": {}})
+        .to_string()
 }
 
 // ---------- metrics ----------
@@ -375,7 +393,9 @@ pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
         if line.starts_with('#') {
             continue;
         }
-        let Some((series, value)) = line.rsplit_once(' ') else { continue };
+        let Some((series, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
         let (n, rest) = match series.split_once('{') {
             Some((n, rest)) => (n, rest.trim_end_matches('}')),
             None => (series, ""),
