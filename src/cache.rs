@@ -118,13 +118,35 @@ impl Cache {
         Lookup::Hit(embedding)
     }
 
-    /// Stores an embedding that was validated by the caller: in memory now,
-    /// in Redis in the background (the answer does not wait for it).
-    pub fn store(self: &Arc<Self>, key: CacheKey, embedding: Bytes) {
-        self.put_memory(&key, embedding.clone());
-        if self.redis.is_some() {
-            let me = self.clone();
-            tokio::spawn(async move { me.put_redis(&key, embedding).await });
+    /// Stores an embedding that was validated by the caller. With a memory
+    /// cache it is readable here when this returns and Redis is written in
+    /// the background; without one, this waits for the Redis write, so the
+    /// entry is readable before the caller lets identical requests go.
+    pub async fn store(self: &Arc<Self>, key: CacheKey, embedding: Bytes) {
+        if self.memory.is_some() {
+            self.put_memory(&key, embedding.clone());
+            if self.redis.is_some() {
+                let me = self.clone();
+                tokio::spawn(async move { me.put_redis(&key, embedding).await });
+            }
+        } else {
+            self.put_redis(&key, embedding).await;
+        }
+    }
+
+    /// A second look for a request that just became the leader of a miss:
+    /// the previous leader may have stored the answer between this request's
+    /// lookup and its turn. Memory only when there is a memory cache.
+    pub async fn recheck(&self, key: &CacheKey, dimension: usize) -> Option<Bytes> {
+        if let Some(mem) = &self.memory {
+            return mem
+                .get(key)
+                .filter(|e| e.expires > Instant::now())
+                .map(|e| e.embedding);
+        }
+        match self.get(key, dimension).await {
+            Lookup::Hit(e) => Some(e),
+            Lookup::Miss => None,
         }
     }
 

@@ -268,7 +268,13 @@ async fn serve_embedding(
             None
         } else {
             match app.coalescer.join(key) {
-                Role::Leader(g) => Some(g),
+                Role::Leader(g) => {
+                    if let Some(embedding) = app.cache.recheck(&key, dimension).await {
+                        g.finish(Outcome::Done(embedding.clone()));
+                        return answer_hit(app, &tenant, embedding, &counts, request_id, ctx).await;
+                    }
+                    Some(g)
+                }
                 Role::Follower(rx) => match coalesce::wait(rx).await {
                     Outcome::Done(embedding) => {
                         app.metrics.coalesced.inc();
@@ -401,11 +407,16 @@ impl Miss {
         let result = self.call_upstream().await;
         match result {
             Ok(success) => {
+                // Stored before the followers are released, so a request
+                // that looks the key up after this sees the entry.
+                if !self.no_store {
+                    self.app
+                        .cache
+                        .store(self.key, success.embedding.clone())
+                        .await;
+                }
                 if let Some(g) = self.guard.take() {
                     g.finish(Outcome::Done(success.embedding.clone()));
-                }
-                if !self.no_store {
-                    self.app.cache.store(self.key, success.embedding.clone());
                 }
                 // 9. metering: upstream's usage block is the record.
                 let weights = self.app.config.metering.weights;
