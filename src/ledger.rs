@@ -2,9 +2,11 @@
 //! the items and units of successful answers (and requests per cache status).
 //!
 //! Answers are aggregated in memory and written to Redis by one background
-//! writer, each (tenant, day) group in one atomic Lua call guarded by a
-//! batch id: a write whose reply was lost is retried with the same id and
-//! applied once, never twice. While Redis is down the aggregate keeps
+//! writer, each (tenant, day) group in one atomic Lua call carrying this
+//! process's sequence number for that group: a write whose reply was lost is
+//! retried with the same number and applied once, never twice, and a newer
+//! batch of a group waits until the older one is confirmed. Redis keeps one
+//! small "last applied" key per process, tenant and day. While Redis is down the aggregate keeps
 //! growing (bounded by tenants × days × modalities, not by traffic) and is
 //! written when Redis returns, and on shutdown. Without Redis the ledger is
 //! this process's memory: readable, not durable.
@@ -61,24 +63,32 @@ type Fields = BTreeMap<String, i64>;
 struct Batch {
     tenant: Arc<str>,
     day: Day,
-    /// Fixed for the life of the batch, so a retry is recognised.
-    id: String,
+    /// Increasing per (tenant, day) in this process; fixed for the life of
+    /// the batch, so a retry is recognised.
+    seq: u64,
     fields: Fields,
 }
 
+/// How long the writer gathers answers before a write.
+const FLUSH_WINDOW: Duration = Duration::from_millis(50);
 /// Registered tenants, so reports find tenants no longer in config.
 const TENANTS_SET: &str = "eg:ledger:tenants";
-/// How long a batch id is remembered (longer than any outage we buffer).
-const BATCH_ID_TTL_SECS: u64 = 30 * 86_400;
+/// How long the last applied sequence number is remembered (longer than
+/// any outage we buffer through).
+const SEQ_TTL_SECS: u64 = 40 * 86_400;
 
+/// KEYS[1] the ledger hash, KEYS[2] this process's last applied sequence
+/// for it; ARGV[1] the batch's sequence, ARGV[2] TTL, then field/delta pairs.
 const APPLY_SCRIPT: &str = r#"
-if redis.call('SET', KEYS[2], '1', 'NX', 'EX', ARGV[1]) then
-  for i = 2, #ARGV, 2 do
-    redis.call('HINCRBY', KEYS[1], ARGV[i], ARGV[i + 1])
-  end
-  return 1
+local last = tonumber(redis.call('GET', KEYS[2]) or '0')
+if tonumber(ARGV[1]) <= last then
+  return 0
 end
-return 0
+redis.call('SET', KEYS[2], ARGV[1], 'EX', ARGV[2])
+for i = 3, #ARGV, 2 do
+  redis.call('HINCRBY', KEYS[1], ARGV[i], ARGV[i + 1])
+end
+return 1
 "#;
 
 fn ledger_key(tenant: &str, day: Day) -> String {
@@ -98,6 +108,10 @@ pub struct Ledger {
     /// The whole ledger when there is no Redis.
     memory: Mutex<HashMap<(Arc<str>, Day), Fields>>,
     registered: Mutex<HashSet<Arc<str>>>,
+    /// Next sequence number per (tenant, day).
+    seqs: Mutex<HashMap<(Arc<str>, Day), u64>>,
+    /// Names this process's sequence keys.
+    instance: String,
     wake: Notify,
     script: redis::Script,
     metrics: Arc<Metrics>,
@@ -111,6 +125,8 @@ impl Ledger {
             inflight: tokio::sync::Mutex::new(Vec::new()),
             memory: Mutex::new(HashMap::new()),
             registered: Mutex::new(HashSet::new()),
+            seqs: Mutex::new(HashMap::new()),
+            instance: uuid::Uuid::new_v4().simple().to_string(),
             wake: Notify::new(),
             script: redis::Script::new(APPLY_SCRIPT),
             metrics,
@@ -153,6 +169,9 @@ impl Ledger {
     async fn writer(self: Arc<Self>) {
         loop {
             let _ = tokio::time::timeout(Duration::from_millis(500), self.wake.notified()).await;
+            // Let answers accumulate: one write per group per window, not
+            // one per request.
+            tokio::time::sleep(FLUSH_WINDOW).await;
             if let Some(redis) = &self.redis {
                 if !redis.is_up() && !self.inflight.lock().await.is_empty() {
                     // Nothing will get through; wait for Redis (or the next tick).
@@ -172,13 +191,25 @@ impl Ledger {
         let mut inflight = self.inflight.lock().await;
         {
             let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
-            for ((tenant, day), fields) in pending.drain() {
-                inflight.push(Batch {
-                    tenant,
-                    day,
-                    id: uuid::Uuid::new_v4().simple().to_string(),
-                    fields,
-                });
+            let mut seqs = self.seqs.lock().unwrap_or_else(|p| p.into_inner());
+            let waiting: Vec<(Arc<str>, Day)> = pending
+                .keys()
+                .filter(|k| !inflight.iter().any(|b| b.tenant == k.0 && b.day == k.1))
+                .cloned()
+                .collect();
+            // A group with an unconfirmed batch keeps accumulating until that
+            // batch is confirmed: sequence numbers must arrive in order.
+            for key in waiting {
+                if let Some(fields) = pending.remove(&key) {
+                    let seq = seqs.entry(key.clone()).or_insert(0);
+                    *seq += 1;
+                    inflight.push(Batch {
+                        tenant: key.0,
+                        day: key.1,
+                        seq: *seq,
+                        fields,
+                    });
+                }
             }
         }
         let mut failed = Vec::new();
@@ -201,13 +232,14 @@ impl Ledger {
     async fn write(&self, redis: &RedisStore, b: &Batch) -> Result<(), StoreError> {
         let tag = tenant_tag(&b.tenant);
         let key = ledger_key(&b.tenant, b.day);
-        let marker = format!("{tag}:ledger-batch:{}", b.id);
+        let marker = format!("{tag}:ledger-seq:{}:{}", b.day, self.instance);
         let script = &self.script;
         let fields = &b.fields;
+        let seq = b.seq;
         redis
             .call("ledger", true, |mut c| async move {
                 let mut inv = script.key(&key);
-                inv.key(&marker).arg(BATCH_ID_TTL_SECS);
+                inv.key(&marker).arg(seq).arg(SEQ_TTL_SECS);
                 for (f, v) in fields {
                     inv.arg(f).arg(*v);
                 }

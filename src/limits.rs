@@ -2,7 +2,11 @@
 //!
 //! * **Rate**: with Redis, a GCRA in one Lua script per tenant key, with
 //!   Redis's own clock, so all replicas share one bucket; without Redis (or
-//!   while it is down) governor in this process.
+//!   while it is down) governor in this process. A busy tenant's replica
+//!   leases a few tokens per Redis call ([`lease_size`]) so most requests do
+//!   not wait on Redis; a replica can hold at most `lease_size − 1` unused
+//!   tokens, which bounds the overshoot, and leases expire after
+//!   [`LEASE_TTL`].
 //! * **Quota**: units per UTC day or month. A request's own units are
 //!   reserved atomically before the upstream call (a Lua check-and-add, so
 //!   concurrent requests cannot overshoot), settled to upstream's figure on
@@ -13,7 +17,7 @@
 use std::collections::HashMap;
 use std::num::NonZeroU32;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use governor::clock::{Clock, DefaultClock};
 use governor::middleware::StateInformationMiddleware;
@@ -86,23 +90,51 @@ impl<C: Clock + Clone> LocalRate<C> {
     }
 }
 
-/// GCRA over Redis time. KEYS[1] the tenant's rate key; ARGV[1] emission
-/// interval in µs, ARGV[2] burst. Returns {allowed, remaining, retry_us, reset_us}.
+/// GCRA over Redis time that grants up to ARGV[3] tokens at once. KEYS[1]
+/// the tenant's rate key; ARGV[1] emission interval in µs, ARGV[2] burst.
+/// Returns {granted, remaining, retry_us, reset_us}.
 const RATE_SCRIPT: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local interval = tonumber(ARGV[1])
 local burst = tonumber(ARGV[2])
+local want = tonumber(ARGV[3])
 local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
 if tat < now then tat = now end
-local new_tat = tat + interval
-local allow_at = new_tat - burst * interval
-if allow_at > now then
-  return {0, 0, math.ceil(allow_at - now), math.ceil(tat - now)}
+local avail = math.floor((burst * interval - (tat - now)) / interval)
+if avail < 1 then
+  return {0, 0, math.ceil((tat - now) - (burst - 1) * interval), math.ceil(tat - now)}
 end
+local grant = math.min(want, avail)
+local new_tat = tat + grant * interval
 redis.call('SET', KEYS[1], string.format('%.0f', new_tat), 'PX', math.ceil((new_tat - now) / 1000) + 1000)
-return {1, math.floor((now - allow_at) / interval), 0, math.ceil(new_tat - now)}
+return {grant, avail - grant, 0, math.ceil(new_tat - now)}
 "#;
+
+/// Leased tokens unused after this are dropped (never used late).
+pub const LEASE_TTL: Duration = Duration::from_secs(1);
+
+/// Tokens a replica takes per Redis call: 1 (no leasing) for small rates;
+/// for busy tenants up to 5 % of a second's rate, an eighth of the burst,
+/// and never more than 100.
+pub fn lease_size(cfg: RateConfig) -> u64 {
+    let by_rate = (cfg.per_second * 0.05).floor();
+    let by_burst = f64::from(cfg.burst / 8);
+    by_rate.min(by_burst).clamp(1.0, 100.0) as u64
+}
+
+/// Tokens this replica holds for a tenant.
+struct Lease {
+    cfg: RateConfig,
+    tokens: u64,
+    expires: Instant,
+    /// The shared bucket's remaining tokens when the lease was taken.
+    remaining: u64,
+    reset: Duration,
+    /// The shared bucket said no: nothing frees up before this, so refuse
+    /// locally until then instead of asking Redis again.
+    denied_until: Option<Instant>,
+}
 
 /// Check-and-add. KEYS[1] the tenant's quota key for the period; ARGV[1]
 /// units, ARGV[2] limit, ARGV[3] TTL in s. Returns {granted, used}.
@@ -142,6 +174,7 @@ pub struct Limits {
     redis: Option<Arc<RedisStore>>,
     policy: StoreErrorPolicy,
     local: Mutex<HashMap<(Arc<str>, String), LocalQuota>>,
+    leases: Mutex<HashMap<Arc<str>, Lease>>,
     rate_script: redis::Script,
     quota_script: redis::Script,
     metrics: Arc<Metrics>,
@@ -172,6 +205,7 @@ impl Limits {
             redis,
             policy,
             local: Mutex::new(HashMap::new()),
+            leases: Mutex::new(HashMap::new()),
             rate_script: redis::Script::new(RATE_SCRIPT),
             quota_script: redis::Script::new(QUOTA_SCRIPT),
             metrics,
@@ -189,8 +223,12 @@ impl Limits {
             return Ok(None);
         };
         if let Some(redis) = &self.redis {
+            if let Some(state) = self.take_leased(&tenant.name, cfg) {
+                return state.map(Some);
+            }
             let key = format!("{}:rate", tenant_tag(&tenant.name));
             let interval_us = (1_000_000.0 / cfg.per_second).max(1.0).round() as u64;
+            let want = lease_size(cfg);
             let script = &self.rate_script;
             let r = redis
                 .call("rate", false, |mut c| async move {
@@ -198,23 +236,53 @@ impl Limits {
                         .key(&key)
                         .arg(interval_us)
                         .arg(cfg.burst)
+                        .arg(want)
                         .invoke_async::<(i64, i64, i64, i64)>(&mut c)
                         .await
                 })
                 .await;
-            if let Ok((allowed, remaining, retry_us, reset_us)) = r {
+            if let Ok((granted, remaining, retry_us, reset_us)) = r {
                 let reset = Duration::from_micros(reset_us.max(0) as u64);
-                return if allowed == 1 {
-                    Ok(Some(RateState {
-                        limit: cfg.burst,
-                        remaining: remaining.max(0) as u64,
+                if granted < 1 {
+                    let retry_after = Duration::from_micros(retry_us.max(0) as u64);
+                    let mut leases = self.leases.lock().unwrap_or_else(|p| p.into_inner());
+                    let lease = leases.entry(tenant.name.clone()).or_insert(Lease {
+                        cfg,
+                        tokens: 0,
+                        expires: Instant::now(),
+                        remaining: 0,
                         reset,
-                    }))
-                } else {
-                    Err(GatewayError::RateLimited {
-                        retry_after: Duration::from_micros(retry_us.max(0) as u64),
-                    })
-                };
+                        denied_until: None,
+                    });
+                    lease.cfg = cfg;
+                    lease.tokens = 0;
+                    lease.denied_until = Some(Instant::now() + retry_after);
+                    return Err(GatewayError::RateLimited { retry_after });
+                }
+                let remaining = remaining.max(0) as u64;
+                let spare = granted as u64 - 1;
+                if spare > 0 {
+                    let mut leases = self.leases.lock().unwrap_or_else(|p| p.into_inner());
+                    let lease = leases.entry(tenant.name.clone()).or_insert(Lease {
+                        cfg,
+                        tokens: 0,
+                        expires: Instant::now(),
+                        remaining,
+                        reset,
+                        denied_until: None,
+                    });
+                    lease.cfg = cfg;
+                    lease.denied_until = None;
+                    lease.tokens = spare;
+                    lease.expires = Instant::now() + LEASE_TTL;
+                    lease.remaining = remaining;
+                    lease.reset = reset;
+                }
+                return Ok(Some(RateState {
+                    limit: cfg.burst,
+                    remaining: remaining + spare,
+                    reset,
+                }));
             }
             // Redis failed or is down: this process's limiter decides.
         }
@@ -225,6 +293,41 @@ impl Limits {
                 .map_err(|wait| GatewayError::RateLimited { retry_after: wait }),
             None => Ok(None),
         }
+    }
+
+    /// Answers from what this replica already knows: a token it leased
+    /// from the shared bucket, or a refusal the bucket gave that still holds.
+    /// `None`: ask Redis.
+    fn take_leased(
+        &self,
+        tenant: &Arc<str>,
+        cfg: RateConfig,
+    ) -> Option<Result<RateState, GatewayError>> {
+        let mut leases = self.leases.lock().unwrap_or_else(|p| p.into_inner());
+        let lease = leases.get_mut(tenant)?;
+        let now = Instant::now();
+        if lease.cfg != cfg {
+            leases.remove(tenant);
+            return None;
+        }
+        if let Some(until) = lease.denied_until {
+            if now < until {
+                return Some(Err(GatewayError::RateLimited {
+                    retry_after: until - now,
+                }));
+            }
+            lease.denied_until = None;
+        }
+        if lease.tokens == 0 || now >= lease.expires {
+            lease.tokens = 0;
+            return None;
+        }
+        lease.tokens -= 1;
+        Some(Ok(RateState {
+            limit: cfg.burst,
+            remaining: lease.remaining + lease.tokens,
+            reset: lease.reset,
+        }))
     }
 
     /// Reserves `units` of the tenant's quota. `Ok(None)`: no quota.
@@ -480,6 +583,16 @@ mod tests {
         clock.advance(Duration::from_secs(60));
         let admitted = (0..10).filter(|_| l.check().is_ok()).count();
         assert_eq!(admitted, 3);
+    }
+
+    #[test]
+    fn lease_sizes() {
+        let size = |per_second, burst| lease_size(RateConfig { per_second, burst });
+        assert_eq!(size(0.001, 5), 1);
+        assert_eq!(size(20.0, 40), 1);
+        assert_eq!(size(1000.0, 2000), 50);
+        assert_eq!(size(1000.0, 80), 10);
+        assert_eq!(size(1.0e6, 1_000_000), 100);
     }
 
     #[test]

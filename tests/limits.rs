@@ -409,6 +409,75 @@ async fn failed_upstream_calls_release_quota() {
 
 // ---------- 6. two replicas on one Redis ----------
 
+/// A busy tenant's replicas lease tokens in batches: far fewer Redis calls
+/// than requests, and the shared bucket still bounds what both admit
+/// together (burst + refill + each replica's unused lease).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leased_tokens_keep_replicas_within_the_shared_rate() {
+    let redis = Redis::start();
+    let fake = Fake::start().await;
+    // lease_size = min(400 * 5 %, 160 / 8, 100) = 20 tokens per Redis call.
+    let (per_second, burst, lease) = (400.0_f64, 160u64, 20u64);
+    let cfg = config(
+        &fake,
+        Some(&redis),
+        &[Tenant {
+            name: "busy",
+            key: "k-busy",
+            extra: "rate = { per_second = 400, burst = 160 }",
+        }],
+        "",
+    );
+    let a = Gateway::start(&cfg);
+    let b = Gateway::start(&cfg);
+    let body = text_body("lease me");
+    let started = std::time::Instant::now();
+    // Within the burst everything is admitted, with few Redis calls.
+    let evals_before = evalsha_calls(&redis);
+    for i in 0..140 {
+        let gw = if i % 2 == 0 { &a } else { &b };
+        let r = gw.embed("k-busy", &body).await;
+        assert_eq!(r.status, 200, "{}", r.text);
+    }
+    let calls = evalsha_calls(&redis) - evals_before;
+    // 140 requests in leases of 20, plus ledger writes (EVALSHA too).
+    assert!(
+        calls < 60,
+        "{calls} EVALSHA calls for 140 requests: no leasing?"
+    );
+    // Past the burst, both replicas together stay within the shared rate.
+    let mut admitted = 140u64;
+    for i in 0..600 {
+        let gw = if i % 2 == 0 { &a } else { &b };
+        let r = gw.embed("k-busy", &body).await;
+        match r.status {
+            200 => admitted += 1,
+            429 => assert_eq!(r.code(), "Throttling.RateQuota"),
+            other => panic!("unexpected {other}: {}", r.text),
+        }
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let ceiling = burst + (elapsed * per_second).ceil() as u64 + 2 * (lease - 1);
+    assert!(
+        admitted <= ceiling,
+        "admitted {admitted} > bound {ceiling} over {elapsed:.3}s"
+    );
+    assert!(admitted >= burst, "admitted only {admitted}");
+}
+
+fn evalsha_calls(redis: &Redis) -> u64 {
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query(&mut redis.conn())
+        .unwrap();
+    info.lines()
+        .find(|l| l.starts_with("cmdstat_evalsha:"))
+        .and_then(|l| l.split("calls=").nth(1))
+        .and_then(|rest| rest.split(',').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_replicas_share_rate_and_quota() {
     let redis = Redis::start();
