@@ -1196,3 +1196,73 @@ async fn sigterm_finishes_requests_in_flight() {
     assert_eq!(code, Some(0), "exit code after SIGTERM");
     assert_eq!(fake.calls(), 1);
 }
+
+// ---------- overload ----------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn excess_work_is_shed_fast_with_503() {
+    let fake = Fake::start().await;
+    let cfg = set(
+        &config(
+            &fake,
+            None,
+            &[Tenant {
+                name: "search",
+                key: "k1",
+                extra: "",
+            }],
+            "",
+        ),
+        "server",
+        "max_in_flight = 2",
+    );
+    let gw = std::sync::Arc::new(Gateway::start(&cfg));
+    fake.state
+        .latency_ms
+        .store(3000, std::sync::atomic::Ordering::SeqCst);
+    // Two slow misses fill the gateway...
+    let mut slow = Vec::new();
+    for i in 0..2 {
+        let gw = gw.clone();
+        slow.push(tokio::spawn(async move {
+            gw.embed("k1", &text_body(&format!("slow {i}"))).await
+        }));
+    }
+    eventually(10, "both slow requests upstream", async || {
+        (fake.calls() == 2).then_some(())
+    })
+    .await;
+    // ...so the next ones are refused at once, not queued: every refusal
+    // arrives while both slow requests are still in flight.
+    for i in 0..4 {
+        let r = gw.embed("k1", &text_body(&format!("shed {i}"))).await;
+        assert_error(&r, 503, "ServiceUnavailable");
+        assert_eq!(r.header("retry-after"), Some("1"));
+    }
+    assert!(
+        slow.iter().all(|h| !h.is_finished()),
+        "refusals waited for the slow requests"
+    );
+    assert_eq!(fake.calls(), 2, "shed requests must not reach upstream");
+    for h in slow {
+        assert_eq!(h.await.unwrap().status, 200);
+    }
+    // Capacity is back once they finish.
+    fake.state
+        .latency_ms
+        .store(0, std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(gw.embed("k1", &text_body("after")).await.status, 200);
+    let m = gw.metrics().await;
+    assert_eq!(
+        metric(
+            &m,
+            "embedgate_requests_total",
+            &[
+                ("tenant", "search"),
+                ("cache", "none"),
+                ("code", "ServiceUnavailable")
+            ]
+        ),
+        4.0
+    );
+}
