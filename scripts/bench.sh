@@ -115,10 +115,11 @@ log "fake upstream $FAKE"
 
 DIGEST=$(printf %s "$KEY" | "$BIN" hash-key)
 
-start_gateway() { # NAME REDIS_LINE -> sets GW_URL, GW_PID
-  local name=$1 redis_line=$2
+start_gateway() { # NAME REDIS_LINE [LIMITS=1] -> sets GW_URL, GW_PID
+  local name=$1 redis_line=$2 limits=${3:-1} drop='^$^'
+  [ "$limits" = 1 ] || drop='^(rate|quota) = '
   sed -e "s|@UPSTREAM@|$FAKE|" -e "s|@KEY_SHA256@|$DIGEST|" -e "s|@REDIS_LINE@|$redis_line|" \
-    "$ROOT/scripts/bench/gateway.toml.tmpl" >"$WORK/$name.toml"
+    "$ROOT/scripts/bench/gateway.toml.tmpl" | grep -Ev "$drop" >"$WORK/$name.toml"
   "$BIN" check-config "$WORK/$name.toml" >/dev/null || die "bad generated config $WORK/$name.toml"
   BENCH_UPSTREAM_KEY=bench-upstream-key EMBEDGATE_LOG=warn \
     "$BIN" --config "$WORK/$name.toml" >"$WORK/$name.out" 2>"$WORK/$name.err" &
@@ -130,6 +131,10 @@ start_gateway() { # NAME REDIS_LINE -> sets GW_URL, GW_PID
 
 start_gateway gw ""
 GW=$GW_URL; GW_PID_MEM=$GW_PID
+# The same gateway with a tenant without rate and quota: the cost of the
+# limit checks on the hit path.
+start_gateway gwn "" 0
+GWN=$GW_URL; GW_PID_NOLIM=$GW_PID
 
 if [ "$USE_REDIS" = 1 ]; then
   mkdir -p "$WORK/redis"
@@ -193,6 +198,7 @@ warm_hit() { # URL HEADER_NAME AUTH...: repeats until the answer says HIT
 }
 AUTH="Bearer $KEY"
 warm_hit "$GW" x-cache -H "Authorization: $AUTH"
+warm_hit "$GWN" x-cache -H "Authorization: $AUTH"
 [ "$USE_REDIS" = 1 ] && warm_hit "$GWR" x-cache -H "Authorization: $AUTH"
 warm_hit "$NG" x-cache-status -H "Authorization: $AUTH"
 RESP_BYTES=$(curl -sS -m 10 "$GW$API_PATH" -H "Authorization: $AUTH" -H 'Content-Type: application/json' -d "$BODY" | wc -c)
@@ -237,6 +243,8 @@ for ((r = 1; r <= ROUNDS; r++)); do
   run hit_gw "$r" "$GW" post.lua "$CONNS" "$THREADS" "$SECS" "$AUTH" "${GW_P[@]}"
   warm_hit "$NG" x-cache-status
   run hit_nginx "$r" "$NG" post.lua "$CONNS" "$THREADS" "$SECS" "$AUTH" "${NGINX_PIDS[@]}"
+  warm_hit "$GWN" x-cache -H "Authorization: $AUTH"
+  run hit_gwn "$r" "$GWN" post.lua "$CONNS" "$THREADS" "$SECS" "$AUTH" "$GW_PID_NOLIM"
   if [ "$USE_REDIS" = 1 ]; then
     warm_hit "$GWR" x-cache -H "Authorization: $AUTH"
     run hit_gwr "$r" "$GWR" post.lua "$CONNS" "$THREADS" "$SECS" "$AUTH" "${GWR_P[@]}"
@@ -322,6 +330,10 @@ END {
   printf "embedgate bench: %d rounds A/B alternated, %ds per run (-c1 runs %ds), wrk -t%d -c%d, %d cores, request %d B, response %d B\n",
     rounds, secs, lsecs, t, c, ncpu, bb, rb
   hitline("hit", "hit_gw")
+  hitline("hit nolimit", "hit_gwn")
+  printf "%-11s: hit with rate+quota vs without: ratio %.2f (rounds%s), p50 %+.3f ms, cpu %+.1f us/req\n", "limits cost",
+    RPS("hit_gw") / RPS("hit_gwn"), rounds_ratio("hit_gw", "hit_gwn"), P50("hit_gw") - P50("hit_gwn"),
+    CPU("hit_gw") - CPU("hit_gwn")
   if (redis == 1) hitline("hit redis", "hit_gwr")
   missline("miss -c" c, "miss_gw", "miss_direct")
   if (redis == 1) missline("miss redis", "miss_gwr", "miss_direct")
