@@ -115,20 +115,8 @@ impl GatewayError {
     /// The DashScope `code` on the wire.
     pub fn code(&self) -> &str {
         match self {
-            GatewayError::InvalidApiKey => "InvalidApiKey",
-            GatewayError::InvalidParameter(_) | GatewayError::ModelNotFound(_) => {
-                "InvalidParameter"
-            }
-            GatewayError::BodyTooLarge { .. } => "BadRequest.TooLarge",
-            GatewayError::NotFound => "NotFound",
-            GatewayError::MethodNotAllowed => "MethodNotAllowed",
-            GatewayError::RateLimited { .. } => "Throttling.RateQuota",
-            GatewayError::QuotaExceeded { .. } => "Throttling.AllocationQuota",
-            GatewayError::Overloaded | GatewayError::StoreUnavailable => "ServiceUnavailable",
             GatewayError::Upstream { code, .. } => code,
-            GatewayError::BadGateway(_) => "BadGateway",
-            GatewayError::GatewayTimeout => "GatewayTimeout",
-            GatewayError::Internal(_) => "InternalError",
+            other => other.own_code().unwrap_or("InternalError"),
         }
     }
 
@@ -140,6 +128,14 @@ impl GatewayError {
                 .copied()
                 .find(|k| k == code)
                 .unwrap_or("UpstreamError"),
+            other => other.own_code().unwrap_or("InternalError"),
+        }
+    }
+
+    /// The code of a refusal the gateway makes itself; `None` for
+    /// upstream's errors, whose code is upstream's.
+    fn own_code(&self) -> Option<&'static str> {
+        Some(match self {
             GatewayError::InvalidApiKey => "InvalidApiKey",
             GatewayError::InvalidParameter(_) | GatewayError::ModelNotFound(_) => {
                 "InvalidParameter"
@@ -150,10 +146,11 @@ impl GatewayError {
             GatewayError::RateLimited { .. } => "Throttling.RateQuota",
             GatewayError::QuotaExceeded { .. } => "Throttling.AllocationQuota",
             GatewayError::Overloaded | GatewayError::StoreUnavailable => "ServiceUnavailable",
+            GatewayError::Upstream { .. } => return None,
             GatewayError::BadGateway(_) => "BadGateway",
             GatewayError::GatewayTimeout => "GatewayTimeout",
             GatewayError::Internal(_) => "InternalError",
-        }
+        })
     }
 
     /// The human message on the wire. Never contains secrets; internal

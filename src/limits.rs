@@ -359,10 +359,7 @@ impl Limits {
                     let used = used.max(0) as u64;
                     self.remember_used(&tenant.name, &period, used);
                     let remaining = limit.saturating_sub(used);
-                    self.metrics
-                        .quota_remaining
-                        .with_label_values(&[&tenant.name])
-                        .set(remaining as i64);
+                    self.publish_remaining(&tenant.name, remaining);
                     return if granted == 1 {
                         Ok(Some(Reservation {
                             tenant: tenant.name.clone(),
@@ -401,10 +398,7 @@ impl Limits {
         }
         let remaining = limit - entry.used;
         drop(local);
-        self.metrics
-            .quota_remaining
-            .with_label_values(&[&tenant.name])
-            .set(remaining as i64);
+        self.publish_remaining(&tenant.name, remaining);
         Ok(Some(Reservation {
             tenant: tenant.name.clone(),
             period,
@@ -436,28 +430,11 @@ impl Limits {
             if let Some(redis) = &self.redis {
                 let key = format!("{}:quota:{}", tenant_tag(&r.tenant), r.period);
                 let ttl = r.ttl;
-                let done = redis
-                    .call("quota_adjust", true, |mut c| async move {
-                        redis::pipe()
-                            .atomic()
-                            .cmd("INCRBY")
-                            .arg(&key)
-                            .arg(delta)
-                            .cmd("EXPIRE")
-                            .arg(&key)
-                            .arg(ttl)
-                            .query_async::<(i64, i64)>(&mut c)
-                            .await
-                    })
-                    .await;
-                match done {
-                    Ok((used, _)) => {
+                match add_used(redis, "quota_adjust", true, key, delta, ttl).await {
+                    Ok(used) => {
                         let used = used.max(0) as u64;
                         self.remember_used(&r.tenant, &r.period, used);
-                        self.metrics
-                            .quota_remaining
-                            .with_label_values(&[&r.tenant])
-                            .set(r.limit.saturating_sub(used) as i64);
+                        self.publish_remaining(&r.tenant, r.limit.saturating_sub(used));
                         return;
                     }
                     Err(_) => {
@@ -476,10 +453,14 @@ impl Limits {
         }
         let remaining = r.limit.saturating_sub(entry.used);
         drop(local);
+        self.publish_remaining(&r.tenant, remaining);
+    }
+
+    fn publish_remaining(&self, tenant: &str, remaining: u64) {
         self.metrics
             .quota_remaining
-            .with_label_values(&[&r.tenant])
-            .set(remaining as i64);
+            .with_label_values(&[tenant])
+            .set(remaining.min(i64::MAX as u64) as i64);
     }
 
     fn remember_used(&self, tenant: &Arc<str>, period: &str, used: u64) {
@@ -525,22 +506,8 @@ impl Limits {
             for ((tenant, period), amount) in owed {
                 let key = format!("{}:quota:{period}", tenant_tag(&tenant));
                 let ttl = 40 * 86_400u64;
-                let r = redis
-                    .call("quota_repay", false, |mut c| async move {
-                        redis::pipe()
-                            .atomic()
-                            .cmd("INCRBY")
-                            .arg(&key)
-                            .arg(amount)
-                            .cmd("EXPIRE")
-                            .arg(&key)
-                            .arg(ttl)
-                            .arg("NX")
-                            .query_async::<(i64, i64)>(&mut c)
-                            .await
-                    })
-                    .await;
-                if let Ok((used, _)) = r {
+                let r = add_used(&redis, "quota_repay", false, key, amount, ttl).await;
+                if let Ok(used) = r {
                     let mut local = self.local.lock().unwrap_or_else(|p| p.into_inner());
                     if let Some(e) = local.get_mut(&(tenant.clone(), period.clone())) {
                         e.owed -= amount;
@@ -551,6 +518,33 @@ impl Limits {
             }
         }
     }
+}
+
+/// Adds `delta` to a quota counter and refreshes its expiry, atomically;
+/// returns the units now used.
+async fn add_used(
+    redis: &RedisStore,
+    op: &'static str,
+    force: bool,
+    key: String,
+    delta: i64,
+    ttl: u64,
+) -> Result<i64, crate::redis_store::StoreError> {
+    redis
+        .call(op, force, |mut c| async move {
+            redis::pipe()
+                .atomic()
+                .cmd("INCRBY")
+                .arg(&key)
+                .arg(delta)
+                .cmd("EXPIRE")
+                .arg(&key)
+                .arg(ttl)
+                .query_async::<(i64, i64)>(&mut c)
+                .await
+        })
+        .await
+        .map(|(used, _)| used)
 }
 
 #[cfg(test)]
