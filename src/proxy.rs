@@ -280,6 +280,8 @@ async fn serve_embedding(
                         app.metrics.coalesced.inc();
                         return answer_hit(app, &tenant, embedding, &counts, request_id, ctx).await;
                     }
+                    // Upstream's answer to this very input, made for the
+                    // leader: reported like the leader's, as a miss.
                     Outcome::Failed(e) => {
                         ctx.cache = Some(CacheStatus::Miss);
                         return Err(e);
@@ -306,7 +308,7 @@ async fn serve_embedding(
             guard,
             _permit: permit,
         };
-        return match tokio::spawn(miss.run()).await {
+        let result = match tokio::spawn(miss.run()).await {
             Ok((result, remaining)) => {
                 if remaining.is_some() {
                     ctx.quota_remaining = remaining;
@@ -315,6 +317,14 @@ async fn serve_embedding(
             }
             Err(e) => Err(GatewayError::Internal(format!("upstream task failed: {e}"))),
         };
+        // X-Cache: MISS means an upstream call was made; a refusal before
+        // it (quota, quota store) carries no X-Cache.
+        if let Err(e) = &result {
+            if e.fault() != Fault::Upstream {
+                ctx.cache = None;
+            }
+        }
+        return result;
     }
 }
 

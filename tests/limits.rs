@@ -100,6 +100,8 @@ fn assert_quota_refusal(r: &Reply) {
     assert_eq!(r.status, 429, "{}", r.text);
     assert_eq!(r.code(), "Throttling.AllocationQuota", "{}", r.text);
     assert_eq!(r.header("x-should-retry"), Some("false"));
+    // Refused before any upstream call: neither a hit nor a miss.
+    assert_eq!(r.header("x-cache"), None);
 }
 
 fn statuses(replies: &[Reply]) -> Vec<u16> {
