@@ -80,3 +80,73 @@ fn a_missing_config_file_is_an_error() {
         .unwrap()
         .contains("cannot read"));
 }
+
+/// `server.metrics_listen`: `/metrics` moves to its own listener (printed on
+/// the second stdout line) and leaves the API port.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_can_have_their_own_listener() {
+    use std::io::{BufRead, BufReader};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("m.toml");
+    std::fs::write(
+        &path,
+        "[server]\nlisten = \"127.0.0.1:0\"\nmetrics_listen = \"127.0.0.1:0\"\n",
+    )
+    .unwrap();
+    let mut child = embedgate()
+        .arg("--config")
+        .arg(&path)
+        .env("EMBEDGATE_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let api = lines.next().unwrap().unwrap();
+    let metrics = lines.next().unwrap().unwrap();
+    let api = api
+        .strip_prefix("embedgate listening on ")
+        .unwrap()
+        .to_string();
+    let metrics = metrics
+        .strip_prefix("embedgate metrics on ")
+        .unwrap()
+        .to_string();
+    let client = reqwest::Client::builder().no_proxy().build().unwrap();
+    let m = client.get(&metrics).send().await.unwrap();
+    assert_eq!(m.status(), 200);
+    assert!(m.text().await.unwrap().contains("embedgate_build_info"));
+    let on_api = client.get(format!("{api}/metrics")).send().await.unwrap();
+    assert_eq!(on_api.status(), 404);
+    // Health is on both; the API is not on the metrics port.
+    assert_eq!(
+        client
+            .get(format!("{api}/healthz"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    let base = metrics.trim_end_matches("/metrics");
+    assert_eq!(
+        client
+            .get(format!("{base}/healthz"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    let api_on_metrics = client
+        .post(format!(
+            "{base}/api/v1/services/embeddings/multimodal-embedding/multimodal-embedding"
+        ))
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(api_on_metrics.status(), 404);
+    let _ = child.kill();
+    let _ = child.wait();
+}
