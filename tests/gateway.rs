@@ -1266,3 +1266,72 @@ async fn excess_work_is_shed_fast_with_503() {
         4.0
     );
 }
+
+// ---------- a client that hangs up during a miss ----------
+
+/// The company pays for an upstream call whether or not the client waits for
+/// it: the call finishes, its answer is cached and metered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_miss_whose_client_hangs_up_is_still_cached_and_metered() {
+    let fake = Fake::start().await;
+    let gw = Gateway::start(&config(
+        &fake,
+        None,
+        &[Tenant {
+            name: "search",
+            key: "k1",
+            extra: "",
+        }],
+        "",
+    ));
+    fake.state
+        .latency_ms
+        .store(800, std::sync::atomic::Ordering::SeqCst);
+    let b = body(&[
+        ("image", "https://x/hangup.png"),
+        ("audio", "https://x/a.wav"),
+    ]);
+    let impatient = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(std::time::Duration::from_millis(200))
+        .build()
+        .unwrap();
+    let gone = impatient
+        .post(gw.url(EMBED_PATH))
+        .header("authorization", "Bearer k1")
+        .header("content-type", "application/json")
+        .body(b.clone())
+        .send()
+        .await;
+    assert!(gone.is_err(), "the client should have given up");
+    // The upstream call completes and is metered as a miss: 1 image + 1 audio.
+    eventually(10, "the abandoned miss to be metered", async || {
+        let m = gw.metrics().await;
+        let units = metric(
+            &m,
+            "embedgate_usage_units_total",
+            &[
+                ("tenant", "search"),
+                ("modality", "audio"),
+                ("cache", "miss"),
+            ],
+        );
+        (units == 2.0).then_some(())
+    })
+    .await;
+    assert_eq!(fake.calls(), 1);
+    assert_eq!(
+        fake.state
+            .billed_units
+            .load(std::sync::atomic::Ordering::SeqCst),
+        3
+    );
+    // ...and cached: the next identical request makes no upstream call.
+    fake.state
+        .latency_ms
+        .store(0, std::sync::atomic::Ordering::SeqCst);
+    let r = gw.embed("k1", &b).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(r.cache(), "HIT");
+    assert_eq!(fake.calls(), 1);
+}
