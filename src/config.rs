@@ -199,7 +199,7 @@ impl fmt::Display for ConfigErrors {
 impl std::error::Error for ConfigErrors {}
 
 // ---- raw shapes, exactly what the file may say (unknown keys are found by
-// `drop_unknown`, which reports all of them, not just the first) ----
+// `drop_invalid`, which reports all of them, not just the first) ----
 
 #[derive(Deserialize, Default)]
 struct RawConfig {
@@ -304,6 +304,10 @@ struct Check<'a> {
 
 impl<'a> Check<'a> {
     fn err(&mut self, key: &str, message: impl Into<String>) {
+        // One error per key: a value dropped for its type is not also "required".
+        if self.errors.iter().any(|e| e.key == key) {
+            return;
+        }
         let line = self.line_of(key);
         self.errors.push(ConfigError {
             key: key.to_string(),
@@ -440,19 +444,19 @@ impl Config {
             src,
             errors: Vec::new(),
         };
-        // Unknown keys are reported with the other errors, then dropped so
-        // the rest of the file is still checked.
-        let mut unknown = Vec::new();
-        drop_unknown(doc.as_table_mut(), "", "", &mut unknown);
-        for key in unknown {
-            c.err(&key, "unknown key");
+        // Unknown keys and values of the wrong type are reported with the
+        // other errors, then dropped so the rest of the file is still checked.
+        let mut problems = Vec::new();
+        drop_invalid(doc.as_table_mut(), "", "", &mut problems);
+        for (key, message) in problems {
+            c.err(&key, message);
         }
-        // Unknown keys were reported above; serde ignores them (the raw
-        // structs do not deny them) and stops only at a value of the wrong type.
-        let raw: RawConfig = match toml::from_str(src) {
+        let cleaned = doc.to_string();
+        let raw: RawConfig = match toml::from_str(&cleaned) {
             Ok(raw) => raw,
             Err(e) => {
-                let line = e.span().map(|s| line_at(src, s.start));
+                // Not expected after the schema pass; reported as is.
+                let line = e.span().map(|s| line_at(&cleaned, s.start));
                 c.errors.push(ConfigError {
                     key: String::new(),
                     line,
@@ -820,59 +824,140 @@ fn build(raw: RawConfig, c: &mut Check<'_>, env: EnvLookup<'_>) -> Config {
     }
 }
 
-/// The keys a table may have, by its path with array indices left out;
-/// `None` for a path that is not a table.
-fn known_keys(path: &str) -> Option<&'static [&'static str]> {
+/// What a key's value must be.
+#[derive(Clone, Copy)]
+enum Kind {
+    Str,
+    Int,
+    /// A number; integers are accepted.
+    Num,
+    Bool,
+    StrList,
+    Table,
+    TableList,
+}
+
+impl Kind {
+    fn accepts(self, item: &toml_edit::Item) -> bool {
+        match self {
+            Kind::Str => item.as_str().is_some(),
+            Kind::Int => item.as_integer().is_some(),
+            Kind::Num => item.as_integer().is_some() || item.as_float().is_some(),
+            Kind::Bool => item.as_bool().is_some(),
+            Kind::StrList => item
+                .as_array()
+                .is_some_and(|a| a.iter().all(|v| v.as_str().is_some())),
+            Kind::Table => item.as_table_like().is_some(),
+            Kind::TableList => {
+                item.as_array_of_tables().is_some()
+                    || item
+                        .as_array()
+                        .is_some_and(|a| a.iter().all(|v| v.as_inline_table().is_some()))
+            }
+        }
+    }
+
+    fn expected(self) -> &'static str {
+        match self {
+            Kind::Str => "a string",
+            Kind::Int => "an integer",
+            Kind::Num => "a number",
+            Kind::Bool => "true or false",
+            Kind::StrList => "a list of strings",
+            Kind::Table => "a table",
+            Kind::TableList => "a list of tables ([[...]])",
+        }
+    }
+}
+
+fn found(item: &toml_edit::Item) -> &'static str {
+    if let Some(v) = item.as_value() {
+        match v {
+            toml_edit::Value::String(_) => "a string",
+            toml_edit::Value::Integer(_) => "an integer",
+            toml_edit::Value::Float(_) => "a float",
+            toml_edit::Value::Boolean(_) => "a boolean",
+            toml_edit::Value::Datetime(_) => "a date",
+            toml_edit::Value::Array(_) => "a list",
+            toml_edit::Value::InlineTable(_) => "a table",
+        }
+    } else if item.is_table() {
+        "a table"
+    } else if item.is_array_of_tables() {
+        "a list of tables"
+    } else {
+        "nothing"
+    }
+}
+
+/// The keys a table may have and what each must be, by the table's path
+/// with array indices left out; `None` for a path that is not a table.
+fn schema(path: &str) -> Option<&'static [(&'static str, Kind)]> {
+    use Kind::*;
     Some(match path {
         "" => &[
-            "server", "upstream", "cache", "limits", "metering", "admin", "tenants",
+            ("server", Table),
+            ("upstream", Table),
+            ("cache", Table),
+            ("limits", Table),
+            ("metering", Table),
+            ("admin", Table),
+            ("tenants", TableList),
         ],
         "server" => &[
-            "listen",
-            "metrics_listen",
-            "max_body_bytes",
-            "max_in_flight",
-            "shutdown_grace",
-            "watch_config",
+            ("listen", Str),
+            ("metrics_listen", Str),
+            ("max_body_bytes", Int),
+            ("max_in_flight", Int),
+            ("shutdown_grace", Str),
+            ("watch_config", Bool),
         ],
         "upstream" => &[
-            "base_url",
-            "api_key_env",
-            "timeout",
-            "connect_timeout",
-            "max_retries",
-            "retry_backoff",
-            "models",
-            "embedding_dimension",
-            "max_text_chars",
+            ("base_url", Str),
+            ("api_key_env", Str),
+            ("timeout", Str),
+            ("connect_timeout", Str),
+            ("max_retries", Int),
+            ("retry_backoff", Str),
+            ("models", StrList),
+            ("embedding_dimension", Int),
+            ("max_text_chars", Int),
         ],
         "cache" => &[
-            "redis_url",
-            "redis_cluster",
-            "ttl",
-            "scope",
-            "memory_max_bytes",
-            "redis_timeout",
+            ("redis_url", Str),
+            ("redis_cluster", Bool),
+            ("ttl", Str),
+            ("scope", Str),
+            ("memory_max_bytes", Int),
+            ("redis_timeout", Str),
         ],
-        "limits" => &["quota_on_store_error", "quota_counts_hits"],
-        "metering" => &["weights"],
-        "metering.weights" => &["text", "image", "audio"],
-        "admin" => &["token_sha256"],
-        "tenants" => &["name", "key_sha256", "workspace", "rate", "quota"],
-        "tenants.rate" => &["per_second", "burst"],
-        "tenants.quota" => &["units", "per"],
+        "limits" => &[("quota_on_store_error", Str), ("quota_counts_hits", Bool)],
+        "metering" => &[("weights", Table)],
+        "metering.weights" => &[("text", Int), ("image", Int), ("audio", Int)],
+        "admin" => &[("token_sha256", Str)],
+        "tenants" => &[
+            ("name", Str),
+            ("key_sha256", StrList),
+            ("workspace", Str),
+            ("rate", Table),
+            ("quota", Table),
+        ],
+        "tenants.rate" => &[("per_second", Num), ("burst", Int)],
+        "tenants.quota" => &[("units", Int), ("per", Str)],
         _ => return None,
     })
 }
 
-/// Removes keys the schema does not know, recording their dotted names.
-fn drop_unknown(
+/// Removes keys the schema does not know and values of the wrong type,
+/// recording each as (dotted key, message), so serde never stops at the
+/// first one and every problem is reported together.
+fn drop_invalid(
     table: &mut dyn toml_edit::TableLike,
     schema_path: &str,
     shown_path: &str,
-    unknown: &mut Vec<String>,
+    problems: &mut Vec<(String, String)>,
 ) {
-    let Some(allowed) = known_keys(schema_path) else {
+    let Some(allowed) = schema(schema_path) else {
         return;
     };
     let keys: Vec<String> = table.iter().map(|(k, _)| k.to_string()).collect();
@@ -882,8 +967,17 @@ fn drop_unknown(
         } else {
             format!("{shown_path}.{key}")
         };
-        if !allowed.contains(&key.as_str()) {
-            unknown.push(shown);
+        let Some((_, kind)) = allowed.iter().find(|(k, _)| *k == key) else {
+            problems.push((shown, "unknown key".to_string()));
+            table.remove(&key);
+            continue;
+        };
+        let Some(item) = table.get_mut(&key) else {
+            continue;
+        };
+        if !kind.accepts(item) {
+            let msg = format!("must be {}, got {}", kind.expected(), found(item));
+            problems.push((shown, msg));
             table.remove(&key);
             continue;
         }
@@ -892,19 +986,16 @@ fn drop_unknown(
         } else {
             format!("{schema_path}.{key}")
         };
-        let Some(item) = table.get_mut(&key) else {
-            continue;
-        };
         if let Some(t) = item.as_table_like_mut() {
-            drop_unknown(t, &schema, &shown, unknown);
+            drop_invalid(t, &schema, &shown, problems);
         } else if let Some(aot) = item.as_array_of_tables_mut() {
             for (i, t) in aot.iter_mut().enumerate() {
-                drop_unknown(t, &schema, &format!("{shown}[{i}]"), unknown);
+                drop_invalid(t, &schema, &format!("{shown}[{i}]"), problems);
             }
         } else if let Some(arr) = item.as_array_mut() {
             for (i, v) in arr.iter_mut().enumerate() {
                 if let Some(t) = v.as_inline_table_mut() {
-                    drop_unknown(t, &schema, &format!("{shown}[{i}]"), unknown);
+                    drop_invalid(t, &schema, &format!("{shown}[{i}]"), problems);
                 }
             }
         }
@@ -1069,12 +1160,21 @@ quota = {{ units = 100000, per = "day" }}
     }
 
     #[test]
-    fn bad_type_names_line() {
-        let err = parse("[server]\nmax_body_bytes = \"big\"\n").unwrap_err();
-        assert_eq!(err.0[0].line, Some(2));
-        assert!(
-            err.0[0].message.contains("max_body_bytes")
-                || err.0[0].message.contains("invalid type")
+    fn bad_types_are_all_listed_with_key_and_line() {
+        let src = "[server]\nmax_body_bytes = \"big\"\nmax_in_flight = \"many\"\n[cache]\nttl = \"soon\"\nredis_cluster = \"yes\"\n[[tenants]]\nname = \"a\"\nkey_sha256 = \"not-a-list\"\nrate = 5\n";
+        let err = parse(src).unwrap_err();
+        let shown: Vec<String> = err.0.iter().map(|e| e.to_string()).collect();
+        assert_eq!(
+            shown,
+            vec![
+                "line 2: server.max_body_bytes: must be an integer, got a string",
+                "line 3: server.max_in_flight: must be an integer, got a string",
+                "line 5: cache.ttl: `soon` is not a duration (expected number at 0); use e.g. \"30s\", \"5m\", \"30d\"",
+                "line 6: cache.redis_cluster: must be true or false, got a string",
+                "line 9: tenants[0].key_sha256: must be a list of strings, got a string",
+                "line 10: tenants[0].rate: must be a table, got an integer",
+            ],
+            "{shown:#?}"
         );
     }
 }
