@@ -473,14 +473,42 @@ impl Limits {
     }
 
     /// Units left for the tenant in the current period, as last seen here.
-    pub fn remaining(&self, tenant: &Tenant) -> Option<u64> {
+    ///
+    /// A replica that has not yet seen the tenant's counter (after a start,
+    /// or in a new period) fetches it in the background, so the figure on
+    /// cache hits soon reflects what other replicas spent.
+    pub fn remaining(self: &Arc<Self>, tenant: &Tenant) -> Option<u64> {
         let q = tenant.quota?;
         let (period, _) = period_key(q.per);
-        let local = self.local.lock().unwrap_or_else(|p| p.into_inner());
-        let used = local
-            .get(&(tenant.name.clone(), period))
-            .map(|e| e.used)
-            .unwrap_or(0);
+        let key = (tenant.name.clone(), period);
+        let used = {
+            let mut local = self.local.lock().unwrap_or_else(|p| p.into_inner());
+            match local.get(&key) {
+                Some(e) => e.used,
+                None => {
+                    // Placeholder until the fetch answers; fetched once.
+                    local.insert(key.clone(), LocalQuota::default());
+                    if let Some(redis) = self.redis.clone() {
+                        let me = self.clone();
+                        tokio::spawn(async move {
+                            let rkey = format!("{}:quota:{}", tenant_tag(&key.0), key.1);
+                            let got = redis
+                                .call("quota_read", false, |mut c| async move {
+                                    redis::cmd("GET")
+                                        .arg(&rkey)
+                                        .query_async::<Option<i64>>(&mut c)
+                                        .await
+                                })
+                                .await;
+                            if let Ok(Some(used)) = got {
+                                me.remember_used(&key.0, &key.1, used.max(0) as u64);
+                            }
+                        });
+                    }
+                    0
+                }
+            }
+        };
         Some(q.units.saturating_sub(used))
     }
 

@@ -974,3 +974,42 @@ fn check_config_lists_unknown_key_with_the_other_errors() {
     error_line(&err, 4, "server.shutdown_grace");
     error_line(&err, 8, "tenants[0].key_sha256[0]");
 }
+
+/// A replica that never reserved for a tenant still reports what the other
+/// replicas spent (it reads the shared counter), also on cache hits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quota_remaining_header_reflects_other_replicas() {
+    let redis = Redis::start();
+    let fake = Fake::start().await;
+    let q = quota(10);
+    let cfg = config(
+        &fake,
+        Some(&redis),
+        &[Tenant {
+            name: "q",
+            key: "kq",
+            extra: &q,
+        }],
+        "[limits]\nquota_counts_hits = false\n",
+    );
+    let a = Gateway::start(&cfg);
+    let b = Gateway::start(&cfg);
+    for i in 0..4 {
+        let r = a.embed("kq", &text_body(&format!("spent {i}"))).await;
+        assert_eq!(r.status, 200, "{}", r.text);
+    }
+    assert_eq!(
+        num_header(
+            &a.embed("kq", &text_body("spent 0")).await,
+            "x-quota-remaining"
+        ),
+        Some(6)
+    );
+    // b has not reserved anything itself; its hits report the shared figure.
+    eventually(10, "replica b to report 6 units left", async || {
+        let r = b.embed("kq", &text_body("spent 1")).await;
+        assert_eq!(r.status, 200, "{}", r.text);
+        (num_header(&r, "x-quota-remaining") == Some(6)).then_some(())
+    })
+    .await;
+}
