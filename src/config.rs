@@ -216,6 +216,8 @@ struct RawConfig {
     admin: Option<RawAdmin>,
     #[serde(default)]
     tenants: Vec<RawTenant>,
+    /// SPEC §5 names this setting without a section; accepted here too.
+    quota_on_store_error: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -646,12 +648,23 @@ fn build(raw: RawConfig, c: &mut Check<'_>, env: EnvLookup<'_>) -> Config {
     };
 
     let l = raw.limits;
-    let quota_on_store_error = match l.quota_on_store_error.as_deref() {
+    let (policy_key, policy) = match (raw.quota_on_store_error, l.quota_on_store_error) {
+        (Some(_), Some(_)) => {
+            c.err(
+                "quota_on_store_error",
+                "is set both at the top level and in [limits]; keep one",
+            );
+            ("limits.quota_on_store_error", None)
+        }
+        (Some(top), None) => ("quota_on_store_error", Some(top)),
+        (None, in_limits) => ("limits.quota_on_store_error", in_limits),
+    };
+    let quota_on_store_error = match policy.as_deref() {
         None | Some("allow") => StoreErrorPolicy::Allow,
         Some("deny") => StoreErrorPolicy::Deny,
         Some(other) => {
             c.err(
-                "limits.quota_on_store_error",
+                policy_key,
                 format!("must be \"allow\" or \"deny\", got \"{other}\""),
             );
             StoreErrorPolicy::Allow
@@ -903,6 +916,7 @@ fn schema(path: &str) -> Option<&'static [(&'static str, Kind)]> {
             ("metering", Table),
             ("admin", Table),
             ("tenants", TableList),
+            ("quota_on_store_error", Str),
         ],
         "server" => &[
             ("listen", Str),
@@ -1150,6 +1164,23 @@ quota = {{ units = 100000, per = "day" }}
             c.server.metrics_listen,
             Some("127.0.0.1:9100".parse().unwrap())
         );
+    }
+
+    #[test]
+    fn quota_on_store_error_at_top_level_or_in_limits() {
+        let top = parse("quota_on_store_error = \"deny\"\n").unwrap();
+        assert_eq!(top.limits.quota_on_store_error, StoreErrorPolicy::Deny);
+        let section = parse("[limits]\nquota_on_store_error = \"deny\"\n").unwrap();
+        assert_eq!(section.limits.quota_on_store_error, StoreErrorPolicy::Deny);
+        let both =
+            parse("quota_on_store_error = \"deny\"\n[limits]\nquota_on_store_error = \"allow\"\n");
+        assert!(both
+            .unwrap_err()
+            .to_string()
+            .contains("both at the top level"));
+        let bad = parse("quota_on_store_error = \"maybe\"\n").unwrap_err();
+        assert_eq!(bad.0[0].key, "quota_on_store_error");
+        assert_eq!(bad.0[0].line, Some(1));
     }
 
     #[test]
