@@ -42,8 +42,6 @@ pub mod tenants;
 pub mod upstream;
 
 use std::future::Future;
-use std::sync::Arc;
-
 use tokio::net::TcpListener;
 
 pub use app::App;
@@ -62,9 +60,4 @@ pub async fn run(
     server::serve(app.clone(), listener, metrics_listener, shutdown).await;
     watcher.abort();
     Ok(())
-}
-
-/// The gateway's state, for embedding it in another program or a test.
-pub fn build(config: Config) -> Result<Arc<App>, String> {
-    App::new(config)
 }
