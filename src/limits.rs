@@ -226,14 +226,14 @@ impl Limits {
             if let Some(state) = self.take_leased(&tenant.name, cfg) {
                 return state.map(Some);
             }
-            let key = format!("{}:rate", tenant_tag(&tenant.name));
+            let key = &tenant.rate_key;
             let interval_us = (1_000_000.0 / cfg.per_second).max(1.0).round() as u64;
             let want = lease_size(cfg);
             let script = &self.rate_script;
             let r = redis
                 .call("rate", false, |mut c| async move {
                     script
-                        .key(&key)
+                        .key(key)
                         .arg(interval_us)
                         .arg(cfg.burst)
                         .arg(want)
@@ -245,38 +245,33 @@ impl Limits {
                 let reset = Duration::from_micros(reset_us.max(0) as u64);
                 if granted < 1 {
                     let retry_after = Duration::from_micros(retry_us.max(0) as u64);
-                    let mut leases = self.leases.lock().unwrap_or_else(|p| p.into_inner());
-                    let lease = leases.entry(tenant.name.clone()).or_insert(Lease {
-                        cfg,
-                        tokens: 0,
-                        expires: Instant::now(),
-                        remaining: 0,
-                        reset,
-                        denied_until: None,
-                    });
-                    lease.cfg = cfg;
-                    lease.tokens = 0;
-                    lease.denied_until = Some(Instant::now() + retry_after);
+                    self.keep_lease(
+                        &tenant.name,
+                        Lease {
+                            cfg,
+                            tokens: 0,
+                            expires: Instant::now(),
+                            remaining: 0,
+                            reset,
+                            denied_until: Some(Instant::now() + retry_after),
+                        },
+                    );
                     return Err(GatewayError::RateLimited { retry_after });
                 }
                 let remaining = remaining.max(0) as u64;
                 let spare = granted as u64 - 1;
                 if spare > 0 {
-                    let mut leases = self.leases.lock().unwrap_or_else(|p| p.into_inner());
-                    let lease = leases.entry(tenant.name.clone()).or_insert(Lease {
-                        cfg,
-                        tokens: 0,
-                        expires: Instant::now(),
-                        remaining,
-                        reset,
-                        denied_until: None,
-                    });
-                    lease.cfg = cfg;
-                    lease.denied_until = None;
-                    lease.tokens = spare;
-                    lease.expires = Instant::now() + LEASE_TTL;
-                    lease.remaining = remaining;
-                    lease.reset = reset;
+                    self.keep_lease(
+                        &tenant.name,
+                        Lease {
+                            cfg,
+                            tokens: spare,
+                            expires: Instant::now() + LEASE_TTL,
+                            remaining,
+                            reset,
+                            denied_until: None,
+                        },
+                    );
                 }
                 return Ok(Some(RateState {
                     limit: cfg.burst,
@@ -293,6 +288,12 @@ impl Limits {
                 .map_err(|wait| GatewayError::RateLimited { retry_after: wait }),
             None => Ok(None),
         }
+    }
+
+    /// Replaces what this replica holds for the tenant.
+    fn keep_lease(&self, tenant: &Arc<str>, lease: Lease) {
+        let mut leases = self.leases.lock().unwrap_or_else(|p| p.into_inner());
+        leases.insert(tenant.clone(), lease);
     }
 
     /// Answers from what this replica already knows: a token it leased

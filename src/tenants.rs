@@ -9,6 +9,7 @@ use http::HeaderMap;
 
 use crate::config::{Config, QuotaConfig, RateConfig, TenantConfig};
 use crate::limits::LocalRate;
+use crate::redis_store::tenant_tag;
 use crate::secret::Digest;
 
 pub struct Tenant {
@@ -17,6 +18,8 @@ pub struct Tenant {
     pub workspace: Option<String>,
     pub rate: Option<RateConfig>,
     pub quota: Option<QuotaConfig>,
+    /// The shared rate bucket's Redis key, built once per reload.
+    pub rate_key: String,
     /// This process's limiter: the whole limit without Redis, the fallback
     /// while Redis is down.
     pub local_rate: Option<Arc<LocalRate>>,
@@ -54,6 +57,7 @@ impl TenantTable {
                 workspace: workspace.clone(),
                 rate: *rate,
                 quota: *quota,
+                rate_key: format!("{}:rate", tenant_tag(name)),
                 local_rate,
             });
             for k in keys {
