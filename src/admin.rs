@@ -5,53 +5,87 @@
 
 use std::sync::Arc;
 
+use std::convert::Infallible;
+use std::task::{Context, Poll};
+
 use bytes::Bytes;
-use http::header::{HeaderValue, CONTENT_TYPE};
-use http::{Method, Request, Response};
-use http_body_util::Full;
-use hyper::body::Incoming;
+use http::{Method, Request, Response, StatusCode};
+use tower::Service;
 
 use crate::app::App;
+use crate::auth::BoxFuture;
+use crate::body::{Body, ReqBody};
 use crate::date::Day;
 use crate::error::GatewayError;
 use crate::ledger::to_csv;
-use crate::proxy::{error_response, new_request_id, Body};
+use crate::request_id;
+use crate::response;
 
 /// A report is one pipeline per tenant; a year of days keeps it bounded.
 const MAX_REPORT_DAYS: i64 = 366;
 
-pub async fn handle(app: &Arc<App>, req: Request<Incoming>) -> Response<Body> {
-    let rid = new_request_id();
+/// Everything under `/admin/`, as a tower service.
+#[derive(Clone)]
+pub(crate) struct Admin {
+    app: Arc<App>,
+}
+
+impl Admin {
+    pub(crate) fn new(app: Arc<App>) -> Admin {
+        Admin { app }
+    }
+}
+
+impl Service<Request<ReqBody>> for Admin {
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = BoxFuture;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<ReqBody>) -> BoxFuture {
+        let app = self.app.clone();
+        Box::pin(async move {
+            let rid = request_id::of(&req);
+            let (parts, _) = req.into_parts();
+            Ok(match handle(&app, &parts).await {
+                Ok(r) => r,
+                Err(e) => e.into_response(&rid, false),
+            })
+        })
+    }
+}
+
+async fn handle(app: &App, req: &http::request::Parts) -> Result<Response<Body>, GatewayError> {
     let tenants = app.tenants.load_full();
     if tenants.admin.is_none() {
-        return error_response(&GatewayError::NotFound, &rid, false);
+        return Err(GatewayError::NotFound);
     }
-    if !tenants.is_admin(req.headers()) {
-        return error_response(&GatewayError::InvalidApiKey, &rid, false);
+    if !tenants.is_admin(&req.headers) {
+        return Err(GatewayError::InvalidApiKey);
     }
-    match (req.method(), req.uri().path()) {
+    match (&req.method, req.uri.path()) {
         (&Method::GET, "/admin/usage") => {
-            match usage(app, req.uri().query().unwrap_or(""), &tenants.names()).await {
-                Ok(r) => r,
-                Err(e) => error_response(&e, &rid, false),
-            }
+            usage(app, req.uri.query().unwrap_or(""), &tenants.names()).await
         }
-        (_, "/admin/usage") => error_response(&GatewayError::MethodNotAllowed, &rid, false),
-        _ => error_response(&GatewayError::NotFound, &rid, false),
+        (_, "/admin/usage") => Err(GatewayError::MethodNotAllowed),
+        _ => Err(GatewayError::NotFound),
     }
 }
 
 /// Query parameters of a usage report.
-pub struct UsageQuery {
-    pub from: Day,
-    pub to: Day,
-    pub tenant: Option<String>,
-    pub csv: bool,
+pub(crate) struct UsageQuery {
+    pub(crate) from: Day,
+    pub(crate) to: Day,
+    pub(crate) tenant: Option<String>,
+    pub(crate) csv: bool,
 }
 
 impl UsageQuery {
     /// Parses and checks the report parameters; errors name the parameter.
-    pub fn parse(query: &str) -> Result<UsageQuery, GatewayError> {
+    pub(crate) fn parse(query: &str) -> Result<UsageQuery, GatewayError> {
         let mut from = None;
         let mut to = None;
         let mut tenant = None;
@@ -112,11 +146,7 @@ fn day_param(name: &str, v: &str) -> Result<Day, GatewayError> {
         .ok_or_else(|| GatewayError::InvalidParameter(format!("{name} must be a date YYYY-MM-DD")))
 }
 
-async fn usage(
-    app: &Arc<App>,
-    query: &str,
-    known: &[String],
-) -> Result<Response<Body>, GatewayError> {
+async fn usage(app: &App, query: &str, known: &[String]) -> Result<Response<Body>, GatewayError> {
     let q = UsageQuery::parse(query)?;
     let rows = app
         .ledger
@@ -136,11 +166,58 @@ async fn usage(
         });
         (Bytes::from(v.to_string()), "application/json")
     };
-    let mut r = Response::new(Full::new(body));
-    r.headers_mut()
-        .insert(CONTENT_TYPE, HeaderValue::from_static(ct));
-    Ok(r)
+    Ok(response::with_body(StatusCode::OK, ct, body))
 }
+
+/// `embedgate usage`: the report straight from the ledger in Redis, as
+/// the CLI prints it (JSON or CSV). Errors are the message to print.
+pub async fn usage_report(
+    config: &crate::Config,
+    from: &str,
+    to: &str,
+    tenant: Option<&str>,
+    format: &str,
+) -> Result<String, String> {
+    let mut query = format!("from={from}&to={to}&format={format}");
+    if let Some(t) = tenant {
+        query.push_str(&format!("&tenant={t}"));
+    }
+    let q = UsageQuery::parse(&query).map_err(|e| e.message())?;
+    let Some(url) = &config.cache.redis_url else {
+        return Err("no cache.redis_url in the config; without Redis the ledger lives in the gateway process (GET /admin/usage)".into());
+    };
+    let metrics = Arc::new(crate::metrics::Metrics::new().map_err(|e| e.to_string())?);
+    let redis = crate::redis_store::RedisStore::start(
+        url,
+        config.cache.redis_cluster,
+        CLI_REDIS_TIMEOUT,
+        metrics.clone(),
+    )?;
+    if tokio::time::timeout(CLI_REDIS_WAIT, redis.wait_up())
+        .await
+        .is_err()
+    {
+        return Err("Redis is not reachable".into());
+    }
+    let ledger = crate::ledger::Ledger::new(Some(redis), metrics);
+    let names: Vec<String> = config.tenants.iter().map(|t| t.name.clone()).collect();
+    let rows = ledger
+        .report(q.from, q.to, q.tenant.as_deref(), &names)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(if q.csv {
+        to_csv(&rows)
+    } else {
+        let v =
+            serde_json::json!({"from": q.from.to_string(), "to": q.to.to_string(), "rows": rows});
+        format!("{v}\n")
+    })
+}
+
+/// The CLI waits this long per Redis call; it has no request deadline.
+const CLI_REDIS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+/// How long the CLI waits for Redis to answer at all.
+const CLI_REDIS_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 fn percent_decode(s: &str) -> String {
     let b = s.as_bytes();
@@ -178,7 +255,6 @@ fn percent_decode(s: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
     use super::*;
 
     #[test]
@@ -211,7 +287,6 @@ mod tests {
         assert_eq!(percent_decode("2026%2D11%2D01"), "2026-11-01");
     }
 
-    #[allow(clippy::panic)]
     fn unreachable_test(case: &str) {
         panic!("{case} should fail")
     }

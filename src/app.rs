@@ -11,33 +11,38 @@ use crate::coalesce::Coalescer;
 use crate::config::Config;
 use crate::ledger::Ledger;
 use crate::limits::Limits;
+use crate::metering::{CacheStatus, Usage};
 use crate::metrics::Metrics;
 use crate::redis_store::RedisStore;
 use crate::tenants::TenantTable;
 use crate::upstream::Upstream;
 
-pub struct App {
+pub(crate) struct App {
     /// The config the process started with; only `tenants` and `admin`
     /// follow reloads (through `tenants`).
-    pub config: Config,
-    pub tenants: ArcSwap<TenantTable>,
-    pub cache: Arc<Cache>,
-    pub coalescer: Arc<Coalescer>,
-    pub upstream: Upstream,
-    pub limits: Arc<Limits>,
-    pub ledger: Arc<Ledger>,
-    pub metrics: Arc<Metrics>,
-    pub redis: Option<Arc<RedisStore>>,
-    /// Bounds work in flight (requests and the upstream calls they spawn);
-    /// shutdown waits for every permit to come back.
-    pub in_flight: Arc<Semaphore>,
+    pub(crate) config: Config,
+    pub(crate) tenants: ArcSwap<TenantTable>,
+    pub(crate) cache: Arc<Cache>,
+    pub(crate) coalescer: Arc<Coalescer>,
+    pub(crate) upstream: Upstream,
+    pub(crate) limits: Limits,
+    pub(crate) ledger: Arc<Ledger>,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) redis: Option<Arc<RedisStore>>,
+    /// The global in-flight bound (`server.max_in_flight`), shared by every
+    /// API route's concurrency limit.
+    pub(crate) in_flight: Arc<Semaphore>,
+    /// Upstream calls in flight, held by a miss's own task until it is
+    /// cached and metered: bounds calls whose clients hung up, and shutdown
+    /// waits for every slot to come back.
+    pub(crate) upstream_slots: Arc<Semaphore>,
 }
 
 impl App {
     /// Builds the state; must run inside a tokio runtime (it starts the
     /// Redis connector and the ledger writer).
-    pub fn new(config: Config) -> Result<Arc<App>, String> {
-        let metrics = Arc::new(Metrics::new());
+    pub(crate) fn new(config: Config) -> Result<Arc<App>, String> {
+        let metrics = Arc::new(Metrics::new().map_err(|e| format!("metrics: {e}"))?);
         let redis = match &config.cache.redis_url {
             Some(url) => Some(RedisStore::start(
                 url,
@@ -59,8 +64,9 @@ impl App {
             metrics.clone(),
         );
         let ledger = Ledger::new(redis.clone(), metrics.clone());
-        let tenants = ArcSwap::from_pointee(TenantTable::build(&config, None));
+        let tenants = ArcSwap::from_pointee(TenantTable::build(&config));
         let in_flight = Arc::new(Semaphore::new(config.server.max_in_flight));
+        let upstream_slots = Arc::new(Semaphore::new(config.server.max_in_flight));
         Ok(Arc::new(App {
             config,
             tenants,
@@ -72,15 +78,22 @@ impl App {
             metrics,
             redis,
             in_flight,
+            upstream_slots,
         }))
+    }
+
+    /// Counters and ledger for one successful answer.
+    pub(crate) fn meter(&self, tenant: &Arc<str>, cache: CacheStatus, usage: &Usage) {
+        self.metrics.record_usage(tenant, cache, usage);
+        self.ledger.record(tenant, cache, usage);
     }
 
     /// Applies a reloaded config's tenants and admin token. Settings that
     /// need a restart are reported, not applied.
-    pub fn apply_reload(&self, new: &Config) -> Vec<&'static str> {
-        let old = self.tenants.load();
-        self.tenants
-            .store(Arc::new(TenantTable::build(new, Some(&old))));
+    pub(crate) fn apply_reload(&self, new: &Config) -> Vec<&'static str> {
+        self.tenants.store(Arc::new(TenantTable::build(new)));
+        self.limits
+            .retain(|name| new.tenants.iter().any(|t| t.name == name));
         let mut restart = Vec::new();
         let c = &self.config;
         if c.server.listen != new.server.listen

@@ -39,12 +39,12 @@ impl Weighter<CacheKey, Entry> for EntryWeight {
 }
 
 /// What a lookup found.
-pub enum Lookup {
+pub(crate) enum Lookup {
     Hit(Bytes),
     Miss,
 }
 
-pub struct Cache {
+pub(crate) struct Cache {
     memory: Option<QuickCache<CacheKey, Entry, EntryWeight>>,
     redis: Option<Arc<RedisStore>>,
     ttl: Duration,
@@ -53,7 +53,11 @@ pub struct Cache {
 }
 
 impl Cache {
-    pub fn new(memory_max_bytes: u64, redis: Option<Arc<RedisStore>>, ttl: Duration) -> Cache {
+    pub(crate) fn new(
+        memory_max_bytes: u64,
+        redis: Option<Arc<RedisStore>>,
+        ttl: Duration,
+    ) -> Cache {
         let memory = (memory_max_bytes > 0).then(|| {
             let items = (memory_max_bytes / TYPICAL_ENTRY_BYTES).clamp(16, 1 << 20) as usize;
             QuickCache::with_weighter(items, memory_max_bytes, EntryWeight)
@@ -71,7 +75,7 @@ impl Cache {
     }
 
     /// Looks `key` up; a Redis error or timeout is a miss.
-    pub async fn get(&self, key: &CacheKey, dimension: usize) -> Lookup {
+    pub(crate) async fn get(&self, key: &CacheKey, dimension: usize) -> Lookup {
         if let Some(mem) = &self.memory {
             if let Some(e) = mem.get(key) {
                 if e.expires > Instant::now() {
@@ -122,7 +126,7 @@ impl Cache {
     /// cache it is readable here when this returns and Redis is written in
     /// the background; without one, this waits for the Redis write, so the
     /// entry is readable before the caller lets identical requests go.
-    pub async fn store(self: &Arc<Self>, key: CacheKey, embedding: Bytes) {
+    pub(crate) async fn store(self: &Arc<Self>, key: CacheKey, embedding: Bytes) {
         if self.memory.is_some() {
             self.put_memory(&key, embedding.clone());
             if self.redis.is_some() {
@@ -137,7 +141,7 @@ impl Cache {
     /// A second look for a request that just became the leader of a miss:
     /// the previous leader may have stored the answer between this request's
     /// lookup and its turn. Memory only when there is a memory cache.
-    pub async fn recheck(&self, key: &CacheKey, dimension: usize) -> Option<Bytes> {
+    pub(crate) async fn recheck(&self, key: &CacheKey, dimension: usize) -> Option<Bytes> {
         if let Some(mem) = &self.memory {
             return mem
                 .get(key)
@@ -151,7 +155,8 @@ impl Cache {
     }
 
     /// Stores in memory and Redis, waiting for both.
-    pub async fn put(&self, key: &CacheKey, embedding: Bytes) {
+    #[cfg(test)]
+    pub(crate) async fn put(&self, key: &CacheKey, embedding: Bytes) {
         self.put_memory(key, embedding.clone());
         self.put_redis(key, embedding).await;
     }
@@ -197,7 +202,7 @@ impl Cache {
 /// One pass over the bytes with JSON's number grammar, without converting
 /// to floats: this runs on every miss and every Redis hit, and parsing
 /// 1536 floats costs more than the rest of the request.
-pub fn valid_embedding(raw: &[u8], dimension: usize) -> bool {
+pub(crate) fn valid_embedding(raw: &[u8], dimension: usize) -> bool {
     let mut i = skip_ws(raw, 0);
     if raw.get(i) != Some(&b'[') {
         return false;

@@ -19,7 +19,7 @@ const KEY_VERSION: &[u8] = b"embedgate-cache-key/v1";
 
 /// Who may share an entry.
 #[derive(Debug, Clone, Copy)]
-pub enum KeyScope<'a> {
+pub(crate) enum KeyScope<'a> {
     /// Entries belong to one tenant (`cache.scope = "tenant"`).
     Tenant(&'a str),
     /// Entries are shared company-wide (`cache.scope = "shared"`).
@@ -27,10 +27,10 @@ pub enum KeyScope<'a> {
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
-pub struct CacheKey([u8; 32]);
+pub(crate) struct CacheKey([u8; 32]);
 
 impl CacheKey {
-    pub fn to_hex(self) -> String {
+    pub(crate) fn to_hex(self) -> String {
         hex::encode(self.0)
     }
 }
@@ -67,7 +67,11 @@ const TAG_INPUT_EXTRA: u8 = 11;
 /// The key for `req` as seen by a tenant whose requests go upstream with
 /// `workspace` (the upstream account context, which `oss://` inputs and
 /// results are bound to).
-pub fn cache_key(scope: KeyScope<'_>, workspace: Option<&str>, req: &EmbeddingRequest) -> CacheKey {
+pub(crate) fn cache_key(
+    scope: KeyScope<'_>,
+    workspace: Option<&str>,
+    req: &EmbeddingRequest,
+) -> CacheKey {
     let EmbeddingRequest {
         model,
         items,
@@ -149,7 +153,6 @@ fn write_value(v: &Value, out: &mut String) {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
     use super::*;
     use crate::request::ParseRules;
 

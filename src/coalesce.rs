@@ -17,7 +17,7 @@ use crate::error::GatewayError;
 
 /// What the leader tells its followers.
 #[derive(Debug, Clone)]
-pub enum Outcome {
+pub(crate) enum Outcome {
     /// The embedding JSON: followers answer it as a hit.
     Done(Bytes),
     /// Upstream refused the request itself (same input, same answer):
@@ -31,25 +31,25 @@ pub enum Outcome {
 type Slot = Option<Outcome>;
 
 #[derive(Default)]
-pub struct Coalescer {
+pub(crate) struct Coalescer {
     inflight: Mutex<HashMap<CacheKey, watch::Receiver<Slot>>>,
 }
 
-pub enum Role {
+pub(crate) enum Role {
     Leader(LeaderGuard),
     Follower(watch::Receiver<Slot>),
 }
 
 /// Held by the leader; dropping it without [`LeaderGuard::finish`] tells the
 /// followers the leader failed.
-pub struct LeaderGuard {
+pub(crate) struct LeaderGuard {
     key: CacheKey,
     tx: watch::Sender<Slot>,
     owner: Arc<Coalescer>,
 }
 
 impl Coalescer {
-    pub fn join(self: &Arc<Self>, key: CacheKey) -> Role {
+    pub(crate) fn join(self: &Arc<Self>, key: CacheKey) -> Role {
         let mut map = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(rx) = map.get(&key) {
             return Role::Follower(rx.clone());
@@ -63,19 +63,21 @@ impl Coalescer {
         })
     }
 
-    /// Requests currently leading a call (for tests and debugging).
-    pub fn len(&self) -> usize {
+    /// Requests currently leading a call.
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
         self.inflight.lock().map(|m| m.len()).unwrap_or(0)
     }
 
-    pub fn is_empty(&self) -> bool {
+    #[cfg(test)]
+    pub(crate) fn is_empty(&self) -> bool {
         self.len() == 0
     }
 }
 
 impl LeaderGuard {
     /// Publishes the leader's result and leaves the table.
-    pub fn finish(self, outcome: Outcome) {
+    pub(crate) fn finish(self, outcome: Outcome) {
         let _ = self.tx.send(Some(outcome));
         // Drop removes the entry.
     }
@@ -104,7 +106,7 @@ impl Drop for LeaderGuard {
 }
 
 /// Waits for the leader's outcome.
-pub async fn wait(mut rx: watch::Receiver<Slot>) -> Outcome {
+pub(crate) async fn wait(mut rx: watch::Receiver<Slot>) -> Outcome {
     loop {
         if let Some(outcome) = rx.borrow_and_update().clone() {
             return outcome;
@@ -117,7 +119,6 @@ pub async fn wait(mut rx: watch::Receiver<Slot>) -> Outcome {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::panic)]
     use super::*;
 
     fn key(n: u8) -> CacheKey {

@@ -7,10 +7,10 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 /// A UTC calendar day.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct Day(i64);
+pub(crate) struct Day(i64);
 
 impl Day {
-    pub fn today() -> Day {
+    pub(crate) fn today() -> Day {
         let secs = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_secs() as i64)
@@ -18,15 +18,11 @@ impl Day {
         Day(secs.div_euclid(86_400))
     }
 
-    pub fn from_days(days: i64) -> Day {
-        Day(days)
-    }
-
-    pub fn days(self) -> i64 {
+    pub(crate) fn days(self) -> i64 {
         self.0
     }
 
-    pub fn ymd(self) -> (i64, u32, u32) {
+    pub(crate) fn ymd(self) -> (i64, u32, u32) {
         let z = self.0 + 719_468;
         let era = z.div_euclid(146_097);
         let doe = z.rem_euclid(146_097);
@@ -39,7 +35,7 @@ impl Day {
         (if m <= 2 { y + 1 } else { y }, m, d)
     }
 
-    pub fn from_ymd(y: i64, m: u32, d: u32) -> Option<Day> {
+    pub(crate) fn from_ymd(y: i64, m: u32, d: u32) -> Option<Day> {
         if !(1..=12).contains(&m) || d == 0 || d > days_in_month(y, m) {
             return None;
         }
@@ -53,7 +49,7 @@ impl Day {
     }
 
     /// Parses `YYYY-MM-DD`.
-    pub fn parse(s: &str) -> Option<Day> {
+    pub(crate) fn parse(s: &str) -> Option<Day> {
         let b = s.as_bytes();
         if b.len() != 10 || b[4] != b'-' || b[7] != b'-' {
             return None;
@@ -65,13 +61,13 @@ impl Day {
     }
 
     /// `YYYY-MM`, the key of a monthly quota period.
-    pub fn month_key(self) -> String {
+    pub(crate) fn month_key(self) -> String {
         let (y, m, _) = self.ymd();
         format!("{y:04}-{m:02}")
     }
 
     /// Seconds from now until this day ends (UTC), at least 1.
-    pub fn seconds_left(self) -> u64 {
+    pub(crate) fn seconds_left(self) -> u64 {
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_secs() as i64)
@@ -79,12 +75,12 @@ impl Day {
         ((self.0 + 1) * 86_400 - now).max(1) as u64
     }
 
-    pub fn next(self) -> Day {
+    pub(crate) fn next(self) -> Day {
         Day(self.0 + 1)
     }
 
     /// The first day of the next month.
-    pub fn next_month_start(self) -> Day {
+    pub(crate) fn next_month_start(self) -> Day {
         let (y, m, _) = self.ymd();
         let (y, m) = if m == 12 { (y + 1, 1) } else { (y, m + 1) };
         Day::from_ymd(y, m, 1).unwrap_or(Day(self.0 + 31))
@@ -109,7 +105,6 @@ impl fmt::Display for Day {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
     use super::*;
 
     #[test]

@@ -9,18 +9,21 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{HeaderValue, StatusCode};
+use http::{HeaderValue, Response, StatusCode};
+
+use crate::body::Body;
+use crate::response;
 
 /// Whose fault an error is; logged, and used to pick the log level.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Fault {
+pub(crate) enum Fault {
     Client,
     Gateway,
     Upstream,
 }
 
 #[derive(Debug, Clone)]
-pub enum GatewayError {
+pub(crate) enum GatewayError {
     /// Missing or unknown tenant key (or admin token).
     InvalidApiKey,
     /// The request body is malformed; the message names the field.
@@ -30,6 +33,8 @@ pub enum GatewayError {
     BodyTooLarge {
         limit: usize,
     },
+    /// The client did not send its body in time.
+    RequestTimeout,
     /// Unknown path: never forwarded.
     NotFound,
     MethodNotAllowed,
@@ -38,9 +43,7 @@ pub enum GatewayError {
         retry_after: Duration,
     },
     /// The tenant's unit quota for the period is spent.
-    QuotaExceeded {
-        remaining: u64,
-    },
+    QuotaExceeded,
     /// Too much work in flight; shed fast.
     Overloaded,
     /// The limits store is down and policy says deny.
@@ -90,16 +93,17 @@ const KNOWN_UPSTREAM_CODES: &[&str] = &[
 ];
 
 impl GatewayError {
-    pub fn status(&self) -> StatusCode {
+    pub(crate) fn status(&self) -> StatusCode {
         match self {
             GatewayError::InvalidApiKey => StatusCode::UNAUTHORIZED,
             GatewayError::InvalidParameter(_) | GatewayError::ModelNotFound(_) => {
                 StatusCode::BAD_REQUEST
             }
             GatewayError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            GatewayError::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             GatewayError::NotFound => StatusCode::NOT_FOUND,
             GatewayError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            GatewayError::RateLimited { .. } | GatewayError::QuotaExceeded { .. } => {
+            GatewayError::RateLimited { .. } | GatewayError::QuotaExceeded => {
                 StatusCode::TOO_MANY_REQUESTS
             }
             GatewayError::Overloaded | GatewayError::StoreUnavailable => {
@@ -113,7 +117,7 @@ impl GatewayError {
     }
 
     /// The DashScope `code` on the wire.
-    pub fn code(&self) -> &str {
+    pub(crate) fn code(&self) -> &str {
         match self {
             GatewayError::Upstream { code, .. } => code,
             other => other.own_code().unwrap_or("InternalError"),
@@ -121,7 +125,7 @@ impl GatewayError {
     }
 
     /// The `code` as a metric label: always from a closed set.
-    pub fn metric_code(&self) -> &'static str {
+    pub(crate) fn metric_code(&self) -> &'static str {
         match self {
             GatewayError::Upstream { code, .. } => KNOWN_UPSTREAM_CODES
                 .iter()
@@ -141,10 +145,11 @@ impl GatewayError {
                 "InvalidParameter"
             }
             GatewayError::BodyTooLarge { .. } => "BadRequest.TooLarge",
+            GatewayError::RequestTimeout => "RequestTimeOut",
             GatewayError::NotFound => "NotFound",
             GatewayError::MethodNotAllowed => "MethodNotAllowed",
             GatewayError::RateLimited { .. } => "Throttling.RateQuota",
-            GatewayError::QuotaExceeded { .. } => "Throttling.AllocationQuota",
+            GatewayError::QuotaExceeded => "Throttling.AllocationQuota",
             GatewayError::Overloaded | GatewayError::StoreUnavailable => "ServiceUnavailable",
             GatewayError::Upstream { .. } => return None,
             GatewayError::BadGateway(_) => "BadGateway",
@@ -155,7 +160,7 @@ impl GatewayError {
 
     /// The human message on the wire. Never contains secrets; internal
     /// details stay in the log.
-    pub fn message(&self) -> String {
+    pub(crate) fn message(&self) -> String {
         match self {
             GatewayError::InvalidApiKey => "Invalid API-key provided.".to_string(),
             GatewayError::InvalidParameter(m) => m.clone(),
@@ -165,6 +170,9 @@ impl GatewayError {
             GatewayError::BodyTooLarge { limit } => {
                 format!("Payload Too Large: the request body exceeds {limit} bytes.")
             }
+            GatewayError::RequestTimeout => {
+                "The request body was not received in time.".to_string()
+            }
             GatewayError::NotFound => "The requested resource does not exist.".to_string(),
             GatewayError::MethodNotAllowed => {
                 "The HTTP method is not allowed on this resource.".to_string()
@@ -172,7 +180,7 @@ impl GatewayError {
             GatewayError::RateLimited { .. } => {
                 "Requests rate limit exceeded, please try again later.".to_string()
             }
-            GatewayError::QuotaExceeded { .. } => {
+            GatewayError::QuotaExceeded => {
                 "Allocated quota exceeded, please increase your quota limit.".to_string()
             }
             GatewayError::Overloaded => {
@@ -195,16 +203,17 @@ impl GatewayError {
         }
     }
 
-    pub fn fault(&self) -> Fault {
+    pub(crate) fn fault(&self) -> Fault {
         match self {
             GatewayError::InvalidApiKey
             | GatewayError::InvalidParameter(_)
             | GatewayError::ModelNotFound(_)
             | GatewayError::BodyTooLarge { .. }
+            | GatewayError::RequestTimeout
             | GatewayError::NotFound
             | GatewayError::MethodNotAllowed
             | GatewayError::RateLimited { .. }
-            | GatewayError::QuotaExceeded { .. } => Fault::Client,
+            | GatewayError::QuotaExceeded => Fault::Client,
             GatewayError::Overloaded
             | GatewayError::StoreUnavailable
             | GatewayError::Internal(_) => Fault::Gateway,
@@ -216,7 +225,7 @@ impl GatewayError {
 
     /// `Some(false)` for refusals a retry cannot fix, which the 2.x SDK
     /// honours through `x-should-retry`; `None` lets the client decide.
-    pub fn should_retry(&self) -> Option<bool> {
+    pub(crate) fn should_retry(&self) -> Option<bool> {
         match self {
             GatewayError::InvalidApiKey
             | GatewayError::InvalidParameter(_)
@@ -224,8 +233,9 @@ impl GatewayError {
             | GatewayError::BodyTooLarge { .. }
             | GatewayError::NotFound
             | GatewayError::MethodNotAllowed
-            | GatewayError::QuotaExceeded { .. } => Some(false),
+            | GatewayError::QuotaExceeded => Some(false),
             GatewayError::RateLimited { .. }
+            | GatewayError::RequestTimeout
             | GatewayError::Overloaded
             | GatewayError::StoreUnavailable => Some(true),
             GatewayError::Upstream { .. }
@@ -236,7 +246,7 @@ impl GatewayError {
     }
 
     /// Seconds for `Retry-After`, where waiting helps.
-    pub fn retry_after(&self) -> Option<u64> {
+    pub(crate) fn retry_after(&self) -> Option<u64> {
         match self {
             GatewayError::RateLimited { retry_after } => {
                 Some(retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0))
@@ -247,9 +257,10 @@ impl GatewayError {
             | GatewayError::InvalidParameter(_)
             | GatewayError::ModelNotFound(_)
             | GatewayError::BodyTooLarge { .. }
+            | GatewayError::RequestTimeout
             | GatewayError::NotFound
             | GatewayError::MethodNotAllowed
-            | GatewayError::QuotaExceeded { .. }
+            | GatewayError::QuotaExceeded
             | GatewayError::Upstream { .. }
             | GatewayError::BadGateway(_)
             | GatewayError::GatewayTimeout
@@ -258,13 +269,17 @@ impl GatewayError {
     }
 
     /// The JSON body; `request_id` is upstream's for passed-through errors.
-    pub fn body(&self, request_id: &str) -> Bytes {
-        let rid = match self {
-            GatewayError::Upstream {
-                request_id: Some(r),
-                ..
-            } => r.as_str(),
-            _ => request_id,
+    pub(crate) fn body(&self, request_id: &str) -> Bytes {
+        // Upstream's errors keep upstream's id; every other error is the
+        // gateway's own answer to this request.
+        let rid = if let GatewayError::Upstream {
+            request_id: Some(r),
+            ..
+        } = self
+        {
+            r.as_str()
+        } else {
+            request_id
         };
         let v = serde_json::json!({
             "code": self.code(),
@@ -275,7 +290,7 @@ impl GatewayError {
     }
 
     /// Headers that go with this error beyond content type.
-    pub fn extra_headers(&self) -> Vec<(&'static str, HeaderValue)> {
+    pub(crate) fn extra_headers(&self) -> Vec<(&'static str, HeaderValue)> {
         let mut h = Vec::new();
         if let Some(s) = self.retry_after() {
             h.push(("retry-after", HeaderValue::from(s)));
@@ -289,25 +304,59 @@ impl GatewayError {
     }
 }
 
+/// The closed-set metric code of an error response, carried in the
+/// response's extensions for the access log and request metrics. A
+/// response without it that is not a success came from a generic layer.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ErrorCode(pub(crate) &'static str);
+
+impl GatewayError {
+    /// The one wire mapping: DashScope's `{code, message, request_id}` (or
+    /// one SSE `error` event), status, `Retry-After`, `x-should-retry` and
+    /// `x-request-id`. Logs the error once, at the level its fault calls for.
+    pub(crate) fn into_response(self, request_id: &str, sse: bool) -> Response<Body> {
+        let body = self.body(request_id);
+        let status = self.status();
+        let mut r = if sse {
+            response::sse_event(status, "error", &body)
+        } else {
+            response::json(status, body)
+        };
+        for (k, v) in self.extra_headers() {
+            r.headers_mut().insert(k, v);
+        }
+        if let Ok(v) = HeaderValue::from_str(request_id) {
+            r.headers_mut().insert("x-request-id", v);
+        }
+        match self.fault() {
+            Fault::Gateway => tracing::error!(request_id, error = %self, "gateway error"),
+            Fault::Upstream => tracing::warn!(request_id, error = %self, "upstream error"),
+            Fault::Client => {}
+        }
+        r.extensions_mut().insert(ErrorCode(self.metric_code()));
+        r
+    }
+}
+
 impl std::fmt::Display for GatewayError {
+    /// For logs: the wire code and message, plus the internal detail that
+    /// the wire never shows.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            GatewayError::BadGateway(detail) | GatewayError::Internal(detail) => {
-                write!(f, "{}: {detail}", self.code())
-            }
-            _ => write!(f, "{}: {}", self.code(), self.message()),
+        if let GatewayError::BadGateway(detail) | GatewayError::Internal(detail) = self {
+            write!(f, "{}: {detail}", self.code())
+        } else {
+            write!(f, "{}: {}", self.code(), self.message())
         }
     }
 }
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
     use super::*;
 
     #[test]
     fn wire_shape_and_headers() {
-        let e = GatewayError::QuotaExceeded { remaining: 0 };
+        let e = GatewayError::QuotaExceeded;
         let v: serde_json::Value = serde_json::from_slice(&e.body("rid-1")).unwrap();
         assert_eq!(v["code"], "Throttling.AllocationQuota");
         assert_eq!(v["request_id"], "rid-1");

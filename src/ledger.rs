@@ -18,43 +18,20 @@ use std::time::Duration;
 use tokio::sync::Notify;
 
 use crate::date::Day;
+use crate::metering::{CacheStatus, Usage};
 use crate::metrics::Metrics;
 use crate::redis_store::{tenant_tag, RedisStore, StoreError};
-use crate::request::{Counts, Modality};
+use crate::request::Modality;
 
-/// Cache status of an answer, as in the `cache` label and `X-Cache`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum CacheStatus {
-    Hit,
-    Miss,
-}
-
-impl CacheStatus {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            CacheStatus::Hit => "hit",
-            CacheStatus::Miss => "miss",
-        }
-    }
-
-    fn from_name(s: &str) -> Option<CacheStatus> {
-        match s {
-            "hit" => Some(CacheStatus::Hit),
-            "miss" => Some(CacheStatus::Miss),
-            _ => None,
-        }
-    }
-}
-
-/// One report row, as in SPEC §4.
+/// One report row, as `/admin/usage` answers it.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-pub struct Row {
-    pub tenant: String,
-    pub day: String,
-    pub modality: &'static str,
-    pub cache: &'static str,
-    pub items: u64,
-    pub units: u64,
+pub(crate) struct Row {
+    pub(crate) tenant: String,
+    pub(crate) day: String,
+    pub(crate) modality: &'static str,
+    pub(crate) cache: &'static str,
+    pub(crate) items: u64,
+    pub(crate) units: u64,
 }
 
 /// Field deltas for one (tenant, day) hash.
@@ -99,7 +76,7 @@ fn field(modality: Modality, cache: CacheStatus, what: &str) -> String {
     format!("{}|{}|{what}", modality.as_str(), cache.as_str())
 }
 
-pub struct Ledger {
+pub(crate) struct Ledger {
     redis: Option<Arc<RedisStore>>,
     /// Not yet handed to the writer.
     pending: Mutex<HashMap<(Arc<str>, Day), Fields>>,
@@ -118,7 +95,7 @@ pub struct Ledger {
 }
 
 impl Ledger {
-    pub fn new(redis: Option<Arc<RedisStore>>, metrics: Arc<Metrics>) -> Arc<Ledger> {
+    pub(crate) fn new(redis: Option<Arc<RedisStore>>, metrics: Arc<Metrics>) -> Arc<Ledger> {
         let ledger = Arc::new(Ledger {
             redis,
             pending: Mutex::new(HashMap::new()),
@@ -139,7 +116,7 @@ impl Ledger {
     }
 
     /// Records one successful answer.
-    pub fn record(&self, tenant: &Arc<str>, cache: CacheStatus, items: &Counts, units: &Counts) {
+    pub(crate) fn record(&self, tenant: &Arc<str>, cache: CacheStatus, usage: &Usage) {
         let day = Day::today();
         let target = if self.redis.is_some() {
             &self.pending
@@ -150,10 +127,11 @@ impl Ledger {
             let mut map = target.lock().unwrap_or_else(|p| p.into_inner());
             let fields = map.entry((tenant.clone(), day)).or_default();
             for m in Modality::ALL {
-                let n = items.get(m);
+                let n = usage.items.get(m);
                 if n > 0 {
                     *fields.entry(field(m, cache, "items")).or_default() += n as i64;
-                    *fields.entry(field(m, cache, "units")).or_default() += units.get(m) as i64;
+                    *fields.entry(field(m, cache, "units")).or_default() +=
+                        usage.units.get(m) as i64;
                 }
             }
             *fields
@@ -184,7 +162,7 @@ impl Ledger {
 
     /// Moves pending rows into batches and writes every batch not yet
     /// confirmed. Returns true when nothing is left unwritten.
-    pub async fn flush_once(&self) -> bool {
+    pub(crate) async fn flush_once(&self) -> bool {
         let Some(redis) = &self.redis else {
             return true;
         };
@@ -271,7 +249,7 @@ impl Ledger {
 
     /// Writes everything buffered, retrying until `deadline` passes. Used on
     /// shutdown. Returns true when nothing is left unwritten.
-    pub async fn flush(&self, deadline: Duration) -> bool {
+    pub(crate) async fn flush(&self, deadline: Duration) -> bool {
         if self.redis.is_none() {
             return true;
         }
@@ -288,7 +266,7 @@ impl Ledger {
     }
 
     /// Rows for `from..=to`, for all tenants (or one), sorted.
-    pub async fn report(
+    pub(crate) async fn report(
         &self,
         from: Day,
         to: Day,
@@ -395,7 +373,7 @@ fn rows_from_fields<'a>(
 }
 
 /// CSV with a header line; tenant names and days never need quoting.
-pub fn to_csv(rows: &[Row]) -> String {
+pub(crate) fn to_csv(rows: &[Row]) -> String {
     let mut s = String::from("tenant,day,modality,cache,items,units\n");
     for r in rows {
         s.push_str(&format!(
@@ -408,22 +386,24 @@ pub fn to_csv(rows: &[Row]) -> String {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
     use super::*;
 
     #[tokio::test]
     async fn memory_ledger_aggregates_rows() {
-        let l = Ledger::new(None, Arc::new(Metrics::new()));
+        let l = Ledger::new(None, Arc::new(Metrics::new().unwrap()));
         let t: Arc<str> = Arc::from("search");
-        let mut items = Counts::default();
+        let mut items = crate::request::Counts::default();
         items.set(Modality::Text, 2);
         items.set(Modality::Audio, 1);
-        let mut units = Counts::default();
-        units.set(Modality::Text, 2);
-        units.set(Modality::Audio, 2);
-        l.record(&t, CacheStatus::Miss, &items, &units);
-        l.record(&t, CacheStatus::Miss, &items, &units);
-        l.record(&t, CacheStatus::Hit, &items, &units);
+        let weights = crate::config::Weights {
+            text: 1,
+            image: 1,
+            audio: 2,
+        };
+        let usage = Usage::of(items, &weights);
+        l.record(&t, CacheStatus::Miss, &usage);
+        l.record(&t, CacheStatus::Miss, &usage);
+        l.record(&t, CacheStatus::Hit, &usage);
         let today = Day::today();
         let rows = l.report(today, today, None, &[]).await.unwrap();
         let day = today.to_string();

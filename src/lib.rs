@@ -3,49 +3,74 @@
 //!
 //! Modules, in the order a request meets them:
 //!
-//! - [`server`]: listeners, routes, graceful shutdown.
-//! - [`tenants`]: key digests to tenants (auth), swapped on reload.
-//! - [`limits`]: per-tenant rate limits and unit quotas (Redis or local).
-//! - [`request`]: the request body parsed into a type that cannot be invalid.
-//! - [`cache_key`]: the versioned, prefix-free cache key.
-//! - [`cache`]: memory and Redis caches of embeddings.
-//! - [`coalesce`]: identical misses in flight share one upstream call.
-//! - [`proxy`]: the embedding request path that ties these together.
-//! - [`upstream`]: the DashScope client, with retries.
-//! - [`metrics`], [`ledger`]: Prometheus counters and the durable usage ledger.
+//! - [`server`]: listeners, the open routes (health, readiness, metrics),
+//!   graceful shutdown.
+//! - [`stack`]: the API request path as one `tower` stack; its doc comment
+//!   lists every layer in order. Its generic layers come from `tower` and
+//!   `tower-http`; the gateway's own are:
+//!   - [`request_id`]: which `x-request-id` a request carries;
+//!   - [`access_log`]: the access log line and request metrics;
+//!   - [`rescue`]: the layers' errors as DashScope-shaped answers;
+//!   - [`auth`]: the tenant from the key digest ([`tenants`]);
+//!   - [`rate_limit`]: the tenant's request rate ([`limits`]).
+//! - [`embeddings`]: the embedding service, phase by phase:
+//!   - [`request`]: the body parsed into a type that cannot be invalid;
+//!   - [`cache_key`]: the versioned, prefix-free cache key;
+//!   - [`cache`]: memory and Redis caches of embeddings;
+//!   - [`coalesce`]: identical misses in flight share one upstream call;
+//!   - [`limits`]: the quota reservation;
+//!   - [`upstream`]: the DashScope client with retries, and the parsing of
+//!     its answers;
+//!   - [`metering`]: the [`Usage`](metering::Usage) of an answer, recorded
+//!     in [`metrics`] and the [`ledger`];
+//!   - [`response`]: answers rendered as JSON or SSE, with their headers.
+//! - [`uploads`]: the SDK's upload-policy call, passed through.
 //! - [`admin`]: usage reports.
 //!
 //! Support: [`config`] (TOML, validated), [`reload`] (SIGHUP, file watch),
 //! [`redis_store`] (the shared Redis connection), [`error`] (the one error
-//! type and its wire mapping), [`secret`], [`date`], [`app`] (shared state),
-//! and [`fake_dashscope`] (a test double of the upstream API).
+//! type and its wire mapping), [`body`] (the stack's body types),
+//! [`secret`], [`date`], [`app`] (shared state).
+//!
+//! The library's API is what the `embedgate` command needs: [`run`],
+//! [`Config`], [`Digest`] and [`usage_report`].
 
-pub mod admin;
-pub mod app;
-pub mod cache;
-pub mod cache_key;
-pub mod coalesce;
+mod access_log;
+mod admin;
+mod app;
+mod auth;
+mod body;
+mod cache;
+mod cache_key;
+mod coalesce;
 pub mod config;
-pub mod date;
-pub mod error;
-pub mod fake_dashscope;
-pub mod ledger;
-pub mod limits;
-pub mod metrics;
-pub mod proxy;
-pub mod redis_store;
-pub mod reload;
-pub mod request;
-pub mod secret;
-pub mod server;
-pub mod tenants;
-pub mod upstream;
+mod date;
+mod embeddings;
+mod error;
+mod ledger;
+mod limits;
+mod metering;
+mod metrics;
+mod rate_limit;
+mod redis_store;
+mod reload;
+mod request;
+mod request_id;
+mod rescue;
+mod response;
+mod secret;
+mod server;
+mod stack;
+mod tenants;
+mod uploads;
+mod upstream;
 
 use std::future::Future;
 use tokio::net::TcpListener;
 
-pub use app::App;
+pub use admin::usage_report;
 pub use config::Config;
+pub use secret::Digest;
 
 /// Runs the gateway on already-bound listeners until `shutdown` resolves.
 /// Tests bind `127.0.0.1:0` and pass the listener in.
@@ -55,7 +80,7 @@ pub async fn run(
     metrics_listener: Option<TcpListener>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), String> {
-    let app = App::new(config)?;
+    let app = app::App::new(config)?;
     let watcher = tokio::spawn(reload::watch(app.clone()));
     server::serve(app.clone(), listener, metrics_listener, shutdown).await;
     watcher.abort();

@@ -1,18 +1,13 @@
 //! The `embedgate` command: parse the CLI and config, bind, run.
 
 use std::io::{Read, Write};
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
-use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use tokio::net::TcpListener;
 
-use embedgate::config::Config;
-use embedgate::date::Day;
-use embedgate::secret::Digest;
+use embedgate::{Config, Digest};
 
 #[derive(Parser)]
 #[command(
@@ -54,18 +49,6 @@ enum Command {
         #[arg(long, default_value = "json")]
         format: String,
     },
-    /// Run a fake DashScope for tests, benchmarks and demos.
-    #[command(hide = true)]
-    FakeDashscope {
-        #[arg(long, default_value = "127.0.0.1:8090")]
-        listen: SocketAddr,
-        /// Accept only this upstream key (read from the named env variable).
-        #[arg(long)]
-        api_key_env: Option<String>,
-        /// Added latency per embedding call, ms.
-        #[arg(long, default_value_t = 0)]
-        latency_ms: u64,
-    },
 }
 
 fn main() -> ExitCode {
@@ -91,11 +74,6 @@ fn main() -> ExitCode {
             tenant,
             format,
         } => with_runtime(usage(cli.config, from, to, tenant, format)),
-        Command::FakeDashscope {
-            listen,
-            api_key_env,
-            latency_ms,
-        } => with_runtime(fake(listen, api_key_env, latency_ms)),
     }
 }
 
@@ -259,82 +237,14 @@ async fn usage(
         Ok(c) => c,
         Err(code) => return code,
     };
-    let mut query = format!("from={from}&to={to}&format={format}");
-    if let Some(t) = &tenant {
-        query.push_str(&format!("&tenant={t}"));
-    }
-    let q = match embedgate::admin::UsageQuery::parse(&query) {
-        Ok(q) => q,
-        Err(e) => {
-            eprintln!("embedgate usage: {}", e.message());
-            return ExitCode::from(2);
+    match embedgate::usage_report(&config, &from, &to, tenant.as_deref(), &format).await {
+        Ok(report) => {
+            print!("{report}");
+            ExitCode::SUCCESS
         }
-    };
-    let Some(url) = &config.cache.redis_url else {
-        eprintln!(
-            "embedgate usage: no cache.redis_url in the config; without Redis the ledger lives in the gateway process (GET /admin/usage)"
-        );
-        return ExitCode::from(2);
-    };
-    let metrics = Arc::new(embedgate::metrics::Metrics::new());
-    let redis = match embedgate::redis_store::RedisStore::start(
-        url,
-        config.cache.redis_cluster,
-        Duration::from_secs(2),
-        metrics.clone(),
-    ) {
-        Ok(r) => r,
         Err(e) => {
             eprintln!("embedgate usage: {e}");
-            return ExitCode::FAILURE;
+            ExitCode::from(2)
         }
-    };
-    if tokio::time::timeout(Duration::from_secs(5), redis.wait_up())
-        .await
-        .is_err()
-    {
-        eprintln!("embedgate usage: Redis is not reachable");
-        return ExitCode::FAILURE;
     }
-    let ledger = embedgate::ledger::Ledger::new(Some(redis), metrics);
-    let names: Vec<String> = config.tenants.iter().map(|t| t.name.clone()).collect();
-    let rows = match ledger
-        .report(q.from, q.to, q.tenant.as_deref(), &names)
-        .await
-    {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("embedgate usage: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    if q.csv {
-        print!("{}", embedgate::ledger::to_csv(&rows));
-    } else {
-        let v =
-            serde_json::json!({"from": q.from.to_string(), "to": q.to.to_string(), "rows": rows});
-        println!("{v}");
-    }
-    let _ = Day::today();
-    ExitCode::SUCCESS
-}
-
-async fn fake(listen: SocketAddr, api_key_env: Option<String>, latency_ms: u64) -> ExitCode {
-    let listener = match TcpListener::bind(listen).await {
-        Ok(l) => l,
-        Err(e) => {
-            eprintln!("fake-dashscope: {listen}: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    if let Ok(a) = listener.local_addr() {
-        println!("fake-dashscope listening on http://{a}");
-    }
-    let key = api_key_env.and_then(|v| std::env::var(v).ok());
-    let state = embedgate::fake_dashscope::start(listener, key);
-    state
-        .latency_ms
-        .store(latency_ms, std::sync::atomic::Ordering::SeqCst);
-    shutdown_signal().await;
-    ExitCode::SUCCESS
 }

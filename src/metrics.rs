@@ -1,5 +1,5 @@
 //! Prometheus metrics. The names and labels of the first five are a contract
-//! (SPEC §4); label values come from config (tenant names) or closed sets,
+//! (the README's metrics table); label values come from config (tenant names) or closed sets,
 //! never from request data.
 
 use prometheus::{
@@ -7,9 +7,12 @@ use prometheus::{
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
+use crate::metering::{CacheStatus, Usage};
+use crate::request::Modality;
+
 /// Label for requests that never got as far as a tenant; not a valid tenant
 /// name, so it cannot collide with one.
-pub const NO_TENANT: &str = "(none)";
+pub(crate) const NO_TENANT: &str = "(none)";
 
 /// Latency buckets from a memory hit (tens of µs) to a slow upstream (30 s).
 const LATENCY_BUCKETS: &[f64] = &[
@@ -17,151 +20,160 @@ const LATENCY_BUCKETS: &[f64] = &[
     5.0, 10.0, 30.0,
 ];
 
-pub struct Metrics {
+pub(crate) struct Metrics {
     registry: Registry,
     /// tenant, cache (hit/miss/none), code (`ok` or the error code).
-    pub requests: IntCounterVec,
+    pub(crate) requests: IntCounterVec,
     /// tenant, modality, cache.
-    pub usage_units: IntCounterVec,
+    pub(crate) usage_units: IntCounterVec,
     /// tenant, modality, cache.
-    pub items: IntCounterVec,
+    pub(crate) items: IntCounterVec,
     /// cache.
-    pub request_duration: HistogramVec,
-    pub upstream_duration: Histogram,
+    pub(crate) request_duration: HistogramVec,
+    pub(crate) upstream_duration: Histogram,
     /// status (HTTP status, or `connect_error` / `timeout`).
-    pub upstream_responses: IntCounterVec,
+    pub(crate) upstream_responses: IntCounterVec,
     /// op.
-    pub cache_errors: IntCounterVec,
-    pub coalesced: IntCounter,
+    pub(crate) cache_errors: IntCounterVec,
+    pub(crate) coalesced: IntCounter,
     /// tenant.
-    pub quota_remaining: IntGaugeVec,
+    pub(crate) quota_remaining: IntGaugeVec,
     /// tenant.
-    pub usage_mismatch: IntCounterVec,
-    pub ledger_buffered: IntGauge,
-    pub ledger_flush_errors: IntCounter,
-    pub in_flight: IntGauge,
-    pub redis_up: IntGauge,
-    pub config_reloads: IntCounterVec,
+    pub(crate) usage_mismatch: IntCounterVec,
+    pub(crate) ledger_buffered: IntGauge,
+    pub(crate) ledger_flush_errors: IntCounter,
+    pub(crate) in_flight: IntGauge,
+    pub(crate) redis_up: IntGauge,
+    pub(crate) config_reloads: IntCounterVec,
 }
 
-fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
-    let c = IntCounterVec::new(Opts::new(name, help), labels)
-        .unwrap_or_else(|e| unreachable_metric(name, e));
-    let _ = r.register(Box::new(c.clone()));
-    c
+/// Creates and registers a metric. Only invalid names or duplicate
+/// registrations fail; the names are constants, so a unit test covers it.
+fn register<M: prometheus::core::Collector + Clone + 'static>(
+    r: &Registry,
+    m: Result<M, prometheus::Error>,
+) -> Result<M, prometheus::Error> {
+    let m = m?;
+    r.register(Box::new(m.clone()))?;
+    Ok(m)
 }
 
-// Metric construction only fails on invalid names, which are constants here.
-#[allow(clippy::panic)]
-fn unreachable_metric(name: &str, e: prometheus::Error) -> ! {
-    panic!("metric {name} is invalid: {e}")
+fn counter_vec(
+    r: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+) -> Result<IntCounterVec, prometheus::Error> {
+    register(r, IntCounterVec::new(Opts::new(name, help), labels))
 }
 
 impl Metrics {
-    pub fn new() -> Metrics {
+    pub(crate) fn new() -> Result<Metrics, prometheus::Error> {
         let r = Registry::new();
         let requests = counter_vec(
             &r,
             "embedgate_requests_total",
             "Requests answered, by tenant, cache status and result code.",
             &["tenant", "cache", "code"],
-        );
+        )?;
         let usage_units = counter_vec(
             &r,
             "embedgate_usage_units_total",
             "DashScope usage units (measure x weight) of successful answers.",
             &["tenant", "modality", "cache"],
-        );
+        )?;
         let items = counter_vec(
             &r,
             "embedgate_items_total",
             "Content items (measure) of successful answers.",
             &["tenant", "modality", "cache"],
-        );
-        let request_duration = HistogramVec::new(
-            HistogramOpts::new(
-                "embedgate_request_duration_seconds",
-                "Whole-request latency as seen by the gateway.",
-            )
-            .buckets(LATENCY_BUCKETS.to_vec()),
-            &["cache"],
-        )
-        .unwrap_or_else(|e| unreachable_metric("embedgate_request_duration_seconds", e));
-        let _ = r.register(Box::new(request_duration.clone()));
-        let upstream_duration = Histogram::with_opts(
-            HistogramOpts::new(
-                "embedgate_upstream_duration_seconds",
-                "Latency of each upstream call attempt.",
-            )
-            .buckets(LATENCY_BUCKETS.to_vec()),
-        )
-        .unwrap_or_else(|e| unreachable_metric("embedgate_upstream_duration_seconds", e));
-        let _ = r.register(Box::new(upstream_duration.clone()));
+        )?;
+        let request_duration = register(
+            &r,
+            HistogramVec::new(
+                HistogramOpts::new(
+                    "embedgate_request_duration_seconds",
+                    "Whole-request latency as seen by the gateway.",
+                )
+                .buckets(LATENCY_BUCKETS.to_vec()),
+                &["cache"],
+            ),
+        )?;
+        let upstream_duration = register(
+            &r,
+            Histogram::with_opts(
+                HistogramOpts::new(
+                    "embedgate_upstream_duration_seconds",
+                    "Latency of each upstream call attempt.",
+                )
+                .buckets(LATENCY_BUCKETS.to_vec()),
+            ),
+        )?;
         let upstream_responses = counter_vec(
             &r,
             "embedgate_upstream_responses_total",
             "Upstream call attempts by HTTP status (or connect_error, timeout).",
             &["status"],
-        );
+        )?;
         let cache_errors = counter_vec(
             &r,
             "embedgate_cache_errors_total",
             "Redis calls that failed or were skipped because Redis is down, by operation.",
             &["op"],
-        );
-        let coalesced = IntCounter::new(
-            "embedgate_coalesced_requests_total",
-            "Requests answered by an identical request already in flight.",
-        )
-        .unwrap_or_else(|e| unreachable_metric("embedgate_coalesced_requests_total", e));
-        let _ = r.register(Box::new(coalesced.clone()));
-        let quota_remaining = IntGaugeVec::new(
-            Opts::new(
-                "embedgate_quota_remaining",
-                "Units left in the tenant's current quota period, as last seen.",
+        )?;
+        let coalesced = register(
+            &r,
+            IntCounter::new(
+                "embedgate_coalesced_requests_total",
+                "Requests answered by an identical request already in flight.",
             ),
-            &["tenant"],
-        )
-        .unwrap_or_else(|e| unreachable_metric("embedgate_quota_remaining", e));
-        let _ = r.register(Box::new(quota_remaining.clone()));
+        )?;
+        let quota_remaining = register(
+            &r,
+            IntGaugeVec::new(
+                Opts::new(
+                    "embedgate_quota_remaining",
+                    "Units left in the tenant's current quota period, as last seen.",
+                ),
+                &["tenant"],
+            ),
+        )?;
         let usage_mismatch = counter_vec(
             &r,
             "embedgate_usage_mismatch_total",
             "Misses whose upstream usage block disagreed with the gateway's computation.",
             &["tenant"],
-        );
-        let gauge = |name: &str, help: &str| {
-            let g = IntGauge::new(name, help).unwrap_or_else(|e| unreachable_metric(name, e));
-            let _ = r.register(Box::new(g.clone()));
-            g
-        };
+        )?;
+        let gauge = |name: &str, help: &str| register(&r, IntGauge::new(name, help));
         let ledger_buffered = gauge(
             "embedgate_ledger_buffered_entries",
             "Ledger rows waiting to be written to Redis.",
-        );
-        let in_flight = gauge("embedgate_in_flight_requests", "Requests being served.");
-        let redis_up = gauge("embedgate_redis_up", "1 when Redis answers, else 0.");
-        let ledger_flush_errors = IntCounter::new(
-            "embedgate_ledger_flush_errors_total",
-            "Failed attempts to write buffered ledger rows to Redis.",
-        )
-        .unwrap_or_else(|e| unreachable_metric("embedgate_ledger_flush_errors_total", e));
-        let _ = r.register(Box::new(ledger_flush_errors.clone()));
+        )?;
+        let in_flight = gauge("embedgate_in_flight_requests", "Requests being served.")?;
+        let redis_up = gauge("embedgate_redis_up", "1 when Redis answers, else 0.")?;
+        let ledger_flush_errors = register(
+            &r,
+            IntCounter::new(
+                "embedgate_ledger_flush_errors_total",
+                "Failed attempts to write buffered ledger rows to Redis.",
+            ),
+        )?;
         let config_reloads = counter_vec(
             &r,
             "embedgate_config_reloads_total",
             "Config reloads by result (ok, error).",
             &["result"],
-        );
-        let build = IntGaugeVec::new(
-            Opts::new("embedgate_build_info", "Build information; always 1."),
-            &["version"],
-        )
-        .unwrap_or_else(|e| unreachable_metric("embedgate_build_info", e));
+        )?;
+        let build = register(
+            &r,
+            IntGaugeVec::new(
+                Opts::new("embedgate_build_info", "Build information; always 1."),
+                &["version"],
+            ),
+        )?;
         build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
-        let _ = r.register(Box::new(build));
 
-        Metrics {
+        Ok(Metrics {
             registry: r,
             requests,
             usage_units,
@@ -178,19 +190,40 @@ impl Metrics {
             in_flight,
             redis_up,
             config_reloads,
+        })
+    }
+
+    /// The contract counters for one successful answer's usage.
+    pub(crate) fn record_usage(&self, tenant: &str, cache: CacheStatus, usage: &Usage) {
+        for m in Modality::ALL {
+            let n = usage.items.get(m);
+            if n == 0 {
+                continue;
+            }
+            let labels = [tenant, m.as_str(), cache.as_str()];
+            self.items.with_label_values(&labels).inc_by(n);
+            self.usage_units
+                .with_label_values(&labels)
+                .inc_by(usage.units.get(m));
         }
     }
 
     /// Prometheus text exposition.
-    pub fn render(&self) -> Vec<u8> {
+    pub(crate) fn render(&self) -> Vec<u8> {
         let mut buf = Vec::new();
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
         buf
     }
 }
 
-impl Default for Metrics {
-    fn default() -> Self {
-        Metrics::new()
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_metric_registers() {
+        let m = Metrics::new().unwrap();
+        let text = String::from_utf8(m.render()).unwrap();
+        assert!(text.contains("embedgate_build_info"));
     }
 }

@@ -29,7 +29,7 @@ const DOWN: u8 = 2;
 
 /// One connection handle, cheap to clone, multiplexed underneath.
 #[derive(Clone)]
-pub enum Conn {
+pub(crate) enum Conn {
     Single(ConnectionManager),
     Cluster(ClusterConnection),
 }
@@ -64,7 +64,7 @@ impl ConnectionLike for Conn {
 
 /// Why a Redis call did not give an answer.
 #[derive(Debug)]
-pub enum StoreError {
+pub(crate) enum StoreError {
     /// Known down (or not yet connected); the call was not attempted.
     Down,
     Timeout,
@@ -81,12 +81,12 @@ impl std::fmt::Display for StoreError {
     }
 }
 
-pub struct RedisStore {
+pub(crate) struct RedisStore {
     conn: OnceCell<Conn>,
     /// Last known health: [`UNKNOWN`] until the first call or probe answers.
     state: AtomicU8,
     /// Woken when Redis comes back, so buffered work is flushed at once.
-    pub came_up: Notify,
+    pub(crate) came_up: Notify,
     timeout: Duration,
     metrics: Arc<Metrics>,
 }
@@ -97,7 +97,7 @@ impl RedisStore {
     ///
     /// `url` is one `redis://` URL, or for a Cluster a comma-separated list of
     /// seed node URLs.
-    pub fn start(
+    pub(crate) fn start(
         url: &Secret,
         cluster: bool,
         timeout: Duration,
@@ -156,7 +156,7 @@ impl RedisStore {
     }
 
     /// True when the last call or probe got an answer.
-    pub fn is_up(&self) -> bool {
+    pub(crate) fn is_up(&self) -> bool {
         self.state.load(Ordering::Relaxed) == UP
     }
 
@@ -207,7 +207,7 @@ impl RedisStore {
     /// Runs one Redis call with the configured timeout. `op` names the call
     /// in `embedgate_cache_errors_total{op}`. `force` attempts the call even
     /// when Redis is believed down (background flushers use it).
-    pub async fn call<T, F, Fut>(
+    pub(crate) async fn call<T, F, Fut>(
         &self,
         op: &'static str,
         force: bool,
@@ -250,7 +250,7 @@ impl RedisStore {
     }
 
     /// Waits until Redis is believed up.
-    pub async fn wait_up(&self) {
+    pub(crate) async fn wait_up(&self) {
         loop {
             let notified = self.came_up.notified();
             if self.is_up() {
@@ -270,6 +270,6 @@ fn redact(s: &str) -> String {
 }
 
 /// The hash-tagged prefix of every key that belongs to `tenant`.
-pub fn tenant_tag(tenant: &str) -> String {
+pub(crate) fn tenant_tag(tenant: &str) -> String {
     format!("{{eg:{tenant}}}")
 }

@@ -14,7 +14,7 @@ use crate::config::Config;
 const WATCH_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Re-reads the config file now. Returns whether the new config was applied.
-pub fn reload(app: &App) -> bool {
+pub(crate) fn reload(app: &App) -> bool {
     let Some(path) = app.config.source.clone() else {
         tracing::warn!("reload requested, but the config did not come from a file");
         return false;
@@ -53,7 +53,7 @@ pub fn reload(app: &App) -> bool {
 }
 
 /// Reloads on SIGHUP and, with `server.watch_config`, when the file changes.
-pub async fn watch(app: Arc<App>) {
+pub(crate) async fn watch(app: Arc<App>) {
     let Some(path) = app.config.source.clone() else {
         return;
     };

@@ -11,16 +11,16 @@ use crate::config::Weights;
 use crate::error::GatewayError;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Modality {
+pub(crate) enum Modality {
     Text,
     Image,
     Audio,
 }
 
 impl Modality {
-    pub const ALL: [Modality; 3] = [Modality::Text, Modality::Image, Modality::Audio];
+    pub(crate) const ALL: [Modality; 3] = [Modality::Text, Modality::Image, Modality::Audio];
 
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Modality::Text => "text",
             Modality::Image => "image",
@@ -28,7 +28,7 @@ impl Modality {
         }
     }
 
-    pub fn from_name(s: &str) -> Option<Modality> {
+    pub(crate) fn from_name(s: &str) -> Option<Modality> {
         match s {
             "text" => Some(Modality::Text),
             "image" => Some(Modality::Image),
@@ -37,7 +37,7 @@ impl Modality {
         }
     }
 
-    pub fn weight(self, w: &Weights) -> u64 {
+    pub(crate) fn weight(self, w: &Weights) -> u64 {
         match self {
             Modality::Text => w.text,
             Modality::Image => w.image,
@@ -56,86 +56,61 @@ impl Modality {
 
 /// One content item: exactly one modality, its content, its weight factor.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Item {
-    pub modality: Modality,
-    pub content: String,
+pub(crate) struct Item {
+    pub(crate) modality: Modality,
+    pub(crate) content: String,
     /// Normalised: `1`, `1.0` and `"1"` are all `1.0`; finite and > 0.
-    pub factor: f64,
+    pub(crate) factor: f64,
 }
 
 /// Items per modality.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Counts([u64; 3]);
+pub(crate) struct Counts([u64; 3]);
 
 impl Counts {
-    pub fn get(&self, m: Modality) -> u64 {
+    pub(crate) fn get(&self, m: Modality) -> u64 {
         self.0[m.index()]
     }
 
-    pub fn set(&mut self, m: Modality, n: u64) {
+    pub(crate) fn set(&mut self, m: Modality, n: u64) {
         self.0[m.index()] = n;
     }
 
-    pub fn add(&mut self, m: Modality, n: u64) {
+    pub(crate) fn add(&mut self, m: Modality, n: u64) {
         self.0[m.index()] += n;
     }
 
-    /// Σ measure·weight, DashScope's `total_usage`.
-    pub fn units(&self, w: &Weights) -> u64 {
-        Modality::ALL
-            .iter()
-            .map(|&m| self.get(m) * m.weight(w))
-            .sum()
-    }
-
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.0.iter().all(|&n| n == 0)
     }
 
     /// The sum over modalities (for a per-modality units vector: total units).
-    pub fn total(&self) -> u64 {
+    pub(crate) fn total(&self) -> u64 {
         self.0.iter().sum()
-    }
-
-    /// The `usage` block DashScope answers with, listing present modalities only.
-    pub fn usage_json(&self, w: &Weights) -> String {
-        let mut s = String::from("{");
-        for m in Modality::ALL {
-            let n = self.get(m);
-            if n > 0 {
-                s.push_str(&format!(
-                    "\"{}\":{{\"measure\":{n},\"weight\":{}}},",
-                    m.as_str(),
-                    m.weight(w)
-                ));
-            }
-        }
-        s.push_str(&format!("\"total_usage\":{}}}", self.units(w)));
-        s
     }
 }
 
 /// A parsed `multimodal-embedding` request.
 #[derive(Debug, Clone, PartialEq)]
-pub struct EmbeddingRequest {
-    pub model: String,
-    pub items: Vec<Item>,
+pub(crate) struct EmbeddingRequest {
+    pub(crate) model: String,
+    pub(crate) items: Vec<Item>,
     /// All of `parameters` as sent (the SDK copies extra keywords here),
     /// `auto_truncation` included.
-    pub parameters: Map<String, Value>,
-    pub auto_truncation: bool,
+    pub(crate) parameters: Map<String, Value>,
+    pub(crate) auto_truncation: bool,
     /// Top-level fields other than model/input/parameters; forwarded, so
     /// they are part of the cache key.
-    pub extra: Map<String, Value>,
+    pub(crate) extra: Map<String, Value>,
     /// Fields of `input` other than `contents`; forwarded and keyed likewise.
-    pub input_extra: Map<String, Value>,
+    pub(crate) input_extra: Map<String, Value>,
 }
 
 /// What the parser needs from config.
 #[derive(Debug, Clone)]
-pub struct ParseRules<'a> {
-    pub models: &'a [String],
-    pub max_text_chars: usize,
+pub(crate) struct ParseRules<'a> {
+    pub(crate) models: &'a [String],
+    pub(crate) max_text_chars: usize,
 }
 
 fn bad(msg: impl Into<String>) -> GatewayError {
@@ -154,7 +129,10 @@ fn type_name(v: &Value) -> &'static str {
 }
 
 impl EmbeddingRequest {
-    pub fn parse(body: &[u8], rules: &ParseRules<'_>) -> Result<EmbeddingRequest, GatewayError> {
+    pub(crate) fn parse(
+        body: &[u8],
+        rules: &ParseRules<'_>,
+    ) -> Result<EmbeddingRequest, GatewayError> {
         let root: Value = serde_json::from_slice(body)
             .map_err(|e| bad(format!("request body is not valid JSON: {e}")))?;
         let Value::Object(mut root) = root else {
@@ -239,7 +217,7 @@ impl EmbeddingRequest {
         })
     }
 
-    pub fn counts(&self) -> Counts {
+    pub(crate) fn counts(&self) -> Counts {
         let mut c = Counts::default();
         for item in &self.items {
             c.add(item.modality, 1);
@@ -249,7 +227,7 @@ impl EmbeddingRequest {
 
     /// The vector length a valid answer has: `parameters.dimension` when the
     /// caller asked for one, else the configured default.
-    pub fn expected_dimension(&self, default: usize) -> usize {
+    pub(crate) fn expected_dimension(&self, default: usize) -> usize {
         self.parameters
             .get("dimension")
             .and_then(Value::as_u64)
@@ -261,7 +239,7 @@ impl EmbeddingRequest {
     /// The body sent upstream: the parsed request written back, with each
     /// factor as the number it was normalised to, so upstream sees exactly
     /// what the cache key describes.
-    pub fn upstream_body(&self) -> Bytes {
+    pub(crate) fn upstream_body(&self) -> Bytes {
         let contents: Vec<Value> = self
             .items
             .iter()
@@ -392,7 +370,6 @@ fn parse_factor(at: &str, v: &Value) -> Result<f64, GatewayError> {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used, clippy::panic)]
     use super::*;
 
     fn rules() -> (Vec<String>, usize) {
@@ -428,14 +405,14 @@ mod tests {
         assert_eq!(r.items.len(), 3);
         assert_eq!(r.items[2].factor, 3.0);
         assert!(r.auto_truncation);
-        let c = r.counts();
         let w = Weights {
             text: 1,
             image: 1,
             audio: 2,
         };
-        assert_eq!(c.units(&w), 4);
-        let usage: Value = serde_json::from_str(&c.usage_json(&w)).unwrap();
+        let usage = crate::metering::Usage::of(r.counts(), &w);
+        assert_eq!(usage.total(), 4);
+        let usage: Value = serde_json::from_str(&usage.json()).unwrap();
         assert_eq!(usage["audio"]["weight"], 2);
         assert_eq!(usage["total_usage"], 4);
     }

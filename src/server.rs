@@ -1,4 +1,5 @@
-//! Listeners, routing and graceful shutdown.
+//! Listeners, the open routes, and graceful shutdown. Every other request
+//! goes through the API stack ([`crate::stack`]).
 //!
 //! Routes (everything else is a DashScope-style 404 and never forwarded):
 //!
@@ -17,22 +18,21 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
-use http::header::{HeaderValue, CONTENT_TYPE};
 use http::{Method, Request, Response, StatusCode};
-use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
+use tower::ServiceExt;
 
 use crate::app::App;
+use crate::body::Body;
 use crate::error::GatewayError;
-use crate::metrics::NO_TENANT;
-use crate::proxy::{self, error_response, new_request_id, Body};
-use crate::upstream::{EMBEDDING_PATH, UPLOADS_PATH};
+use crate::request_id;
+use crate::response;
+use crate::stack::{self, Api};
 
 /// A client must send its request head within this (slowloris guard).
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
@@ -51,7 +51,7 @@ enum Listener {
 /// Serves until `shutdown` resolves, then stops accepting, lets requests in
 /// flight finish (up to `server.shutdown_grace`), flushes the ledger and
 /// returns.
-pub async fn serve(
+pub(crate) async fn serve(
     app: Arc<App>,
     listener: TcpListener,
     metrics_listener: Option<TcpListener>,
@@ -64,9 +64,11 @@ pub async fn serve(
     let main_kind = Listener::Main {
         metrics: metrics_listener.is_none(),
     };
+    let api: Api<Incoming> = stack::api(&app);
     let mut loops = Vec::new();
     loops.push(tokio::spawn(accept_loop(
         app.clone(),
+        api.clone(),
         listener,
         main_kind,
         draining.clone(),
@@ -76,6 +78,7 @@ pub async fn serve(
     if let Some(ml) = metrics_listener {
         loops.push(tokio::spawn(accept_loop(
             app.clone(),
+            api.clone(),
             ml,
             Listener::Metrics,
             draining.clone(),
@@ -100,9 +103,9 @@ pub async fn serve(
         }
         Err(_) => tracing::error!("connections still referenced after the accept loops ended"),
     }
-    // Upstream calls whose clients hung up still hold permits: wait for them.
+    // Upstream calls whose clients hung up still hold slots: wait for them.
     let max = app.config.server.max_in_flight as u32;
-    let _ = tokio::time::timeout(grace, app.in_flight.acquire_many(max)).await;
+    let _ = tokio::time::timeout(grace, app.upstream_slots.acquire_many(max)).await;
     if app.ledger.flush(LEDGER_FLUSH_ON_SHUTDOWN).await {
         tracing::info!("ledger flushed");
     } else {
@@ -112,6 +115,7 @@ pub async fn serve(
 
 async fn accept_loop(
     app: Arc<App>,
+    api: Api<Incoming>,
     listener: TcpListener,
     kind: Listener,
     draining: Arc<AtomicBool>,
@@ -141,11 +145,13 @@ async fn accept_loop(
         };
         let _ = stream.set_nodelay(true);
         let app = app.clone();
+        let api = api.clone();
         let draining = draining.clone();
         let svc = service_fn(move |req| {
             let app = app.clone();
+            let api = api.clone();
             let draining = draining.clone();
-            async move { Ok::<_, Infallible>(route(app, req, kind, &draining).await) }
+            async move { Ok::<_, Infallible>(route(&app, api, req, kind, &draining).await) }
         });
         let builder = builder.clone();
         let watcher = graceful.watcher();
@@ -156,54 +162,34 @@ async fn accept_loop(
     }
 }
 
+/// The open routes here; the API through its stack.
 async fn route(
-    app: Arc<App>,
+    app: &App,
+    api: Api<Incoming>,
     req: Request<Incoming>,
     kind: Listener,
     draining: &AtomicBool,
 ) -> Response<Body> {
-    let path = req.uri().path();
-    let method = req.method();
-    match (kind, method, path) {
-        (_, &Method::GET | &Method::HEAD, "/healthz") => json(StatusCode::OK, r#"{"status":"ok"}"#),
-        (_, &Method::GET | &Method::HEAD, "/readyz") => readyz(&app, draining),
+    match (kind, req.method(), req.uri().path()) {
+        (_, &Method::GET | &Method::HEAD, "/healthz") => {
+            response::json(StatusCode::OK, r#"{"status":"ok"}"#)
+        }
+        (_, &Method::GET | &Method::HEAD, "/readyz") => readyz(app, draining),
         (Listener::Main { metrics: true } | Listener::Metrics, &Method::GET, "/metrics") => {
-            let mut r = Response::new(Full::new(Bytes::from(app.metrics.render())));
-            r.headers_mut().insert(
-                CONTENT_TYPE,
-                HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
-            );
-            r
+            response::with_body(
+                StatusCode::OK,
+                "text/plain; version=0.0.4; charset=utf-8",
+                app.metrics.render(),
+            )
         }
-        (Listener::Main { .. }, &Method::POST, EMBEDDING_PATH) => {
-            proxy::embeddings(&app, req).await
+        (Listener::Main { .. }, _, _) => match api.oneshot(req).await {
+            Ok(r) => r,
+            Err(never) => match never {},
+        },
+        (Listener::Metrics, _, _) => {
+            GatewayError::NotFound.into_response(&request_id::new(), false)
         }
-        (Listener::Main { .. }, &Method::GET, UPLOADS_PATH) => proxy::uploads(&app, req).await,
-        (Listener::Main { .. }, _, EMBEDDING_PATH | UPLOADS_PATH) => {
-            refuse(&app, GatewayError::MethodNotAllowed)
-        }
-        (Listener::Main { .. }, _, p) if p.starts_with("/admin/") => {
-            crate::admin::handle(&app, req).await
-        }
-        _ => refuse(&app, GatewayError::NotFound),
     }
-}
-
-/// A refusal made before any tenant is known.
-fn refuse(app: &App, e: GatewayError) -> Response<Body> {
-    app.metrics
-        .requests
-        .with_label_values(&[NO_TENANT, "none", e.metric_code()])
-        .inc();
-    error_response(&e, &new_request_id(), false)
-}
-
-fn json(status: StatusCode, body: &'static str) -> Response<Body> {
-    let mut r = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
-    *r.status_mut() = status;
-    r.headers_mut()
-        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    r
 }
 
 fn readyz(app: &App, draining: &AtomicBool) -> Response<Body> {
@@ -222,15 +208,12 @@ fn readyz(app: &App, draining: &AtomicBool) -> Response<Body> {
         "upstream_key": if app.config.upstream.api_key.is_some() { "set" } else { "missing" },
         "ledger_buffered": app.metrics.ledger_buffered.get(),
     });
-    let mut r = Response::new(Full::new(Bytes::from(v.to_string())));
     // A draining replica leaves the load balancer; a Redis outage does not
-    // (requests are still served, see SPEC §5).
-    *r.status_mut() = if draining {
+    // (requests are still served).
+    let status = if draining {
         StatusCode::SERVICE_UNAVAILABLE
     } else {
         StatusCode::OK
     };
-    r.headers_mut()
-        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    r
+    response::json(status, v.to_string())
 }

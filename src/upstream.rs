@@ -13,9 +13,16 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use rand::Rng;
 
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+use crate::cache::valid_embedding;
 use crate::config::UpstreamConfig;
 use crate::error::GatewayError;
+use crate::metering::Usage;
 use crate::metrics::Metrics;
+use crate::request::{Counts, Modality};
+use crate::request_id;
 use crate::secret::Secret;
 use std::sync::Arc;
 
@@ -27,10 +34,10 @@ const MAX_BACKOFF: Duration = Duration::from_secs(8);
 const POOL_IDLE: Duration = Duration::from_secs(60);
 
 /// The embedding endpoint, as the SDK builds it.
-pub const EMBEDDING_PATH: &str =
+pub(crate) const EMBEDDING_PATH: &str =
     "/api/v1/services/embeddings/multimodal-embedding/multimodal-embedding";
 /// The SDK's upload-certificate endpoint.
-pub const UPLOADS_PATH: &str = "/api/v1/uploads";
+pub(crate) const UPLOADS_PATH: &str = "/api/v1/uploads";
 
 /// Client headers that reach upstream. Everything else (the tenant's
 /// `Authorization`, cookies, hop-by-hop headers, `X-DashScope-SSE`, which
@@ -45,13 +52,13 @@ fn forwardable(name: &HeaderName) -> bool {
     }
 }
 
-pub struct UpstreamResponse {
-    pub status: StatusCode,
-    pub headers: HeaderMap,
-    pub body: Bytes,
+pub(crate) struct UpstreamResponse {
+    pub(crate) status: StatusCode,
+    pub(crate) headers: HeaderMap,
+    pub(crate) body: Bytes,
 }
 
-pub struct Upstream {
+pub(crate) struct Upstream {
     client: Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>,
     base: Uri,
     host: HeaderValue,
@@ -63,7 +70,7 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    pub fn new(cfg: &UpstreamConfig, metrics: Arc<Metrics>) -> Result<Upstream, String> {
+    pub(crate) fn new(cfg: &UpstreamConfig, metrics: Arc<Metrics>) -> Result<Upstream, String> {
         let mut http = HttpConnector::new();
         http.enforce_http(false);
         http.set_nodelay(true);
@@ -100,7 +107,7 @@ impl Upstream {
     /// Sends one logical request, retrying 429/5xx/connect errors with
     /// backoff while the deadline allows. Returns upstream's last answer,
     /// whatever its status; only transport failures are errors.
-    pub async fn send(
+    pub(crate) async fn send(
         &self,
         method: Method,
         path_and_query: &str,
@@ -276,24 +283,26 @@ impl std::fmt::Display for AttemptError {
     }
 }
 
-/// Upstream's `retry-after-ms` / `retry-after` (seconds), capped.
+/// Upstream's `retry-after-ms` / `retry-after` (seconds), capped. A value
+/// that is not a finite number (`NaN`, `inf`, garbage) is ignored.
 fn retry_after(h: &HeaderMap) -> Option<Duration> {
-    if let Some(ms) = h
-        .get("retry-after-ms")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|s| s.trim().parse::<f64>().ok())
-    {
-        return Some(Duration::from_secs_f64((ms / 1000.0).clamp(0.0, 8.0)));
-    }
-    h.get(http::header::RETRY_AFTER)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|s| s.trim().parse::<f64>().ok())
-        .map(|s| Duration::from_secs_f64(s.clamp(0.0, 8.0)))
+    let number = |name: &str| {
+        h.get(name)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|s| s.trim().parse::<f64>().ok())
+            .filter(|n| n.is_finite())
+    };
+    let secs = number("retry-after-ms")
+        .map(|ms| ms / 1000.0)
+        .or_else(|| number("retry-after"))?;
+    Some(Duration::from_secs_f64(
+        secs.clamp(0.0, MAX_BACKOFF.as_secs_f64()),
+    ))
 }
 
 /// Turns a non-200 upstream answer into the error the client sees:
 /// upstream's own status, code and message when it gave them.
-pub fn upstream_error(resp: &UpstreamResponse) -> GatewayError {
+pub(crate) fn upstream_error(resp: &UpstreamResponse) -> GatewayError {
     #[derive(serde::Deserialize)]
     struct ErrBody {
         code: Option<String>,
@@ -343,9 +352,124 @@ fn default_code(status: StatusCode) -> &'static str {
     }
 }
 
+pub(crate) struct Success {
+    /// Upstream's body, passed to the client as is.
+    pub(crate) body: Bytes,
+    /// `output.embedding` as upstream wrote it.
+    pub(crate) embedding: Bytes,
+    pub(crate) request_id: String,
+    /// Upstream's `usage` block, when it had a readable one.
+    pub(crate) usage: Option<Usage>,
+}
+
+/// Accepts only a real success: no `code`, a numeric `output.embedding` of
+/// the expected length.
+pub(crate) fn parse_success(body: Bytes, dimension: usize) -> Result<Success, GatewayError> {
+    #[derive(Deserialize)]
+    struct Up<'a> {
+        #[serde(borrow)]
+        output: Option<UpOutput<'a>>,
+        usage: Option<serde_json::Value>,
+        request_id: Option<String>,
+        code: Option<serde_json::Value>,
+        message: Option<String>,
+    }
+    #[derive(Deserialize)]
+    struct UpOutput<'a> {
+        #[serde(borrow)]
+        embedding: Option<&'a RawValue>,
+    }
+    let up: Up<'_> = serde_json::from_slice(&body)
+        .map_err(|e| GatewayError::BadGateway(format!("upstream 200 is not JSON: {e}")))?;
+    let code = match &up.code {
+        Some(serde_json::Value::String(c)) if !c.is_empty() => Some(c.clone()),
+        Some(serde_json::Value::Null) | None => None,
+        Some(serde_json::Value::String(_)) => None,
+        Some(other) => Some(other.to_string()),
+    };
+    if let Some(code) = code {
+        return Err(GatewayError::Upstream {
+            status: StatusCode::BAD_GATEWAY,
+            code,
+            message: up.message.unwrap_or_default(),
+            request_id: up.request_id,
+        });
+    }
+    let Some(raw) = up.output.and_then(|o| o.embedding) else {
+        return Err(GatewayError::BadGateway(
+            "upstream 200 without output.embedding".into(),
+        ));
+    };
+    if !valid_embedding(raw.get().as_bytes(), dimension) {
+        return Err(GatewayError::BadGateway(format!(
+            "upstream 200 whose output.embedding is not {dimension} numbers"
+        )));
+    }
+    let embedding = Bytes::copy_from_slice(raw.get().as_bytes());
+    let usage = up.usage.as_ref().and_then(parse_usage);
+    let request_id = up.request_id.unwrap_or_else(request_id::new);
+    Ok(Success {
+        body,
+        embedding,
+        request_id,
+        usage,
+    })
+}
+
+/// Upstream's `usage`: `{"text":{"measure":1,"weight":1},…}`.
+fn parse_usage(v: &serde_json::Value) -> Option<Usage> {
+    let obj = v.as_object()?;
+    let mut items = Counts::default();
+    let mut units = Counts::default();
+    for m in Modality::ALL {
+        if let Some(entry) = obj.get(m.as_str()) {
+            let measure = entry.get("measure")?.as_u64()?;
+            let weight = entry.get("weight")?.as_u64()?;
+            items.set(m, measure);
+            units.set(m, measure * weight);
+        }
+    }
+    (!items.is_empty()).then_some(Usage { items, units })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn success_requires_a_real_embedding() {
+        let ok = Bytes::from_static(
+            br#"{"output":{"embedding":[0.5,1,2]},"usage":{"text":{"measure":1,"weight":1},"audio":{"measure":2,"weight":2},"total_usage":5},"request_id":"r1"}"#,
+        );
+        let s = parse_success(ok, 3).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(&s.embedding[..], b"[0.5,1,2]");
+        assert_eq!(s.request_id, "r1");
+        let usage = s.usage.unwrap();
+        assert_eq!(usage.items.get(Modality::Audio), 2);
+        assert_eq!(usage.units.get(Modality::Audio), 4);
+
+        let coded = Bytes::from_static(
+            br#"{"code":"InvalidParameter","message":"bad","request_id":"r2","output":{"embedding":[1,2,3]}}"#,
+        );
+        assert!(
+            matches!(parse_success(coded, 3), Err(GatewayError::Upstream { code, .. }) if code == "InvalidParameter")
+        );
+        let short = Bytes::from_static(br#"{"output":{"embedding":[1,2]}}"#);
+        assert!(matches!(
+            parse_success(short, 3),
+            Err(GatewayError::BadGateway(_))
+        ));
+        let strings = Bytes::from_static(br#"{"output":{"embedding":["1","2","3"]}}"#);
+        assert!(matches!(
+            parse_success(strings, 3),
+            Err(GatewayError::BadGateway(_))
+        ));
+        let none = Bytes::from_static(br#"{"output":{}}"#);
+        assert!(matches!(
+            parse_success(none, 3),
+            Err(GatewayError::BadGateway(_))
+        ));
+    }
 
     #[test]
     fn forwards_only_dashscope_and_sdk_headers() {
@@ -394,5 +518,10 @@ mod tests {
         assert_eq!(retry_after(&h), Some(Duration::from_secs(8)));
         h.insert("retry-after-ms", HeaderValue::from_static("250"));
         assert_eq!(retry_after(&h), Some(Duration::from_millis(250)));
+        for junk in ["NaN", "inf", "-inf", "1e999", "soon"] {
+            let mut h = HeaderMap::new();
+            h.insert("retry-after", HeaderValue::from_static(junk));
+            assert_eq!(retry_after(&h), None, "{junk}");
+        }
     }
 }

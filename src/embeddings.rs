@@ -1,0 +1,399 @@
+//! The embedding service: what happens to an authenticated, admitted
+//! request on `POST …/multimodal-embedding`, in the order it happens:
+//!
+//! 1. **body and parse**: read under the stack's size limit (413) and read
+//!    timeout (408), parsed into a typed request (400 naming the field);
+//! 2. **cache key and lookup**: a hit is answered here, with the gateway's
+//!    own [`Usage`];
+//! 3. **coalescing**: an identical miss in flight answers followers;
+//! 4. **quota**: the request's units reserved before upstream (429);
+//! 5. **upstream**: with retries; only a real success is accepted;
+//! 6. **metering**: upstream's usage is the record, into the metrics and
+//!    the ledger.
+//!
+//! 4–6 run in their own task: a client that hangs up does not cancel a
+//! call the company pays for, so it is still cached and metered.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http::header::HeaderMap;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::BodyExt;
+use tokio::sync::OwnedSemaphorePermit;
+use tower::Service;
+
+use crate::app::App;
+use crate::auth::{tenant_of, BoxFuture};
+use crate::body::{Body, ReqBody};
+use crate::cache::Lookup;
+use crate::cache_key::{cache_key, CacheKey, KeyScope};
+use crate::coalesce::{self, Outcome, Role};
+use crate::config::CacheScope;
+use crate::error::{Fault, GatewayError};
+use crate::metering::{self, CacheStatus, Usage};
+use crate::request::{EmbeddingRequest, ParseRules};
+use crate::request_id;
+use crate::response::{self, Framing};
+use crate::tenants::Tenant;
+use crate::upstream::{parse_success, upstream_error, Success, EMBEDDING_PATH};
+
+/// How many times a follower whose leader failed tries again before it
+/// calls upstream on its own.
+const MAX_FOLLOW_ATTEMPTS: usize = 3;
+
+/// The embedding endpoint as a tower service (the innermost of its route).
+#[derive(Clone)]
+pub(crate) struct Embeddings {
+    app: Arc<App>,
+}
+
+impl Embeddings {
+    pub(crate) fn new(app: Arc<App>) -> Embeddings {
+        Embeddings { app }
+    }
+}
+
+impl Service<Request<ReqBody>> for Embeddings {
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = BoxFuture;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<ReqBody>) -> BoxFuture {
+        Box::pin(serve(self.app.clone(), req))
+    }
+}
+
+/// What the request path learned, for the response headers.
+#[derive(Default)]
+struct Seen {
+    cache: Option<CacheStatus>,
+    quota_remaining: Option<u64>,
+}
+
+/// A successful answer's body and id.
+struct Answer {
+    body: Bytes,
+    request_id: String,
+}
+
+async fn serve(app: Arc<App>, req: Request<ReqBody>) -> Result<Response<Body>, Infallible> {
+    let request_id = request_id::of(&req);
+    let sse = Framing::SseIfAsked.sse(req.headers());
+    let mut seen = Seen::default();
+    let result = match tenant_of(&req) {
+        Ok(tenant) => {
+            seen.quota_remaining = tenant.quota.map(|q| app.limits.remaining(&tenant.name, q));
+            answer(&app, tenant, req, &request_id, &mut seen).await
+        }
+        Err(e) => Err(e),
+    };
+    let mut r = match result {
+        Ok(a) => response::success(a.body, &a.request_id, sse),
+        Err(e) => e.into_response(&request_id, sse),
+    };
+    if let Some(c) = seen.cache {
+        response::set_cache_header(r.headers_mut(), c);
+        r.extensions_mut().insert(c);
+    }
+    if let Some(q) = seen.quota_remaining {
+        response::set_quota_header(r.headers_mut(), q);
+    }
+    Ok(r)
+}
+
+struct CacheControl {
+    no_cache: bool,
+    no_store: bool,
+}
+
+fn cache_control(h: &HeaderMap) -> CacheControl {
+    let mut cc = CacheControl {
+        no_cache: false,
+        no_store: false,
+    };
+    for v in h.get_all(http::header::CACHE_CONTROL) {
+        for d in v.to_str().unwrap_or("").split(',') {
+            let d = d.trim();
+            if d.eq_ignore_ascii_case("no-cache") {
+                cc.no_cache = true;
+            } else if d.eq_ignore_ascii_case("no-store") {
+                cc.no_store = true;
+            }
+        }
+    }
+    cc
+}
+
+/// 1. Reads the body: the stack's limit and read timeout show up as the
+///    body's errors.
+async fn read_body(body: ReqBody, limit: usize) -> Result<Bytes, GatewayError> {
+    match body.collect().await {
+        Ok(c) => Ok(c.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+            Err(GatewayError::BodyTooLarge { limit })
+        }
+        Err(e) if e.is::<tower_http::timeout::TimeoutError>() => Err(GatewayError::RequestTimeout),
+        Err(e) => Err(GatewayError::InvalidParameter(format!(
+            "could not read the request body: {e}"
+        ))),
+    }
+}
+
+async fn answer(
+    app: &Arc<App>,
+    tenant: Arc<Tenant>,
+    req: Request<ReqBody>,
+    request_id: &str,
+    seen: &mut Seen,
+) -> Result<Answer, GatewayError> {
+    // 1. body and parse
+    let (parts, body) = req.into_parts();
+    let body = read_body(body, app.config.server.max_body_bytes).await?;
+    let parsed = EmbeddingRequest::parse(
+        &body,
+        &ParseRules {
+            models: &app.config.upstream.models,
+            max_text_chars: app.config.upstream.max_text_chars,
+        },
+    )?;
+
+    // 2. cache key and lookup
+    let scope = match app.config.cache.scope {
+        CacheScope::Tenant => KeyScope::Tenant(&tenant.name),
+        CacheScope::Shared => KeyScope::Shared,
+    };
+    let key = cache_key(scope, tenant.workspace.as_deref(), &parsed);
+    let usage = Usage::of(parsed.counts(), &app.config.metering.weights);
+    let dimension = parsed.expected_dimension(app.config.upstream.embedding_dimension);
+    let cc = cache_control(&parts.headers);
+
+    let mut follow_attempts = 0;
+    loop {
+        if !cc.no_cache {
+            if let Lookup::Hit(embedding) = app.cache.get(&key, dimension).await {
+                return answer_hit(app, &tenant, embedding, usage, request_id, seen).await;
+            }
+        }
+        // 3. coalescing
+        let guard = if cc.no_cache || follow_attempts >= MAX_FOLLOW_ATTEMPTS {
+            None
+        } else {
+            match app.coalescer.join(key) {
+                Role::Leader(g) => {
+                    if let Some(embedding) = app.cache.recheck(&key, dimension).await {
+                        g.finish(Outcome::Done(embedding.clone()));
+                        return answer_hit(app, &tenant, embedding, usage, request_id, seen).await;
+                    }
+                    Some(g)
+                }
+                Role::Follower(rx) => match coalesce::wait(rx).await {
+                    Outcome::Done(embedding) => {
+                        app.metrics.coalesced.inc();
+                        return answer_hit(app, &tenant, embedding, usage, request_id, seen).await;
+                    }
+                    // Upstream's answer to this very input, made for the
+                    // leader: reported like the leader's, as a miss.
+                    Outcome::Failed(e) => {
+                        seen.cache = Some(CacheStatus::Miss);
+                        return Err(e);
+                    }
+                    Outcome::Retry => {
+                        follow_attempts += 1;
+                        continue;
+                    }
+                },
+            }
+        };
+        // 4–6 in their own task, which holds an upstream slot so shutdown
+        // waits for it and hung-up clients cannot pile up detached calls.
+        let slot = app
+            .upstream_slots
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| GatewayError::Overloaded)?;
+        seen.cache = Some(CacheStatus::Miss);
+        let miss = Miss {
+            app: app.clone(),
+            tenant: tenant.clone(),
+            key,
+            usage,
+            dimension,
+            no_store: cc.no_store,
+            headers: parts.headers.clone(),
+            body: parsed.upstream_body(),
+            guard,
+            _slot: slot,
+        };
+        let result = match tokio::spawn(miss.run()).await {
+            Ok((result, remaining)) => {
+                if remaining.is_some() {
+                    seen.quota_remaining = remaining;
+                }
+                result
+            }
+            Err(e) => Err(GatewayError::Internal(format!("upstream task failed: {e}"))),
+        };
+        // X-Cache: MISS means an upstream call was made; a refusal before
+        // it (quota, quota store) carries no X-Cache.
+        if let Err(e) = &result {
+            if e.fault() != Fault::Upstream {
+                seen.cache = None;
+            }
+        }
+        return result;
+    }
+}
+
+/// 2. A hit: the cached vector with the gateway's own usage.
+async fn answer_hit(
+    app: &Arc<App>,
+    tenant: &Arc<Tenant>,
+    embedding: Bytes,
+    usage: Usage,
+    request_id: &str,
+    seen: &mut Seen,
+) -> Result<Answer, GatewayError> {
+    if app.config.limits.quota_counts_hits {
+        if let Some(q) = tenant.quota {
+            let r = app.limits.reserve(&tenant.name, q, usage.total()).await?;
+            seen.quota_remaining = Some(r.remaining);
+            app.limits.settle(r, usage.total()).await;
+        }
+    }
+    seen.cache = Some(CacheStatus::Hit);
+    app.meter(&tenant.name, CacheStatus::Hit, &usage);
+    Ok(Answer {
+        body: response::hit_body(&embedding, &usage, request_id),
+        request_id: request_id.to_string(),
+    })
+}
+
+/// The upstream half of a miss (4–6); owns everything it needs so it can
+/// outlive the client's connection.
+struct Miss {
+    app: Arc<App>,
+    tenant: Arc<Tenant>,
+    key: CacheKey,
+    /// The gateway's figure: reserved before the call, compared with
+    /// upstream's after it.
+    usage: Usage,
+    dimension: usize,
+    no_store: bool,
+    headers: HeaderMap,
+    body: Bytes,
+    guard: Option<coalesce::LeaderGuard>,
+    _slot: OwnedSemaphorePermit,
+}
+
+impl Miss {
+    async fn run(mut self) -> (Result<Answer, GatewayError>, Option<u64>) {
+        // 4. quota
+        let units = self.usage.total();
+        let reservation = match self.tenant.quota {
+            None => None,
+            Some(q) => match self.app.limits.reserve(&self.tenant.name, q, units).await {
+                Ok(r) => Some(r),
+                // Dropping the guard tells followers to try on their own.
+                Err(e) => return (Err(e), None),
+            },
+        };
+        let mut remaining = reservation.as_ref().map(|r| r.remaining);
+        // 5. upstream
+        match self.call_upstream().await {
+            Ok(success) => {
+                // Stored before the followers are released, so a request
+                // that looks the key up after this sees the entry.
+                if !self.no_store {
+                    self.app
+                        .cache
+                        .store(self.key, success.embedding.clone())
+                        .await;
+                }
+                if let Some(g) = self.guard.take() {
+                    g.finish(Outcome::Done(success.embedding.clone()));
+                }
+                // 6. metering: upstream's usage block is the record.
+                let record = metering::reconcile(
+                    &self.app.metrics,
+                    &self.tenant.name,
+                    self.usage,
+                    success.usage,
+                );
+                if let Some(r) = reservation {
+                    let billed = record.total();
+                    remaining = Some(r.remaining.saturating_sub(billed.saturating_sub(units)));
+                    self.app.limits.settle(r, billed).await;
+                }
+                self.app
+                    .meter(&self.tenant.name, CacheStatus::Miss, &record);
+                (
+                    Ok(Answer {
+                        body: success.body,
+                        request_id: success.request_id,
+                    }),
+                    remaining,
+                )
+            }
+            Err(e) => {
+                if let Some(r) = reservation {
+                    remaining = Some(r.remaining + units);
+                    self.app.limits.release(r).await;
+                }
+                if e.fault() == Fault::Upstream {
+                    if let Some(g) = self.guard.take() {
+                        g.finish(Outcome::Failed(e.clone()));
+                    }
+                }
+                (Err(e), remaining)
+            }
+        }
+    }
+
+    async fn call_upstream(&self) -> Result<Success, GatewayError> {
+        let resp = self
+            .app
+            .upstream
+            .send(
+                Method::POST,
+                EMBEDDING_PATH,
+                &self.headers,
+                self.tenant.workspace.as_deref(),
+                self.body.clone(),
+            )
+            .await?;
+        if resp.status != StatusCode::OK {
+            return Err(upstream_error(&resp));
+        }
+        parse_success(resp.body, self.dimension)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    #[test]
+    fn cache_control_directives() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            http::header::CACHE_CONTROL,
+            HeaderValue::from_static("max-age=0, No-Cache"),
+        );
+        let cc = cache_control(&h);
+        assert!(cc.no_cache && !cc.no_store);
+        h.insert(
+            http::header::CACHE_CONTROL,
+            HeaderValue::from_static("no-store"),
+        );
+        let cc = cache_control(&h);
+        assert!(!cc.no_cache && cc.no_store);
+    }
+}

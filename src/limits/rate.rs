@@ -1,0 +1,393 @@
+//! Request rate per tenant.
+//!
+//! With Redis, a GCRA in one Lua script per tenant key, with Redis's own
+//! clock, so all replicas share one bucket; without Redis (or while it is
+//! down) governor in this process. A busy tenant's replica leases a few
+//! tokens per Redis call ([`lease_size`]) so most requests do not wait on
+//! Redis; a replica can hold at most `lease_size − 1` unused tokens, which
+//! bounds the overshoot, and leases expire after [`LEASE_TTL`].
+
+use std::collections::HashMap;
+use std::num::NonZeroU32;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use governor::clock::{Clock, DefaultClock};
+use governor::middleware::StateInformationMiddleware;
+use governor::state::{InMemoryState, NotKeyed};
+use governor::{Quota, RateLimiter};
+
+use crate::config::RateConfig;
+use crate::error::GatewayError;
+use crate::redis_store::{tenant_tag, RedisStore};
+
+/// What the rate limiter said, for the `RateLimit-*` headers.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct RateState {
+    pub(crate) limit: u32,
+    pub(crate) remaining: u64,
+    /// Until the bucket is full again.
+    pub(crate) reset: Duration,
+}
+
+/// A refusal, with the state to report in the headers.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct RateRefusal {
+    pub(crate) retry_after: Duration,
+    pub(crate) state: RateState,
+}
+
+impl RateRefusal {
+    fn new(cfg: RateConfig, retry_after: Duration) -> RateRefusal {
+        RateRefusal {
+            retry_after,
+            // None left, full again once the wait is over.
+            state: RateState {
+                limit: cfg.burst,
+                remaining: 0,
+                reset: retry_after,
+            },
+        }
+    }
+
+    pub(crate) fn error(&self) -> GatewayError {
+        GatewayError::RateLimited {
+            retry_after: self.retry_after,
+        }
+    }
+}
+
+/// governor in this process.
+pub(crate) struct LocalRate<C: Clock = DefaultClock> {
+    limiter: RateLimiter<NotKeyed, InMemoryState, C, StateInformationMiddleware>,
+    clock: C,
+    cfg: RateConfig,
+}
+
+fn governor_quota(cfg: RateConfig) -> Quota {
+    let period = Duration::from_secs_f64(1.0 / cfg.per_second).max(Duration::from_nanos(1));
+    let burst = NonZeroU32::new(cfg.burst.max(1)).unwrap_or(NonZeroU32::MIN);
+    Quota::with_period(period)
+        .unwrap_or_else(|| Quota::per_second(NonZeroU32::MIN))
+        .allow_burst(burst)
+}
+
+impl LocalRate<DefaultClock> {
+    pub(crate) fn new(cfg: RateConfig) -> Self {
+        LocalRate::with_clock(cfg, DefaultClock::default())
+    }
+}
+
+impl<C: Clock + Clone> LocalRate<C> {
+    pub(crate) fn with_clock(cfg: RateConfig, clock: C) -> Self {
+        let limiter = RateLimiter::direct_with_clock(governor_quota(cfg), clock.clone())
+            .with_middleware::<StateInformationMiddleware>();
+        LocalRate {
+            limiter,
+            clock,
+            cfg,
+        }
+    }
+
+    /// Takes one token, or says how long until one is free.
+    pub(crate) fn check(&self) -> Result<RateState, Duration> {
+        let interval = Duration::from_secs_f64(1.0 / self.cfg.per_second);
+        match self.limiter.check() {
+            Ok(snapshot) => {
+                let remaining = snapshot.remaining_burst_capacity();
+                Ok(RateState {
+                    limit: self.cfg.burst,
+                    remaining: u64::from(remaining),
+                    reset: interval
+                        .mul_f64(f64::from(self.cfg.burst - remaining.min(self.cfg.burst))),
+                })
+            }
+            Err(not_until) => Err(not_until.wait_time_from(self.clock.now())),
+        }
+    }
+}
+
+/// GCRA over Redis time that grants up to ARGV[3] tokens at once. KEYS[1]
+/// the tenant's rate key; ARGV[1] emission interval in µs, ARGV[2] burst.
+/// Returns {granted, remaining, retry_us, reset_us}.
+const RATE_SCRIPT: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local interval = tonumber(ARGV[1])
+local burst = tonumber(ARGV[2])
+local want = tonumber(ARGV[3])
+local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
+if tat < now then tat = now end
+local avail = math.floor((burst * interval - (tat - now)) / interval)
+if avail < 1 then
+  return {0, 0, math.ceil((tat - now) - (burst - 1) * interval), math.ceil(tat - now)}
+end
+local grant = math.min(want, avail)
+local new_tat = tat + grant * interval
+redis.call('SET', KEYS[1], string.format('%.0f', new_tat), 'PX', math.ceil((new_tat - now) / 1000) + 1000)
+return {grant, avail - grant, 0, math.ceil(new_tat - now)}
+"#;
+
+/// Leased tokens unused after this are dropped (never used late).
+pub(crate) const LEASE_TTL: Duration = Duration::from_secs(1);
+
+/// Tokens a replica takes per Redis call: 1 (no leasing) for small rates;
+/// for busy tenants up to 5 % of a second's rate, an eighth of the burst,
+/// and never more than 100.
+pub(crate) fn lease_size(cfg: RateConfig) -> u64 {
+    let by_rate = (cfg.per_second * 0.05).floor();
+    let by_burst = f64::from(cfg.burst / 8);
+    by_rate.min(by_burst).clamp(1.0, 100.0) as u64
+}
+
+/// Tokens this replica holds for a tenant.
+#[derive(Default)]
+struct Lease {
+    tokens: u64,
+    expires: Option<Instant>,
+    /// The shared bucket's remaining tokens when the lease was taken.
+    remaining: u64,
+    reset: Duration,
+    /// The shared bucket said no: nothing frees up before this, so refuse
+    /// locally until then instead of asking Redis again.
+    denied_until: Option<Instant>,
+}
+
+/// One tenant's rate state in this process, kept across reloads while the
+/// tenant's rate is unchanged.
+pub(crate) struct TenantRate {
+    cfg: RateConfig,
+    /// The shared bucket's Redis key, built once.
+    key: String,
+    /// The whole limit without Redis, the fallback while Redis is down.
+    pub(crate) local: LocalRate,
+    lease: Mutex<Lease>,
+}
+
+impl TenantRate {
+    fn new(tenant: &str, cfg: RateConfig) -> TenantRate {
+        TenantRate {
+            cfg,
+            key: format!("{}:rate", tenant_tag(tenant)),
+            local: LocalRate::new(cfg),
+            lease: Mutex::new(Lease::default()),
+        }
+    }
+
+    /// Answers from what this replica already knows: a token it leased
+    /// from the shared bucket, or a refusal the bucket gave that still
+    /// holds. `None`: ask Redis.
+    fn take_leased(&self) -> Option<Result<RateState, RateRefusal>> {
+        let mut lease = self.lease.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        if let Some(until) = lease.denied_until {
+            if now < until {
+                return Some(Err(RateRefusal::new(self.cfg, until - now)));
+            }
+            lease.denied_until = None;
+        }
+        if lease.tokens == 0 || lease.expires.is_none_or(|e| now >= e) {
+            lease.tokens = 0;
+            return None;
+        }
+        lease.tokens -= 1;
+        Some(Ok(RateState {
+            limit: self.cfg.burst,
+            remaining: lease.remaining + lease.tokens,
+            reset: lease.reset,
+        }))
+    }
+
+    /// Replaces what this replica holds for the tenant.
+    fn keep_lease(&self, lease: Lease) {
+        *self.lease.lock().unwrap_or_else(|p| p.into_inner()) = lease;
+    }
+}
+
+/// Every tenant's rate state in this process, by tenant name.
+pub(crate) struct Rates {
+    redis: Option<Arc<RedisStore>>,
+    by_tenant: RwLock<HashMap<Arc<str>, Arc<TenantRate>>>,
+    script: redis::Script,
+}
+
+impl Rates {
+    pub(crate) fn new(redis: Option<Arc<RedisStore>>) -> Rates {
+        Rates {
+            redis,
+            by_tenant: RwLock::new(HashMap::new()),
+            script: redis::Script::new(RATE_SCRIPT),
+        }
+    }
+
+    /// The tenant's state for `cfg`: the one it had while its rate is
+    /// unchanged (a reload does not refill buckets), else a new one.
+    pub(crate) fn state(&self, tenant: &Arc<str>, cfg: RateConfig) -> Arc<TenantRate> {
+        {
+            let map = self.by_tenant.read().unwrap_or_else(|p| p.into_inner());
+            if let Some(s) = map.get(tenant).filter(|s| s.cfg == cfg) {
+                return s.clone();
+            }
+        }
+        let mut map = self.by_tenant.write().unwrap_or_else(|p| p.into_inner());
+        let s = map
+            .entry(tenant.clone())
+            .or_insert_with(|| Arc::new(TenantRate::new(tenant, cfg)));
+        if s.cfg != cfg {
+            *s = Arc::new(TenantRate::new(tenant, cfg));
+        }
+        s.clone()
+    }
+
+    /// Forgets tenants no longer configured.
+    pub(crate) fn retain(&self, keep: impl Fn(&str) -> bool) {
+        let mut map = self.by_tenant.write().unwrap_or_else(|p| p.into_inner());
+        map.retain(|name, _| keep(name));
+    }
+
+    /// Takes one request from the tenant's rate.
+    pub(crate) async fn check(
+        &self,
+        tenant: &Arc<str>,
+        cfg: RateConfig,
+    ) -> Result<RateState, RateRefusal> {
+        let state = self.state(tenant, cfg);
+        if let Some(redis) = &self.redis {
+            if let Some(answer) = state.take_leased() {
+                return answer;
+            }
+            if let Some(answer) = self.check_shared(redis, &state).await {
+                return answer;
+            }
+            // Redis failed or is down: this process's limiter decides.
+        }
+        state
+            .local
+            .check()
+            .map_err(|wait| RateRefusal::new(cfg, wait))
+    }
+
+    /// Asks the shared bucket for a lease; `None` when Redis did not answer.
+    async fn check_shared(
+        &self,
+        redis: &RedisStore,
+        state: &TenantRate,
+    ) -> Option<Result<RateState, RateRefusal>> {
+        let cfg = state.cfg;
+        let key = &state.key;
+        let interval_us = (1_000_000.0 / cfg.per_second).max(1.0).round() as u64;
+        let want = lease_size(cfg);
+        let script = &self.script;
+        let (granted, remaining, retry_us, reset_us) = redis
+            .call("rate", false, |mut c| async move {
+                script
+                    .key(key)
+                    .arg(interval_us)
+                    .arg(cfg.burst)
+                    .arg(want)
+                    .invoke_async::<(i64, i64, i64, i64)>(&mut c)
+                    .await
+            })
+            .await
+            .ok()?;
+        let reset = Duration::from_micros(reset_us.max(0) as u64);
+        if granted < 1 {
+            let retry_after = Duration::from_micros(retry_us.max(0) as u64);
+            state.keep_lease(Lease {
+                reset,
+                denied_until: Some(Instant::now() + retry_after),
+                ..Lease::default()
+            });
+            return Some(Err(RateRefusal::new(cfg, retry_after)));
+        }
+        let remaining = remaining.max(0) as u64;
+        let spare = granted as u64 - 1;
+        if spare > 0 {
+            state.keep_lease(Lease {
+                tokens: spare,
+                expires: Some(Instant::now() + LEASE_TTL),
+                remaining,
+                reset,
+                denied_until: None,
+            });
+        }
+        Some(Ok(RateState {
+            limit: cfg.burst,
+            remaining: remaining + spare,
+            reset,
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use governor::clock::FakeRelativeClock;
+
+    #[test]
+    fn local_rate_admits_burst_then_refills_with_time() {
+        let clock = FakeRelativeClock::default();
+        let l = LocalRate::with_clock(
+            RateConfig {
+                per_second: 2.0,
+                burst: 3,
+            },
+            clock.clone(),
+        );
+        let admitted = (0..10).filter(|_| l.check().is_ok()).count();
+        assert_eq!(admitted, 3);
+        let wait = l.check().unwrap_err();
+        assert_eq!(wait, Duration::from_millis(500));
+        clock.advance(Duration::from_millis(499));
+        assert!(l.check().is_err());
+        clock.advance(Duration::from_millis(1));
+        let s = l.check().unwrap();
+        assert_eq!(s.remaining, 0);
+        assert!(l.check().is_err());
+        // A long pause refills the burst, never more.
+        clock.advance(Duration::from_secs(60));
+        let admitted = (0..10).filter(|_| l.check().is_ok()).count();
+        assert_eq!(admitted, 3);
+    }
+
+    #[test]
+    fn lease_sizes() {
+        let size = |per_second, burst| lease_size(RateConfig { per_second, burst });
+        assert_eq!(size(0.001, 5), 1);
+        assert_eq!(size(20.0, 40), 1);
+        assert_eq!(size(1000.0, 2000), 50);
+        assert_eq!(size(1000.0, 80), 10);
+        assert_eq!(size(1.0e6, 1_000_000), 100);
+    }
+
+    #[test]
+    fn remaining_counts_down() {
+        let l = LocalRate::with_clock(
+            RateConfig {
+                per_second: 1.0,
+                burst: 4,
+            },
+            FakeRelativeClock::default(),
+        );
+        let r: Vec<u64> = (0..4).map(|_| l.check().unwrap().remaining).collect();
+        assert_eq!(r, vec![3, 2, 1, 0]);
+    }
+
+    #[test]
+    fn reload_keeps_unchanged_limiters() {
+        let rates = Rates::new(None);
+        let a: Arc<str> = Arc::from("a");
+        let cfg = RateConfig {
+            per_second: 1.0,
+            burst: 2,
+        };
+        let l1 = rates.state(&a, cfg);
+        let l2 = rates.state(&a, cfg);
+        assert!(Arc::ptr_eq(&l1, &l2));
+        let changed = RateConfig { burst: 3, ..cfg };
+        let l3 = rates.state(&a, changed);
+        assert!(!Arc::ptr_eq(&l1, &l3));
+        rates.retain(|n| n != "a");
+        assert!(!Arc::ptr_eq(&l3, &rates.state(&a, changed)));
+    }
+}

@@ -1,0 +1,148 @@
+//! What an answer costs, in DashScope's billing units.
+//!
+//! [`Usage`] is computed once per request: from the request's items and the
+//! configured weights (the gateway's figure, used for hits and for the
+//! quota reservation), or from upstream's `usage` block on a miss, which is
+//! the record ([`reconcile`] counts every disagreement). Metrics
+//! ([`Metrics::record_usage`](crate::metrics::Metrics::record_usage)) and the
+//! ledger ([`Ledger::record`](crate::ledger::Ledger::record)) take a `Usage`
+//! as it is; nothing downstream multiplies weights again.
+
+use crate::config::Weights;
+use crate::metrics::Metrics;
+use crate::request::{Counts, Modality};
+
+/// Cache status of an answer, as in the `cache` label and `X-Cache`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub(crate) enum CacheStatus {
+    Hit,
+    Miss,
+}
+
+impl CacheStatus {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            CacheStatus::Hit => "hit",
+            CacheStatus::Miss => "miss",
+        }
+    }
+
+    pub(crate) fn from_name(s: &str) -> Option<CacheStatus> {
+        match s {
+            "hit" => Some(CacheStatus::Hit),
+            "miss" => Some(CacheStatus::Miss),
+            _ => None,
+        }
+    }
+}
+
+/// Items and units per modality of one answer.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Usage {
+    /// DashScope's `measure`: items per modality.
+    pub(crate) items: Counts,
+    /// `measure · weight` per modality.
+    pub(crate) units: Counts,
+}
+
+impl Usage {
+    /// The gateway's own figure for these items.
+    pub(crate) fn of(items: Counts, w: &Weights) -> Usage {
+        let mut units = Counts::default();
+        for m in Modality::ALL {
+            units.set(m, items.get(m) * m.weight(w));
+        }
+        Usage { items, units }
+    }
+
+    /// DashScope's `total_usage`: Σ measure·weight.
+    pub(crate) fn total(&self) -> u64 {
+        self.units.total()
+    }
+
+    /// The `usage` block DashScope answers with, listing present modalities
+    /// only: `{"text":{"measure":1,"weight":1},…,"total_usage":N}`.
+    pub(crate) fn json(&self) -> String {
+        let mut s = String::from("{");
+        for m in Modality::ALL {
+            let n = self.items.get(m);
+            if n > 0 {
+                let weight = self.units.get(m) / n;
+                s.push_str(&format!(
+                    "\"{}\":{{\"measure\":{n},\"weight\":{weight}}},",
+                    m.as_str()
+                ));
+            }
+        }
+        s.push_str(&format!("\"total_usage\":{}}}", self.total()));
+        s
+    }
+}
+
+/// The record of a miss: upstream's usage when it gave one, else the
+/// gateway's. A disagreement (or no usage block) is counted and logged,
+/// never hidden.
+pub(crate) fn reconcile(
+    metrics: &Metrics,
+    tenant: &str,
+    expected: Usage,
+    upstream: Option<Usage>,
+) -> Usage {
+    let record = upstream.unwrap_or(expected);
+    if upstream.is_none() || record != expected {
+        metrics.usage_mismatch.with_label_values(&[tenant]).inc();
+        tracing::warn!(
+            tenant,
+            expected_units = expected.total(),
+            upstream_units = record.total(),
+            upstream_usage = upstream.is_some(),
+            "upstream usage disagrees with the gateway's computation; upstream's is recorded"
+        );
+    }
+    record
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const W: Weights = Weights {
+        text: 1,
+        image: 1,
+        audio: 2,
+    };
+
+    fn counts(text: u64, image: u64, audio: u64) -> Counts {
+        let mut c = Counts::default();
+        c.set(Modality::Text, text);
+        c.set(Modality::Image, image);
+        c.set(Modality::Audio, audio);
+        c
+    }
+
+    #[test]
+    fn units_are_measure_times_weight() {
+        let u = Usage::of(counts(1, 1, 1), &W);
+        assert_eq!(u.total(), 4);
+        let v: serde_json::Value = serde_json::from_str(&u.json()).unwrap();
+        assert_eq!(v["audio"]["weight"], 2);
+        assert_eq!(v["audio"]["measure"], 1);
+        assert_eq!(v["total_usage"], 4);
+        let only_text: serde_json::Value =
+            serde_json::from_str(&Usage::of(counts(3, 0, 0), &W).json()).unwrap();
+        assert!(only_text.get("image").is_none());
+        assert_eq!(only_text["text"]["measure"], 3);
+    }
+
+    #[test]
+    fn upstream_usage_is_the_record_and_mismatches_count() {
+        let m = Metrics::new().unwrap();
+        let expected = Usage::of(counts(1, 0, 1), &W);
+        assert_eq!(reconcile(&m, "t", expected, Some(expected)), expected);
+        assert_eq!(m.usage_mismatch.with_label_values(&["t"]).get(), 0);
+        let billed = Usage::of(counts(1, 0, 2), &W);
+        assert_eq!(reconcile(&m, "t", expected, Some(billed)), billed);
+        assert_eq!(reconcile(&m, "t", expected, None), expected);
+        assert_eq!(m.usage_mismatch.with_label_values(&["t"]).get(), 2);
+    }
+}

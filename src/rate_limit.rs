@@ -1,0 +1,94 @@
+//! Rate limit layer: one token from the authenticated tenant's rate
+//! ([`Limits::check_rate`](crate::limits::Limits::check_rate)), or 429
+//! `Throttling.RateQuota` with `Retry-After`. Every answer past this layer,
+//! the refusal included, carries `RateLimit-Limit/Remaining/Reset`.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use http::{Request, Response};
+use tower::{Layer, Service};
+
+use crate::app::App;
+use crate::auth::{tenant_of, BoxFuture};
+use crate::body::{Body, ReqBody};
+use crate::request_id;
+use crate::response::{set_rate_headers, Framing};
+
+#[derive(Clone)]
+pub(crate) struct RateLimitLayer {
+    app: Arc<App>,
+    framing: Framing,
+}
+
+impl RateLimitLayer {
+    pub(crate) fn new(app: Arc<App>, framing: Framing) -> RateLimitLayer {
+        RateLimitLayer { app, framing }
+    }
+}
+
+impl<S> Layer<S> for RateLimitLayer {
+    type Service = RateLimit<S>;
+
+    fn layer(&self, inner: S) -> RateLimit<S> {
+        RateLimit {
+            app: self.app.clone(),
+            framing: self.framing,
+            inner,
+        }
+    }
+}
+
+#[derive(Clone)]
+pub(crate) struct RateLimit<S> {
+    app: Arc<App>,
+    framing: Framing,
+    inner: S,
+}
+
+impl<S> Service<Request<ReqBody>> for RateLimit<S>
+where
+    S: Service<Request<ReqBody>, Response = Response<Body>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = BoxFuture;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<ReqBody>) -> BoxFuture {
+        // The clone that was polled ready answers; this one stays for the next.
+        let ready = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, ready);
+        let app = self.app.clone();
+        let sse = self.framing.sse(req.headers());
+        Box::pin(async move {
+            let tenant = match tenant_of(&req) {
+                Ok(t) => t,
+                Err(e) => return Ok(e.into_response(&request_id::of(&req), sse)),
+            };
+            let Some(cfg) = tenant.rate else {
+                return inner.call(req).await;
+            };
+            match app.limits.check_rate(&tenant.name, cfg).await {
+                Ok(state) => {
+                    let mut r = inner.call(req).await?;
+                    set_rate_headers(r.headers_mut(), &state);
+                    Ok(r)
+                }
+                Err(refusal) => {
+                    let mut r = refusal.error().into_response(&request_id::of(&req), sse);
+                    set_rate_headers(r.headers_mut(), &refusal.state);
+                    Ok(r)
+                }
+            }
+        })
+    }
+}

@@ -1,0 +1,167 @@
+//! Rendering answers: the response body type, JSON and DashScope's SSE
+//! framing, and the headers the gateway adds (`X-Cache`, `RateLimit-*`,
+//! `X-Quota-Remaining`). Errors render through
+//! [`GatewayError::into_response`](crate::error::GatewayError::into_response).
+
+use bytes::Bytes;
+use http::header::{HeaderMap, HeaderValue, CONTENT_TYPE};
+use http::{Response, StatusCode};
+
+use crate::body::{full, Body};
+use crate::limits::RateState;
+use crate::metering::{CacheStatus, Usage};
+
+/// A response with this status, content type and body.
+pub(crate) fn with_body(
+    status: StatusCode,
+    content_type: &'static str,
+    body: impl Into<Bytes>,
+) -> Response<Body> {
+    let mut r = Response::new(full(body));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    r
+}
+
+pub(crate) fn json(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
+    with_body(status, "application/json", body)
+}
+
+/// How a route frames its answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Framing {
+    /// Always JSON (uploads, admin).
+    Json,
+    /// SSE when the client asks for it (the embedding endpoints).
+    SseIfAsked,
+}
+
+impl Framing {
+    pub(crate) fn sse(self, h: &HeaderMap) -> bool {
+        match self {
+            Framing::Json => false,
+            Framing::SseIfAsked => wants_sse(h),
+        }
+    }
+}
+
+/// True when the client asked for DashScope's SSE framing.
+fn wants_sse(h: &HeaderMap) -> bool {
+    h.get("x-dashscope-sse")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("enable"))
+        || h.get(http::header::ACCEPT)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.contains("text/event-stream"))
+}
+
+/// A successful embedding answer, as JSON or as one SSE event; the
+/// `x-request-id` header matches the body's `request_id`.
+pub(crate) fn success(body: Bytes, request_id: &str, sse: bool) -> Response<Body> {
+    let mut r = if sse {
+        sse_event(StatusCode::OK, "result", &body)
+    } else {
+        json(StatusCode::OK, body)
+    };
+    if let Ok(rid) = HeaderValue::from_str(request_id) {
+        r.headers_mut().insert("x-request-id", rid);
+    }
+    r
+}
+
+/// A hit's answer, as DashScope writes it:
+/// `{"output":{"embedding":…},"usage":…,"request_id":"…"}`.
+pub(crate) fn hit_body(embedding: &[u8], usage: &Usage, request_id: &str) -> Bytes {
+    let usage = usage.json();
+    let mut body = Vec::with_capacity(embedding.len() + usage.len() + request_id.len() + 64);
+    body.extend_from_slice(b"{\"output\":{\"embedding\":");
+    body.extend_from_slice(embedding);
+    body.extend_from_slice(b"},\"usage\":");
+    body.extend_from_slice(usage.as_bytes());
+    body.extend_from_slice(b",\"request_id\":\"");
+    body.extend_from_slice(request_id.as_bytes());
+    body.extend_from_slice(b"\"}");
+    Bytes::from(body)
+}
+
+/// DashScope's SSE framing: one event carrying the whole JSON answer.
+pub(crate) fn sse_event(status: StatusCode, event: &str, json: &[u8]) -> Response<Body> {
+    // SSE data must be one line; re-serialise if upstream's JSON had newlines.
+    let one_line: Bytes = if json.contains(&b'\n') {
+        serde_json::from_slice::<serde_json::Value>(json)
+            .map(|v| Bytes::from(v.to_string()))
+            .unwrap_or_else(|_| Bytes::copy_from_slice(json))
+    } else {
+        Bytes::copy_from_slice(json)
+    };
+    let mut body = Vec::with_capacity(one_line.len() + 64);
+    body.extend_from_slice(
+        format!(
+            "id:1\nevent:{event}\n:HTTP_STATUS/{}\ndata:",
+            status.as_u16()
+        )
+        .as_bytes(),
+    );
+    body.extend_from_slice(&one_line);
+    body.extend_from_slice(b"\n\n");
+    with_body(status, "text/event-stream;charset=UTF-8", body)
+}
+
+/// `X-Cache: HIT | MISS`.
+pub(crate) fn set_cache_header(h: &mut HeaderMap, cache: CacheStatus) {
+    h.insert(
+        "x-cache",
+        HeaderValue::from_static(match cache {
+            CacheStatus::Hit => "HIT",
+            CacheStatus::Miss => "MISS",
+        }),
+    );
+}
+
+/// `RateLimit-Limit/Remaining/Reset` (seconds, rounded up).
+pub(crate) fn set_rate_headers(h: &mut HeaderMap, rate: &RateState) {
+    h.insert("ratelimit-limit", HeaderValue::from(rate.limit));
+    h.insert("ratelimit-remaining", HeaderValue::from(rate.remaining));
+    h.insert(
+        "ratelimit-reset",
+        HeaderValue::from(rate.reset.as_secs() + u64::from(rate.reset.subsec_nanos() > 0)),
+    );
+}
+
+pub(crate) fn set_quota_header(h: &mut HeaderMap, remaining: u64) {
+    h.insert("x-quota-remaining", HeaderValue::from(remaining));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use http_body_util::BodyExt;
+
+    #[tokio::test]
+    async fn sse_framing() {
+        let r = sse_event(StatusCode::OK, "result", b"{\"a\":\n1}");
+        assert_eq!(r.headers()[CONTENT_TYPE], "text/event-stream;charset=UTF-8");
+        let body = r.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(
+            &body[..],
+            b"id:1\nevent:result\n:HTTP_STATUS/200\ndata:{\"a\":1}\n\n"
+        );
+    }
+
+    #[test]
+    fn rate_reset_rounds_up() {
+        let mut h = HeaderMap::new();
+        set_rate_headers(
+            &mut h,
+            &RateState {
+                limit: 5,
+                remaining: 2,
+                reset: std::time::Duration::from_millis(1200),
+            },
+        );
+        assert_eq!(h["ratelimit-reset"], "2");
+        assert_eq!(h["ratelimit-remaining"], "2");
+    }
+}

@@ -1,0 +1,222 @@
+//! The API request path, built once by [`api`] as a `tower` stack: every
+//! layer a request meets, in order, and what it adds or reads.
+//!
+//! Outer stack (every API route, `/admin/` included):
+//!
+//! 1. **request id** (`tower-http` `SetRequestId`): keeps a client's plain
+//!    `x-request-id`, else makes a UUID; it names the request in the
+//!    access log, error bodies and hit answers.
+//! 2. **sensitive headers** (`tower-http`): `Authorization` is marked
+//!    sensitive, so no `Debug` or log of the request shows it.
+//! 3. **in-flight gauge**: `embedgate_in_flight_requests` while the
+//!    request is being served, also when the client goes away.
+//! 4. **access log and request metrics** (`tower-http` `Trace` with
+//!    [`AccessLog`]): one `embedgate::access` line and one
+//!    `embedgate_requests_total` / `…_duration_seconds` sample per answer,
+//!    labelled from what the inner layers put on the response.
+//! 5. **propagate request id** (`tower-http`): `x-request-id` on every
+//!    answer (the body's `request_id` where the answer has one).
+//! 6. **rescue** ([`RescueLayer`]): the one place where the errors and bare
+//!    responses of the layers below become DashScope-shaped answers.
+//! 7. **catch panic** (`tower-http`): a panic becomes a 500
+//!    `InternalError`, not a dropped connection.
+//! 8. **request deadline** (`tower` `Timeout`): no request lives longer
+//!    than twice the upstream timeout plus a margin (504); an upstream call
+//!    it interrupts still finishes, is cached and metered in its own task.
+//! 9. **body read timeout** (`tower-http` `RequestBodyTimeout`): a body
+//!    that stalls between chunks for [`BODY_READ_TIMEOUT`] ends in 408.
+//! 10. **body size limit** (`tower-http` `RequestBodyLimit`):
+//!     `server.max_body_bytes`, from `Content-Length` or while reading (413).
+//! 11. **router** ([`Router`]): method and path pick the route; anything
+//!     else is 404 (405 for a known path), never forwarded.
+//!
+//! Tenant routes (embeddings, uploads) then add, in order:
+//!
+//! a. **auth** ([`AuthLayer`]): the tenant from the key digest into the
+//!    request's extensions (401 otherwise);
+//! b. **global in-flight bound** (`tower` `LoadShed` + `ConcurrencyLimit`
+//!    on one semaphore of `server.max_in_flight`): excess is shed at once
+//!    with 503, never queued;
+//! c. **rate limit** ([`RateLimitLayer`]): one token from the tenant's
+//!    rate (429), `RateLimit-*` headers;
+//! d. the route's service: [`Embeddings`] (parse → cache key → cache →
+//!    coalesce → quota → upstream → metering) or [`Uploads`].
+//!
+//! `/admin/` routes go to [`Admin`], which checks the admin token itself.
+//! Health, readiness and metrics are served before this stack
+//! ([`crate::server`]) so load shedding never fails a liveness probe.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::AUTHORIZATION;
+use http::{Method, Request, Response};
+use tower::limit::GlobalConcurrencyLimitLayer;
+use tower::util::BoxCloneService;
+use tower::{Service, ServiceBuilder, ServiceExt};
+use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::limit::RequestBodyLimitLayer;
+use tower_http::request_id::{PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
+use tower_http::timeout::RequestBodyTimeoutLayer;
+use tower_http::trace::TraceLayer;
+
+use crate::access_log::{AccessLog, InFlight, RequestSpan, RouteName};
+use crate::admin::Admin;
+use crate::app::App;
+use crate::auth::{AuthLayer, BoxFuture};
+use crate::body::{self, Body, BoxError, ReqBody};
+use crate::embeddings::Embeddings;
+use crate::error::GatewayError;
+use crate::rate_limit::RateLimitLayer;
+use crate::request_id::{self, MakeUuid};
+use crate::rescue::{self, RescueLayer};
+use crate::response::Framing;
+use crate::uploads::Uploads;
+use crate::upstream::{EMBEDDING_PATH, UPLOADS_PATH};
+
+/// A body that sends nothing for this long between chunks is abandoned
+/// (slowloris on the body; the head has its own timeout in the server).
+pub(crate) const BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// Added to twice the upstream timeout for the whole-request deadline:
+/// room for a follower that leads after its leader failed, and for Redis.
+const REQUEST_DEADLINE_MARGIN: Duration = Duration::from_secs(5);
+
+/// The API as one cloneable service, generic over the request body so
+/// tests can drive it in process without sockets.
+pub(crate) type Api<B> = BoxCloneService<Request<B>, Response<Body>, Infallible>;
+
+/// One route's service below the router.
+type Route = BoxCloneService<Request<ReqBody>, Response<Body>, Infallible>;
+
+/// Builds the API stack (see the module docs for each layer).
+pub(crate) fn api<B>(app: &Arc<App>) -> Api<B>
+where
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    let server = &app.config.server;
+    let deadline = app.config.upstream.timeout * 2 + REQUEST_DEADLINE_MARGIN;
+    let metrics = app.metrics.clone();
+    let stack = ServiceBuilder::new()
+        .map_response(|r: Response<_>| r.map(body::boxed))
+        // 1.
+        .map_request(request_id::drop_unusable)
+        .layer(SetRequestIdLayer::x_request_id(MakeUuid))
+        // 2.
+        .layer(SetSensitiveRequestHeadersLayer::new([AUTHORIZATION]))
+        // 3.
+        .map_future(move |answer| {
+            let counted = InFlight::new(&metrics);
+            async move {
+                let r = answer.await;
+                drop(counted);
+                r
+            }
+        })
+        // 4.
+        .layer(
+            TraceLayer::new_for_http()
+                .make_span_with(RequestSpan)
+                .on_request(())
+                .on_response(AccessLog::new(app.metrics.clone()))
+                .on_failure(()),
+        )
+        // 5.
+        .layer(PropagateRequestIdLayer::x_request_id())
+        // 6.
+        .layer(RescueLayer::new(server.max_body_bytes))
+        // 7.
+        .layer(CatchPanicLayer::custom(rescue::panic_response))
+        // 8.
+        .timeout(deadline)
+        // 9.
+        .layer(RequestBodyTimeoutLayer::new(BODY_READ_TIMEOUT))
+        // 10.
+        .layer(RequestBodyLimitLayer::new(server.max_body_bytes))
+        .map_request(|r: Request<_>| r.map(body::boxed))
+        // 11.
+        .service(Router::new(app));
+    BoxCloneService::new(stack)
+}
+
+/// a–c around a tenant route's service `svc`.
+fn tenant_route<S>(app: &Arc<App>, framing: Framing, svc: S) -> Route
+where
+    S: Service<Request<ReqBody>, Response = Response<Body>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    let route = ServiceBuilder::new()
+        // a.
+        .layer(AuthLayer::new(app.clone(), framing))
+        // b. (the shed error becomes a 503 here, where the tenant is known)
+        .layer(RescueLayer::new(app.config.server.max_body_bytes))
+        .load_shed()
+        .layer(GlobalConcurrencyLimitLayer::with_semaphore(
+            app.in_flight.clone(),
+        ))
+        // c.
+        .layer(RateLimitLayer::new(app.clone(), framing))
+        // d.
+        .service(svc);
+    BoxCloneService::new(route)
+}
+
+/// 11. Method and path to route.
+#[derive(Clone)]
+pub(crate) struct Router {
+    embeddings: Route,
+    uploads: Route,
+    admin: Route,
+}
+
+impl Router {
+    fn new(app: &Arc<App>) -> Router {
+        Router {
+            embeddings: tenant_route(app, Framing::SseIfAsked, Embeddings::new(app.clone())),
+            uploads: tenant_route(app, Framing::Json, Uploads::new(app.clone())),
+            admin: BoxCloneService::new(Admin::new(app.clone())),
+        }
+    }
+}
+
+impl Service<Request<ReqBody>> for Router {
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = BoxFuture;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        // Each route gets ready in its own call (`oneshot`).
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<ReqBody>) -> BoxFuture {
+        let path = req.uri().path();
+        let (name, route) = match (req.method(), path) {
+            (&Method::POST, EMBEDDING_PATH) => ("embeddings", &self.embeddings),
+            (&Method::GET, UPLOADS_PATH) => ("uploads", &self.uploads),
+            (_, EMBEDDING_PATH | UPLOADS_PATH) => {
+                return refuse(&req, GatewayError::MethodNotAllowed);
+            }
+            (_, p) if p.starts_with("/admin/") => ("admin", &self.admin),
+            (_, _) => return refuse(&req, GatewayError::NotFound),
+        };
+        let answer = route.clone().oneshot(req);
+        Box::pin(async move {
+            let mut r = answer.await?;
+            r.extensions_mut().insert(RouteName(name));
+            Ok(r)
+        })
+    }
+}
+
+fn refuse(req: &Request<ReqBody>, e: GatewayError) -> BoxFuture {
+    let r = e.into_response(&request_id::of(req), false);
+    Box::pin(std::future::ready(Ok(r)))
+}

@@ -1,0 +1,87 @@
+//! `GET /api/v1/uploads?action=getPolicy&model=…`: the SDK's upload
+//! certificate, fetched with the company key (the `oss://` URL it yields
+//! then resolves for the same account). Not cached, not metered. Behind the
+//! same auth, in-flight and rate layers as the embedding route.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http::header::{HeaderValue, CONTENT_TYPE};
+use http::{Method, Request, Response, StatusCode};
+use tower::Service;
+
+use crate::app::App;
+use crate::auth::BoxFuture;
+use crate::body::{full, Body, ReqBody};
+use crate::error::GatewayError;
+use crate::request_id;
+use crate::upstream::{upstream_error, UPLOADS_PATH};
+
+#[derive(Clone)]
+pub(crate) struct Uploads {
+    app: Arc<App>,
+}
+
+impl Uploads {
+    pub(crate) fn new(app: Arc<App>) -> Uploads {
+        Uploads { app }
+    }
+}
+
+impl Service<Request<ReqBody>> for Uploads {
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = BoxFuture;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<ReqBody>) -> BoxFuture {
+        let app = self.app.clone();
+        Box::pin(async move {
+            let rid = request_id::of(&req);
+            let (parts, _) = req.into_parts();
+            Ok(match policy(&app, &parts).await {
+                Ok(r) => r,
+                Err(e) => e.into_response(&rid, false),
+            })
+        })
+    }
+}
+
+async fn policy(app: &App, req: &http::request::Parts) -> Result<Response<Body>, GatewayError> {
+    let tenant = req
+        .extensions
+        .get::<Arc<crate::tenants::Tenant>>()
+        .cloned()
+        .ok_or_else(|| GatewayError::Internal("no tenant on an authenticated route".into()))?;
+    let pq = req
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or(UPLOADS_PATH);
+    let resp = app
+        .upstream
+        .send(
+            Method::GET,
+            pq,
+            &req.headers,
+            tenant.workspace.as_deref(),
+            Bytes::new(),
+        )
+        .await?;
+    if resp.status != StatusCode::OK {
+        return Err(upstream_error(&resp));
+    }
+    let ct = resp
+        .headers
+        .get(CONTENT_TYPE)
+        .cloned()
+        .unwrap_or(HeaderValue::from_static("application/json"));
+    let mut r = Response::new(full(resp.body));
+    r.headers_mut().insert(CONTENT_TYPE, ct);
+    Ok(r)
+}
