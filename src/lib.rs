@@ -17,8 +17,7 @@
 //!
 //! Support: [`config`] (TOML, validated), [`reload`] (SIGHUP, file watch),
 //! [`redis_store`] (the shared Redis connection), [`error`] (the one error
-//! type and its wire mapping), [`secret`], [`date`], [`app`] (shared state),
-//! and [`fake_dashscope`] (a test double of the upstream API).
+//! type and its wire mapping), [`secret`], [`date`], [`app`] (shared state).
 
 pub mod admin;
 pub mod app;
@@ -28,7 +27,6 @@ pub mod coalesce;
 pub mod config;
 pub mod date;
 pub mod error;
-pub mod fake_dashscope;
 pub mod ledger;
 pub mod limits;
 pub mod metrics;

@@ -1,7 +1,6 @@
 //! The `embedgate` command: parse the CLI and config, bind, run.
 
 use std::io::{Read, Write};
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -54,18 +53,6 @@ enum Command {
         #[arg(long, default_value = "json")]
         format: String,
     },
-    /// Run a fake DashScope for tests, benchmarks and demos.
-    #[command(hide = true)]
-    FakeDashscope {
-        #[arg(long, default_value = "127.0.0.1:8090")]
-        listen: SocketAddr,
-        /// Accept only this upstream key (read from the named env variable).
-        #[arg(long)]
-        api_key_env: Option<String>,
-        /// Added latency per embedding call, ms.
-        #[arg(long, default_value_t = 0)]
-        latency_ms: u64,
-    },
 }
 
 fn main() -> ExitCode {
@@ -91,11 +78,6 @@ fn main() -> ExitCode {
             tenant,
             format,
         } => with_runtime(usage(cli.config, from, to, tenant, format)),
-        Command::FakeDashscope {
-            listen,
-            api_key_env,
-            latency_ms,
-        } => with_runtime(fake(listen, api_key_env, latency_ms)),
     }
 }
 
@@ -316,25 +298,5 @@ async fn usage(
         println!("{v}");
     }
     let _ = Day::today();
-    ExitCode::SUCCESS
-}
-
-async fn fake(listen: SocketAddr, api_key_env: Option<String>, latency_ms: u64) -> ExitCode {
-    let listener = match TcpListener::bind(listen).await {
-        Ok(l) => l,
-        Err(e) => {
-            eprintln!("fake-dashscope: {listen}: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    if let Ok(a) = listener.local_addr() {
-        println!("fake-dashscope listening on http://{a}");
-    }
-    let key = api_key_env.and_then(|v| std::env::var(v).ok());
-    let state = embedgate::fake_dashscope::start(listener, key);
-    state
-        .latency_ms
-        .store(latency_ms, std::sync::atomic::Ordering::SeqCst);
-    shutdown_signal().await;
     ExitCode::SUCCESS
 }

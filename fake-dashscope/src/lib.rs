@@ -1,6 +1,7 @@
-//! A stand-in for DashScope, for tests, benchmarks and the compose demo
-//! (`embedgate fake-dashscope --listen 127.0.0.1:8090`). Never used by the
-//! gateway itself.
+//! A stand-in for DashScope, for embedgate's tests (in-process, through
+//! [`start`]), benchmarks and the compose demo (the `fake-dashscope` binary:
+//! `fake-dashscope --listen 127.0.0.1:8090`). Not part of the gateway: the
+//! `embedgate` crate has it as a dev-dependency only.
 //!
 //! It answers the embedding endpoint with a deterministic 1536-float vector
 //! and DashScope's usage block, serves the SDK's upload-certificate call and
