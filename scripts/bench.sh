@@ -11,7 +11,8 @@
 # one-connection run, BENCH_CONNECTIONS (32), BENCH_THREADS (2), BENCH_ROUNDS
 # (2), BENCH_REDIS (auto: also a gateway on Redis if redis-server is
 # installed; 0: never; 1: required), BENCH_BUILD (1; 0 uses the existing
-# target/release/embedgate), BENCH_KEEP (0; 1 keeps the work dir).
+# target/release/embedgate and target/release/fake-dashscope), BENCH_KEEP (0;
+# 1 keeps the work dir).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -24,6 +25,7 @@ ROUNDS=${BENCH_ROUNDS:-2}
 USE_REDIS=${BENCH_REDIS:-auto}
 BUILD=${BENCH_BUILD:-1}
 BIN=$ROOT/target/release/embedgate
+FAKE_BIN=$ROOT/target/release/fake-dashscope
 API_PATH=/api/v1/services/embeddings/multimodal-embedding/multimodal-embedding
 BODY='{"model":"multimodal-embedding-one-peace-v1","input":{"contents":[{"text":"The quick brown fox jumps over the lazy dog","factor":1}]},"parameters":{"auto_truncation":true}}'
 KEY=bench-key
@@ -50,10 +52,11 @@ case $USE_REDIS in
 esac
 
 if [ "$BUILD" = 1 ]; then
-  log "cargo build --release --bin embedgate (waits for the cargo lock if others are building)"
-  cargo build --release --bin embedgate >&2
+  log "cargo build --release -p embedgate -p fake-dashscope (waits for the cargo lock if others are building)"
+  cargo build --release -p embedgate -p fake-dashscope >&2
 fi
 [ -x "$BIN" ] || die "$BIN not found"
+[ -x "$FAKE_BIN" ] || die "$FAKE_BIN not found"
 
 # ---------------------------------------------------------------- processes
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/embedgate-bench.XXXXXX")
@@ -107,7 +110,7 @@ cpu_ticks() {
 CLK_TCK=$(getconf CLK_TCK 2>/dev/null || echo 100)
 
 # fake upstream, latency 0 so the gateway's own overhead shows
-"$BIN" fake-dashscope --listen 127.0.0.1:0 --latency-ms 0 >"$WORK/fake.out" 2>"$WORK/fake.err" &
+"$FAKE_BIN" --listen 127.0.0.1:0 --latency-ms 0 >"$WORK/fake.out" 2>"$WORK/fake.err" &
 FAKE_PID=$!; PIDS+=("$FAKE_PID")
 FAKE=$(wait_line "$WORK/fake.out" 's/^fake-dashscope listening on //p' "$FAKE_PID") \
   || die "fake upstream did not start: $(cat "$WORK/fake.err")"

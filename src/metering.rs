@@ -66,8 +66,8 @@ impl Usage {
         let mut s = String::from("{");
         for m in Modality::ALL {
             let n = self.items.get(m);
-            if n > 0 {
-                let weight = self.units.get(m) / n;
+            // Only modalities present are listed (`checked_div` is None for 0).
+            if let Some(weight) = self.units.get(m).checked_div(n) {
                 s.push_str(&format!(
                     "\"{}\":{{\"measure\":{n},\"weight\":{weight}}},",
                     m.as_str()

@@ -9,7 +9,7 @@ use tower_http::request_id::{MakeRequestId, RequestId};
 /// `[A-Za-z0-9._:-]`, is replaced: it is echoed into JSON bodies and logs.
 const MAX_CLIENT_ID_LEN: usize = 128;
 
-pub(crate) fn new() -> String {
+pub(crate) fn fresh() -> String {
     uuid::Uuid::new_v4().hyphenated().to_string()
 }
 
@@ -19,7 +19,7 @@ pub(crate) struct MakeUuid;
 
 impl MakeRequestId for MakeUuid {
     fn make_request_id<B>(&mut self, _: &Request<B>) -> Option<RequestId> {
-        HeaderValue::from_str(&new()).ok().map(RequestId::new)
+        HeaderValue::from_str(&fresh()).ok().map(RequestId::new)
     }
 }
 
@@ -49,7 +49,7 @@ pub(crate) fn of<B>(req: &Request<B>) -> String {
         .get::<RequestId>()
         .and_then(|id| id.header_value().to_str().ok())
         .map(str::to_string)
-        .unwrap_or_else(new)
+        .unwrap_or_else(fresh)
 }
 
 #[cfg(test)]

@@ -187,7 +187,7 @@ async fn route(
             Err(never) => match never {},
         },
         (Listener::Metrics, _, _) => {
-            GatewayError::NotFound.into_response(&request_id::new(), false)
+            GatewayError::NotFound.into_response(&request_id::fresh(), false)
         }
     }
 }

@@ -407,7 +407,7 @@ pub(crate) fn parse_success(body: Bytes, dimension: usize) -> Result<Success, Ga
     }
     let embedding = Bytes::copy_from_slice(raw.get().as_bytes());
     let usage = up.usage.as_ref().and_then(parse_usage);
-    let request_id = up.request_id.unwrap_or_else(request_id::new);
+    let request_id = up.request_id.unwrap_or_else(request_id::fresh);
     Ok(Success {
         body,
         embedding,

@@ -1,5 +1,8 @@
-//! The command line: `hash-key`, and start-up refusing a bad config.
+//! The command line: `hash-key`, `check-config`, start-up refusing a bad
+//! config, the metrics listener, and no test double in the product.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod common;
+use common::*;
 
 use std::io::Write;
 use std::process::{Command, Stdio};
@@ -85,33 +88,14 @@ fn a_missing_config_file_is_an_error() {
 /// the second stdout line) and leaves the API port.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_can_have_their_own_listener() {
-    use std::io::{BufRead, BufReader};
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("m.toml");
-    std::fs::write(
-        &path,
-        "[server]\nlisten = \"127.0.0.1:0\"\nmetrics_listen = \"127.0.0.1:0\"\n",
-    )
-    .unwrap();
-    let mut child = embedgate()
-        .arg("--config")
-        .arg(&path)
-        .env("EMBEDGATE_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let api = lines.next().unwrap().unwrap();
-    let metrics = lines.next().unwrap().unwrap();
-    let api = api
-        .strip_prefix("embedgate listening on ")
-        .unwrap()
-        .to_string();
-    let metrics = metrics
-        .strip_prefix("embedgate metrics on ")
-        .unwrap()
-        .to_string();
+    // The harness reads both stdout lines: `embedgate listening on
+    // http://ADDR`, then `embedgate metrics on http://ADDR/metrics`.
+    let gw = TestGateway::builder()
+        .set("server", "metrics_listen = \"127.0.0.1:0\"")
+        .start()
+        .await;
+    let api = format!("http://{}", gw.addr);
+    let metrics = format!("http://{}/metrics", gw.metrics_addr.unwrap());
     let client = reqwest::Client::builder().no_proxy().build().unwrap();
     let m = client.get(&metrics).send().await.unwrap();
     assert_eq!(m.status(), 200);
@@ -147,6 +131,85 @@ async fn metrics_can_have_their_own_listener() {
         .await
         .unwrap();
     assert_eq!(api_on_metrics.status(), 404);
-    let _ = child.kill();
-    let _ = child.wait();
+}
+
+/// The test double is not in the product: `fake-dashscope` is its own crate
+/// and binary, not an `embedgate` subcommand.
+#[test]
+fn fake_dashscope_is_not_an_embedgate_subcommand() {
+    let out = embedgate().arg("fake-dashscope").output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        err.contains("unrecognized subcommand 'fake-dashscope'"),
+        "{err}"
+    );
+    assert!(String::from_utf8(out.stdout).unwrap().is_empty());
+}
+
+// ---------- check-config ----------
+
+fn check_config(src: &str) -> (Option<i32>, String, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("embedgate.toml");
+    std::fs::write(&path, src).unwrap();
+    let out = embedgate().arg("check-config").arg(&path).output().unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// The stderr line naming `line N: key:`.
+fn error_line<'a>(stderr: &'a str, line: usize, key: &str) -> &'a str {
+    let want = format!("line {line}: {key}:");
+    stderr
+        .lines()
+        .find(|l| l.contains(&want))
+        .unwrap_or_else(|| panic!("no `{want}` in stderr:\n{stderr}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_config_accepts_a_valid_file() {
+    let fake = Fake::start().await;
+    let src = TestGateway::builder()
+        .fake(&fake)
+        .tenant("a", "ka")
+        .rate(0.001, 5)
+        .quota(10, Per::Day)
+        .set("limits", "quota_on_store_error = \"deny\"")
+        .set("limits", "quota_counts_hits = true")
+        .config();
+    let (code, out, err) = check_config(&src);
+    assert_eq!(code, Some(0), "stdout: {out}\nstderr: {err}");
+}
+
+/// Bad values only: every one is listed.
+#[test]
+fn check_config_lists_every_bad_value() {
+    let src = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nshutdown_grace = \"soon\"\n\n[[tenants]]\nname = \"a\"\nkey_sha256 = [\"xyz\"]\nrate = {{ per_second = -1, burst = 5 }}\n\n[[tenants]]\nname = \"b\"\nkey_sha256 = [\"{}\"]\n",
+        digest("kb")
+    );
+    let (code, _, err) = check_config(&src);
+    assert_eq!(code, Some(2), "stderr: {err}");
+    error_line(&err, 3, "server.shutdown_grace");
+    error_line(&err, 7, "tenants[0].key_sha256[0]");
+    error_line(&err, 8, "tenants[0].rate.per_second");
+}
+
+/// An unknown key together with bad values: all of them are listed.
+#[test]
+fn check_config_lists_unknown_key_with_the_other_errors() {
+    let src = "[server]\nlisten = \"127.0.0.1:0\"\nlisen = \"127.0.0.1:1\"\nshutdown_grace = \"soon\"\n\n[[tenants]]\nname = \"a\"\nkey_sha256 = [\"xyz\"]\n";
+    let (code, _, err) = check_config(src);
+    assert_eq!(code, Some(2), "stderr: {err}");
+    let unknown = err
+        .lines()
+        .find(|l| l.contains("line 3:"))
+        .unwrap_or_else(|| panic!("no `line 3:` in stderr:\n{err}"));
+    assert!(unknown.contains("lisen"), "{unknown}");
+    error_line(&err, 4, "server.shutdown_grace");
+    error_line(&err, 8, "tenants[0].key_sha256[0]");
 }

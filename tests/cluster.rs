@@ -105,23 +105,15 @@ impl Drop for Cluster {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cache_quota_and_ledger_on_redis_cluster() {
     let cluster = Cluster::start();
-    let fake = Fake::start().await;
-    let extra = format!(
-        "[cache]\nredis_url = \"{}\"\nredis_cluster = true\nmemory_max_bytes = 0\n",
-        cluster.urls()
-    );
-    let cfg = config(
-        &fake,
-        None,
-        &[Tenant {
-            name: "search",
-            key: "k-search",
-            extra:
-                "quota = { units = 5, per = \"day\" }\nrate = { per_second = 0.001, burst = 100 }",
-        }],
-        &extra,
-    );
-    let gw = Gateway::start(&cfg);
+    let gw = TestGateway::builder()
+        .tenant("search", "k-search")
+        .quota(5, Per::Day)
+        .rate(0.001, 100)
+        .set("cache", format!("redis_url = \"{}\"", cluster.urls()))
+        .set("cache", "redis_cluster = true")
+        .set("cache", "memory_max_bytes = 0")
+        .start()
+        .await;
     eventually(10, "redis cluster up", async || {
         let r = gw.get("/readyz", None).await;
         (r.json()["redis"] == "up").then_some(())
@@ -134,7 +126,7 @@ async fn cache_quota_and_ledger_on_redis_cluster() {
     let hit = gw.embed("k-search", &b).await;
     assert_eq!(hit.status, 200, "{}", hit.text);
     assert_eq!(hit.cache(), "HIT");
-    assert_eq!(fake.calls(), 1);
+    assert_eq!(gw.fake.calls(), 1);
 
     // Quota (5 units): 3 used above; two 1-unit misses fit, the third does not.
     assert_eq!(gw.embed("k-search", &text_body("q1")).await.status, 200);
@@ -142,10 +134,10 @@ async fn cache_quota_and_ledger_on_redis_cluster() {
     let refused = gw.embed("k-search", &text_body("q3")).await;
     assert_eq!(refused.status, 429);
     assert_eq!(refused.code(), "Throttling.AllocationQuota");
-    assert_eq!(fake.calls(), 3);
+    assert_eq!(gw.fake.calls(), 3);
 
     // Ledger: the rows reach the cluster.
-    let today = embedgate::date::Day::today().to_string();
+    let today = today();
     let path = format!("/admin/usage?from={today}&to={today}&tenant=search");
     let rows = eventually(10, "ledger rows in the cluster", async || {
         let r = gw.get(&path, Some(ADMIN_TOKEN)).await;

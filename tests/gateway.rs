@@ -7,94 +7,19 @@ use common::*;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use embedgate::fake_dashscope::Fault;
 use serde_json::{json, Value};
 
 const K1: &str = "sk-tenant-search-1";
 const K2: &str = "sk-tenant-ads-2";
 
-fn search() -> Tenant<'static> {
-    Tenant {
-        name: "search",
-        key: K1,
-        extra: "",
-    }
-}
-
-fn ads() -> Tenant<'static> {
-    Tenant {
-        name: "ads",
-        key: K2,
-        extra: "",
-    }
-}
-
 /// One tenant `search` (key `K1`), memory cache.
-fn one_tenant(fake: &Fake, extra: &str) -> String {
-    config(fake, None, &[search()], extra)
+fn one_tenant() -> GatewayBuilder {
+    TestGateway::builder().tenant("search", K1)
 }
 
-/// Inserts `line` as the first key of `[section]` in a config from `config()`.
-fn set(cfg: &str, section: &str, line: &str) -> String {
-    let header = format!("[{section}]\n");
-    assert!(cfg.contains(&header), "config has no [{section}]:\n{cfg}");
-    cfg.replacen(&header, &format!("{header}{line}\n"), 1)
-}
-
-/// Σ of every series of `name`, whatever its labels.
-fn metric_sum(text: &str, name: &str) -> f64 {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| {
-            let (series, value) = l.rsplit_once(' ')?;
-            let n = series.split('{').next()?;
-            (n == name).then(|| value.parse::<f64>().unwrap_or(0.0))
-        })
-        .sum()
-}
-
-fn embedding(v: &Value) -> &Vec<Value> {
-    v["output"]["embedding"]
-        .as_array()
-        .unwrap_or_else(|| panic!("no output.embedding in {v}"))
-}
-
-/// Asserts a successful JSON answer (SPEC §1): 200, application/json, no
-/// `code`, 1536 numbers.
-fn assert_success(r: &Reply) -> Value {
-    assert_eq!(r.status, 200, "{}", r.text);
-    let ct = r.header("content-type").unwrap_or("");
-    assert!(ct.starts_with("application/json"), "content-type {ct:?}");
-    let v = r.json();
-    assert!(
-        v.get("code").is_none(),
-        "success carries a code: {}",
-        r.text
-    );
-    let e = embedding(&v);
-    assert_eq!(e.len(), 1536);
-    assert!(e.iter().all(Value::is_number));
-    v
-}
-
-/// Asserts a DashScope-shaped error with this status and code.
-fn assert_error(r: &Reply, status: u16, code: &str) -> Value {
-    assert_eq!(r.status, status, "{}", r.text);
-    let ct = r.header("content-type").unwrap_or("");
-    assert!(ct.starts_with("application/json"), "content-type {ct:?}");
-    let v = r.json();
-    assert_eq!(v["code"], code, "{}", r.text);
-    assert!(
-        v["message"].as_str().is_some_and(|m| !m.is_empty()),
-        "{}",
-        r.text
-    );
-    assert!(
-        v["request_id"].as_str().is_some_and(|m| !m.is_empty()),
-        "{}",
-        r.text
-    );
-    v
+/// Tenants `search` (key `K1`) and `ads` (key `K2`).
+fn two_tenants() -> GatewayBuilder {
+    one_tenant().tenant("ads", K2)
 }
 
 /// The JSON on the `data:` line of an SSE answer, and its event name.
@@ -140,19 +65,18 @@ fn mixed_body() -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn miss_then_hit_with_usage_and_fresh_request_id() {
-    let fake = Fake::start().await;
-    let gw = Gateway::start(&one_tenant(&fake, ""));
+    let gw = one_tenant().start().await;
     let b = mixed_body();
 
     let r1 = gw.embed(K1, &b).await;
     let v1 = assert_success(&r1);
     assert_eq!(r1.cache(), "MISS");
-    assert_eq!(fake.calls(), 1);
+    assert_eq!(gw.fake.calls(), 1);
 
     let r2 = gw.embed(K1, &b).await;
     let v2 = assert_success(&r2);
     assert_eq!(r2.cache(), "HIT");
-    assert_eq!(fake.calls(), 1, "a hit must not call upstream");
+    assert_eq!(gw.fake.calls(), 1, "a hit must not call upstream");
 
     assert_eq!(v1["output"]["embedding"], v2["output"]["embedding"]);
     let want_usage = json!({
@@ -176,7 +100,7 @@ async fn miss_then_hit_with_usage_and_fresh_request_id() {
     let v3 = assert_success(&r3);
     assert_eq!(r3.cache(), "HIT");
     assert_ne!(v3["request_id"], v2["request_id"]);
-    assert_eq!(fake.calls(), 1);
+    assert_eq!(gw.fake.calls(), 1);
 
     let m = gw.metrics().await;
     let units = |modality: &str, cache: &str| {
@@ -209,8 +133,7 @@ async fn miss_then_hit_with_usage_and_fresh_request_id() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn equivalent_bodies_share_one_entry() {
-    let fake = Fake::start().await;
-    let gw = Gateway::start(&one_tenant(&fake, ""));
+    let gw = one_tenant().start().await;
     let m = MODEL;
     let bodies = [
         // The reference: compact, factor 1 as an integer.
@@ -243,21 +166,20 @@ async fn equivalent_bodies_share_one_entry() {
         let v = assert_success(&r);
         let want = if i == 0 { "MISS" } else { "HIT" };
         assert_eq!(r.cache(), want, "body #{i}: {b}");
-        assert_eq!(fake.calls(), 1, "body #{i} made an upstream call: {b}");
+        assert_eq!(gw.fake.calls(), 1, "body #{i} made an upstream call: {b}");
         match &first {
             None => first = Some(v["output"]["embedding"].clone()),
             Some(e) => assert_eq!(&v["output"]["embedding"], e, "body #{i}"),
         }
     }
-    assert_eq!(fake.calls(), 1);
+    assert_eq!(gw.fake.calls(), 1);
 }
 
 // ---------- 3. cache-key distinctions ----------
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn distinct_requests_get_distinct_entries() {
-    let fake = Fake::start().await;
-    let gw = Gateway::start(&one_tenant(&fake, ""));
+    let gw = one_tenant().start().await;
     let m = MODEL;
     let bodies = [
         format!(
@@ -306,16 +228,16 @@ async fn distinct_requests_get_distinct_entries() {
             "MISS",
             "body #{i} was served from another's entry: {b}"
         );
-        assert_eq!(fake.calls(), i as u64 + 1, "body #{i}: {b}");
+        assert_eq!(gw.fake.calls(), i as u64 + 1, "body #{i}: {b}");
     }
     // Each is now cached on its own.
     for (i, b) in bodies.iter().enumerate() {
         let r = gw.embed(K1, b).await;
         assert_eq!(r.cache(), "HIT", "body #{i}: {b}");
     }
-    assert_eq!(fake.calls(), bodies.len() as u64);
+    assert_eq!(gw.fake.calls(), bodies.len() as u64);
     // What went upstream carries the parameters and the normalised factor.
-    let sent = fake.state.bodies.lock().unwrap().clone();
+    let sent = gw.fake.bodies();
     assert_eq!(sent[4]["parameters"]["foo"], 1);
     assert_eq!(
         sent[1]["input"]["contents"][0]["factor"].as_f64(),
@@ -329,8 +251,7 @@ async fn distinct_requests_get_distinct_entries() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tenant_scope_separates_tenants() {
-    let fake = Fake::start().await;
-    let gw = Gateway::start(&config(&fake, None, &[search(), ads()], ""));
+    let gw = two_tenants().start().await;
     let b = text_body("scoped");
     let r1 = gw.embed(K1, &b).await;
     assert_success(&r1);
@@ -338,21 +259,18 @@ async fn tenant_scope_separates_tenants() {
     let r2 = gw.embed(K2, &b).await;
     assert_success(&r2);
     assert_eq!(r2.cache(), "MISS", "default scope is per tenant");
-    assert_eq!(fake.calls(), 2);
+    assert_eq!(gw.fake.calls(), 2);
     assert_eq!(gw.embed(K1, &b).await.cache(), "HIT");
     assert_eq!(gw.embed(K2, &b).await.cache(), "HIT");
-    assert_eq!(fake.calls(), 2);
+    assert_eq!(gw.fake.calls(), 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shared_scope_shares_between_tenants() {
-    let fake = Fake::start().await;
-    let gw = Gateway::start(&config(
-        &fake,
-        None,
-        &[search(), ads()],
-        "[cache]\nscope = \"shared\"\n",
-    ));
+    let gw = two_tenants()
+        .set("cache", "scope = \"shared\"")
+        .start()
+        .await;
     let b = text_body("shared");
     let r1 = gw.embed(K1, &b).await;
     let v1 = assert_success(&r1);
@@ -360,7 +278,7 @@ async fn shared_scope_shares_between_tenants() {
     let r2 = gw.embed(K2, &b).await;
     let v2 = assert_success(&r2);
     assert_eq!(r2.cache(), "HIT");
-    assert_eq!(fake.calls(), 1);
+    assert_eq!(gw.fake.calls(), 1);
     assert_eq!(v1["output"]["embedding"], v2["output"]["embedding"]);
     // The hit is metered to the tenant that asked.
     let m = gw.metrics().await;
@@ -378,8 +296,7 @@ async fn shared_scope_shares_between_tenants() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_inputs_are_refused_locally() {
-    let fake = Fake::start().await;
-    let gw = Gateway::start(&one_tenant(&fake, ""));
+    let gw = one_tenant().start().await;
     let m = MODEL;
     let long = "字".repeat(71);
     let cases: Vec<(String, &str)> = vec![
@@ -456,7 +373,7 @@ async fn bad_inputs_are_refused_locally() {
         );
         assert_eq!(r.header("x-should-retry"), Some("false"), "body {body:?}");
     }
-    assert_eq!(fake.calls(), 0, "bad input must never be forwarded");
+    assert_eq!(gw.fake.calls(), 0, "bad input must never be forwarded");
     let metrics = gw.metrics().await;
     assert_eq!(metric_sum(&metrics, "embedgate_usage_units_total"), 0.0);
 
@@ -466,21 +383,22 @@ async fn bad_inputs_are_refused_locally() {
     );
     let r = gw.embed(K1, &ok).await;
     assert_success(&r);
-    assert_eq!(fake.calls(), 1);
+    assert_eq!(gw.fake.calls(), 1);
     // And 70 characters are fine without it.
     let seventy = format!(
         r#"{{"model":"{m}","input":{{"contents":[{{"text":"{}"}}]}},"parameters":{{}}}}"#,
         "字".repeat(70)
     );
     assert_success(&gw.embed(K1, &seventy).await);
-    assert_eq!(fake.calls(), 2);
+    assert_eq!(gw.fake.calls(), 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn body_over_the_limit_is_413() {
-    let fake = Fake::start().await;
-    let cfg = set(&one_tenant(&fake, ""), "server", "max_body_bytes = 512");
-    let gw = Gateway::start(&cfg);
+    let gw = one_tenant()
+        .set("server", "max_body_bytes = 512")
+        .start()
+        .await;
     let big = text_body(&"x".repeat(600));
     let r = gw.embed(K1, &big).await;
     assert_error(&r, 413, "BadRequest.TooLarge");
@@ -503,14 +421,14 @@ async fn body_over_the_limit_is_413() {
     assert!(resp.starts_with("HTTP/1.1 413"), "{resp}");
     assert!(resp.contains("BadRequest.TooLarge"), "{resp}");
 
-    assert_eq!(fake.calls(), 0);
+    assert_eq!(gw.fake.calls(), 0);
     // A small body still works.
     assert_success(&gw.embed(K1, &text_body("small")).await);
-    assert_eq!(fake.calls(), 1);
+    assert_eq!(gw.fake.calls(), 1);
 }
 
 /// Sends raw bytes on a fresh connection and reads until the server closes.
-async fn raw_http(gw: &Gateway, request: &str) -> String {
+async fn raw_http(gw: &TestGateway, request: &str) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
     s.write_all(request.as_bytes()).await.unwrap();
@@ -523,8 +441,7 @@ async fn raw_http(gw: &Gateway, request: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn missing_or_unknown_key_is_401() {
-    let fake = Fake::start().await;
-    let gw = Gateway::start(&one_tenant(&fake, ""));
+    let gw = one_tenant().start().await;
     let b = text_body("auth");
 
     let r = gw.embed("sk-not-a-tenant", &b).await;
@@ -547,18 +464,15 @@ async fn missing_or_unknown_key_is_401() {
     let r = gw.embed(UPSTREAM_KEY, &b).await;
     assert_error(&r, 401, "InvalidApiKey");
 
-    assert_eq!(fake.calls(), 0);
+    assert_eq!(gw.fake.calls(), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn headers_to_and_from_upstream() {
-    let fake = Fake::start().await;
-    let tenant = Tenant {
-        name: "search",
-        key: K1,
-        extra: "workspace = \"ws-9\"",
-    };
-    let gw = Gateway::start(&config(&fake, None, &[tenant], ""));
+    let gw = one_tenant()
+        .tenant_toml("workspace = \"ws-9\"")
+        .start()
+        .await;
     let b = body(&[(
         "image",
         "oss://dashscope-instant/fake/2026-11-24/abc/cat.png",
@@ -578,8 +492,8 @@ async fn headers_to_and_from_upstream() {
         )
         .await;
     assert_eq!(r.status, 200, "{}", r.text);
-    assert_eq!(fake.calls(), 1);
-    let h = fake.state.last_headers().unwrap();
+    assert_eq!(gw.fake.calls(), 1);
+    let h = gw.fake.last_headers().unwrap();
     let get = |n: &str| h.get(n).map(|v| v.to_str().unwrap().to_string());
     assert_eq!(
         get("authorization").as_deref(),
@@ -610,21 +524,19 @@ async fn headers_to_and_from_upstream() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oss_content_without_resolve_header_is_upstreams_error() {
-    let fake = Fake::start().await;
-    let gw = Gateway::start(&one_tenant(&fake, ""));
+    let gw = one_tenant().start().await;
     let b = body(&[("image", "oss://dashscope-instant/x/y.png")]);
     let r = gw.embed(K1, &b).await;
     // The fake refuses it; the gateway passes the refusal through.
     assert_error(&r, 400, "InvalidParameter");
-    assert_eq!(fake.calls(), 1);
+    assert_eq!(gw.fake.calls(), 1);
 }
 
 // ---------- 6. unknown paths ----------
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_paths_are_404_and_never_forwarded() {
-    let fake = Fake::start().await;
-    let gw = Gateway::start(&one_tenant(&fake, ""));
+    let gw = one_tenant().start().await;
 
     let r = gw.get("/api/v1/foo", Some(K1)).await;
     assert_error(&r, 404, "NotFound");
@@ -665,50 +577,44 @@ async fn unknown_paths_are_404_and_never_forwarded() {
     assert_eq!(r.status, 405, "{}", r.text);
     assert!(r.json()["code"].as_str().is_some_and(|c| !c.is_empty()));
 
-    assert_eq!(fake.calls(), 0);
-    assert_eq!(
-        fake.state
-            .upload_policy_calls
-            .load(std::sync::atomic::Ordering::SeqCst),
-        0
-    );
+    assert_eq!(gw.fake.calls(), 0);
+    assert_eq!(gw.fake.upload_policy_calls(), 0);
 }
 
 // ---------- 7. upstream errors ----------
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_errors_pass_through_uncached() {
-    let fake = Fake::start().await;
-    let gw = Gateway::start(&one_tenant(&fake, ""));
+    let gw = one_tenant().start().await;
 
     // Scripted.
     let b = text_body("scripted error");
-    fake.state.push_faults([Fault::Status(400, "InvalidURL")]);
+    gw.fake.push_faults([Fault::Status(400, "InvalidURL")]);
     let r = gw.embed(K1, &b).await;
     let v = assert_error(&r, 400, "InvalidURL");
     assert_eq!(v["message"], "injected by the fake");
-    assert_eq!(fake.calls(), 1, "a 400 is not retried");
+    assert_eq!(gw.fake.calls(), 1, "a 400 is not retried");
     // Not cached: the next one calls again and succeeds.
     let r = gw.embed(K1, &b).await;
     assert_success(&r);
     assert_eq!(r.cache(), "MISS");
-    assert_eq!(fake.calls(), 2);
+    assert_eq!(gw.fake.calls(), 2);
 
     // An unreachable URL, as upstream reports it.
     let bad = body(&[("image", "https://unreachable.example.com/x.png")]);
     let r = gw.embed(K1, &bad).await;
     let v = assert_error(&r, 400, "InvalidURL");
     assert_eq!(v["message"], "Invalid URL provided in your request.");
-    assert_eq!(fake.calls(), 3);
+    assert_eq!(gw.fake.calls(), 3);
     let r = gw.embed(K1, &bad).await;
     assert_error(&r, 400, "InvalidURL");
-    assert_eq!(fake.calls(), 4, "errors are never cached");
+    assert_eq!(gw.fake.calls(), 4, "errors are never cached");
 
     // Other statuses keep theirs.
-    fake.state.push_faults([Fault::Status(403, "AccessDenied")]);
+    gw.fake.push_faults([Fault::Status(403, "AccessDenied")]);
     let r = gw.embed(K1, &text_body("forbidden")).await;
     assert_error(&r, 403, "AccessDenied");
-    assert_eq!(fake.calls(), 5);
+    assert_eq!(gw.fake.calls(), 5);
 
     let m = gw.metrics().await;
     assert_eq!(
@@ -728,15 +634,14 @@ async fn upstream_errors_pass_through_uncached() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_200s_are_errors_not_cached_not_metered() {
-    let fake = Fake::start().await;
-    let gw = Gateway::start(&one_tenant(&fake, ""));
+    let gw = one_tenant().start().await;
     for (i, fault) in [Fault::CodeOn200, Fault::BadEmbedding]
         .into_iter()
         .enumerate()
     {
         let b = text_body(&format!("bad 200 #{i}"));
         let before = gw.metrics().await;
-        fake.state.push_faults([fault.clone()]);
+        gw.fake.push_faults([fault.clone()]);
         let r = gw.embed(K1, &b).await;
         assert_ne!(r.status, 200, "{fault:?}: {}", r.text);
         let v = r.json();
@@ -746,7 +651,7 @@ async fn bad_200s_are_errors_not_cached_not_metered() {
             r.text
         );
         assert!(v.get("output").is_none(), "{fault:?}: {}", r.text);
-        assert_eq!(fake.calls(), 2 * i as u64 + 1);
+        assert_eq!(gw.fake.calls(), 2 * i as u64 + 1);
 
         let after = gw.metrics().await;
         for name in ["embedgate_usage_units_total", "embedgate_items_total"] {
@@ -761,7 +666,7 @@ async fn bad_200s_are_errors_not_cached_not_metered() {
         let r = gw.embed(K1, &b).await;
         assert_success(&r);
         assert_eq!(r.cache(), "MISS", "{fault:?}");
-        assert_eq!(fake.calls(), 2 * i as u64 + 2);
+        assert_eq!(gw.fake.calls(), 2 * i as u64 + 2);
         assert_eq!(gw.embed(K1, &b).await.cache(), "HIT");
     }
     // Only the real successes counted: per round one miss and one hit of 1 unit.
@@ -771,15 +676,13 @@ async fn bad_200s_are_errors_not_cached_not_metered() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn code_on_200_counts_nothing() {
-    let fake = Fake::start().await;
-    let gw = Gateway::start(&one_tenant(&fake, ""));
-    fake.state
-        .push_faults([Fault::CodeOn200, Fault::BadEmbedding]);
+    let gw = one_tenant().start().await;
+    gw.fake.push_faults([Fault::CodeOn200, Fault::BadEmbedding]);
     let r = gw.embed(K1, &text_body("one")).await;
     assert_ne!(r.status, 200);
     let r = gw.embed(K1, &text_body("two")).await;
     assert_ne!(r.status, 200);
-    assert_eq!(fake.calls(), 2);
+    assert_eq!(gw.fake.calls(), 2);
     let m = gw.metrics().await;
     assert_eq!(metric_sum(&m, "embedgate_usage_units_total"), 0.0);
     assert_eq!(metric_sum(&m, "embedgate_items_total"), 0.0);
@@ -789,16 +692,15 @@ async fn code_on_200_counts_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retries_429_and_5xx_then_succeeds() {
-    let fake = Fake::start().await;
-    let gw = Gateway::start(&one_tenant(&fake, ""));
-    fake.state.push_faults([
+    let gw = one_tenant().start().await;
+    gw.fake.push_faults([
         Fault::Status(429, "Throttling"),
         Fault::Status(500, "InternalError"),
     ]);
     let r = gw.embed(K1, &text_body("retry me")).await;
     assert_success(&r);
     assert_eq!(r.cache(), "MISS");
-    assert_eq!(fake.calls(), 3);
+    assert_eq!(gw.fake.calls(), 3);
     // Billed once.
     let m = gw.metrics().await;
     assert_eq!(metric_sum(&m, "embedgate_usage_units_total"), 1.0);
@@ -806,9 +708,8 @@ async fn retries_429_and_5xx_then_succeeds() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retries_are_bounded() {
-    let fake = Fake::start().await;
-    let gw = Gateway::start(&one_tenant(&fake, ""));
-    fake.state.push_faults([
+    let gw = one_tenant().start().await;
+    gw.fake.push_faults([
         Fault::Status(503, "ServiceUnavailable"),
         Fault::Status(503, "ServiceUnavailable"),
         Fault::Status(503, "ServiceUnavailable"),
@@ -817,29 +718,27 @@ async fn retries_are_bounded() {
     let r = gw.embed(K1, &text_body("always down")).await;
     assert_error(&r, 503, "ServiceUnavailable");
     // Default max_retries = 2: three attempts, not four.
-    assert_eq!(fake.calls(), 3);
+    assert_eq!(gw.fake.calls(), 3);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_retries_when_max_retries_is_zero() {
-    let fake = Fake::start().await;
-    let cfg = set(&one_tenant(&fake, ""), "upstream", "max_retries = 0");
-    let gw = Gateway::start(&cfg);
-    fake.state
+    let gw = one_tenant()
+        .set("upstream", "max_retries = 0")
+        .start()
+        .await;
+    gw.fake
         .push_faults([Fault::Status(503, "ServiceUnavailable")]);
     let r = gw.embed(K1, &text_body("once")).await;
     let v = assert_error(&r, 503, "ServiceUnavailable");
     assert_eq!(v["message"], "injected by the fake");
-    assert_eq!(fake.calls(), 1);
+    assert_eq!(gw.fake.calls(), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connect_failure_is_502() {
-    let fake = Fake::start().await;
     let closed = format!("http://127.0.0.1:{}", free_port());
-    let cfg = one_tenant(&fake, "").replace(&fake.url(), &closed);
-    assert!(cfg.contains(&closed));
-    let gw = Gateway::start(&cfg);
+    let gw = one_tenant().upstream_url(&closed).start().await;
     let r = gw.embed(K1, &text_body("nobody home")).await;
     let v = assert_error(&r, 502, "BadGateway");
     assert!(
@@ -853,11 +752,11 @@ async fn connect_failure_is_502() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hung_upstream_is_504() {
-    let fake = Fake::start().await;
-    let cfg = one_tenant(&fake, "").replace("timeout = \"10s\"", "timeout = \"500ms\"");
-    assert!(cfg.contains("timeout = \"500ms\""));
-    let gw = Gateway::start(&cfg);
-    fake.state.push_faults([Fault::Drop]);
+    let gw = one_tenant()
+        .set("upstream", "timeout = \"500ms\"")
+        .start()
+        .await;
+    gw.fake.push_faults([Fault::Drop]);
     let started = Instant::now();
     let r = gw.embed(K1, &text_body("hang")).await;
     assert_error(&r, 504, "GatewayTimeout");
@@ -866,34 +765,33 @@ async fn hung_upstream_is_504() {
         "took {:?}",
         started.elapsed()
     );
-    assert_eq!(fake.calls(), 1);
+    assert_eq!(gw.fake.calls(), 1);
     // The gateway is fine afterwards, and nothing was cached.
     let r = gw.embed(K1, &text_body("hang")).await;
     assert_success(&r);
     assert_eq!(r.cache(), "MISS");
-    assert_eq!(fake.calls(), 2);
+    assert_eq!(gw.fake.calls(), 2);
 }
 
 // ---------- 9. Cache-Control ----------
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cache_control_no_cache_and_no_store() {
-    let fake = Fake::start().await;
-    let gw = Gateway::start(&one_tenant(&fake, ""));
+    let gw = one_tenant().start().await;
 
     // no-cache on a cached entry: a fresh call.
     let a = text_body("cc-a");
     assert_eq!(gw.embed(K1, &a).await.cache(), "MISS");
     assert_eq!(gw.embed(K1, &a).await.cache(), "HIT");
-    assert_eq!(fake.calls(), 1);
+    assert_eq!(gw.fake.calls(), 1);
     let r = gw
         .embed_with(K1, &a, &[("cache-control", "no-cache")])
         .await;
     assert_success(&r);
     assert_eq!(r.cache(), "MISS");
-    assert_eq!(fake.calls(), 2);
+    assert_eq!(gw.fake.calls(), 2);
     assert_eq!(gw.embed(K1, &a).await.cache(), "HIT");
-    assert_eq!(fake.calls(), 2);
+    assert_eq!(gw.fake.calls(), 2);
 
     // no-cache on a new entry stores the result.
     let b = text_body("cc-b");
@@ -902,9 +800,9 @@ async fn cache_control_no_cache_and_no_store() {
         .await;
     assert_success(&r);
     assert_eq!(r.cache(), "MISS");
-    assert_eq!(fake.calls(), 3);
+    assert_eq!(gw.fake.calls(), 3);
     assert_eq!(gw.embed(K1, &b).await.cache(), "HIT");
-    assert_eq!(fake.calls(), 3);
+    assert_eq!(gw.fake.calls(), 3);
 
     // no-store keeps the result out.
     let c = text_body("cc-c");
@@ -913,23 +811,20 @@ async fn cache_control_no_cache_and_no_store() {
         .await;
     assert_success(&r);
     assert_eq!(r.cache(), "MISS");
-    assert_eq!(fake.calls(), 4);
+    assert_eq!(gw.fake.calls(), 4);
     let r = gw.embed(K1, &c).await;
     assert_eq!(r.cache(), "MISS", "no-store result was cached");
-    assert_eq!(fake.calls(), 5);
+    assert_eq!(gw.fake.calls(), 5);
     assert_eq!(gw.embed(K1, &c).await.cache(), "HIT");
-    assert_eq!(fake.calls(), 5);
+    assert_eq!(gw.fake.calls(), 5);
 }
 
 // ---------- 10. coalescing ----------
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn identical_concurrent_misses_make_one_call() {
-    let fake = Fake::start().await;
-    let gw = Arc::new(Gateway::start(&one_tenant(&fake, "")));
-    fake.state
-        .latency_ms
-        .store(1000, std::sync::atomic::Ordering::SeqCst);
+    let gw = Arc::new(one_tenant().start().await);
+    gw.fake.set_latency_ms(1000);
     let b = Arc::new(text_body("together"));
     let mut tasks = Vec::new();
     for _ in 0..10 {
@@ -941,7 +836,7 @@ async fn identical_concurrent_misses_make_one_call() {
     for t in tasks {
         replies.push(t.await.unwrap());
     }
-    assert_eq!(fake.calls(), 1);
+    assert_eq!(gw.fake.calls(), 1);
     let mut embeddings = Vec::new();
     for r in &replies {
         let v = assert_success(r);
@@ -979,8 +874,7 @@ async fn identical_concurrent_misses_make_one_call() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sse_for_miss_hit_and_error() {
-    let fake = Fake::start().await;
-    let gw = Gateway::start(&one_tenant(&fake, ""));
+    let gw = one_tenant().start().await;
     for (i, header) in [
         ("X-DashScope-SSE", "enable"),
         ("Accept", "text/event-stream"),
@@ -1004,7 +898,7 @@ async fn sse_for_miss_hit_and_error() {
         assert_eq!(event, "result");
         assert_eq!(vh["output"]["embedding"], v["output"]["embedding"]);
         assert_eq!(vh["usage"]["total_usage"], 1);
-        assert_eq!(fake.calls(), i as u64 + 1);
+        assert_eq!(gw.fake.calls(), i as u64 + 1);
     }
 
     let r = gw
@@ -1018,7 +912,7 @@ async fn sse_for_miss_hit_and_error() {
     let (event, v) = sse_event(&r);
     assert_eq!(event, "error");
     assert_eq!(v["code"], "InvalidApiKey");
-    assert_eq!(fake.calls(), 2);
+    assert_eq!(gw.fake.calls(), 2);
 }
 
 // ---------- 12. persistence across restarts ----------
@@ -1027,10 +921,10 @@ async fn sse_for_miss_hit_and_error() {
 async fn redis_cache_survives_a_restart() {
     let fake = Fake::start().await;
     let redis = Redis::start();
-    let cfg = config(&fake, Some(&redis), &[search()], "");
+    let cfg = one_tenant().fake(&fake).redis(&redis);
     let b = mixed_body();
     let first = {
-        let gw = Gateway::start(&cfg);
+        let gw = cfg.start().await;
         let r = gw.embed(K1, &b).await;
         let v = assert_success(&r);
         assert_eq!(r.cache(), "MISS");
@@ -1054,7 +948,7 @@ async fn redis_cache_survives_a_restart() {
         v
     };
     assert_eq!(fake.calls(), 1);
-    let gw = Gateway::start(&cfg);
+    let gw = cfg.start().await;
     let r = gw.embed(K1, &b).await;
     let v = assert_success(&r);
     assert_eq!(
@@ -1072,15 +966,15 @@ async fn redis_cache_survives_a_restart() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn memory_cache_is_lost_on_restart() {
     let fake = Fake::start().await;
-    let cfg = one_tenant(&fake, "");
+    let cfg = one_tenant().fake(&fake);
     let b = text_body("ephemeral");
     {
-        let gw = Gateway::start(&cfg);
+        let gw = cfg.start().await;
         assert_eq!(gw.embed(K1, &b).await.cache(), "MISS");
         assert_eq!(gw.embed(K1, &b).await.cache(), "HIT");
     }
     assert_eq!(fake.calls(), 1);
-    let gw = Gateway::start(&cfg);
+    let gw = cfg.start().await;
     let r = gw.embed(K1, &b).await;
     assert_success(&r);
     assert_eq!(r.cache(), "MISS");
@@ -1094,14 +988,9 @@ async fn memory_cache_is_lost_on_restart() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upload_policy_passes_through() {
-    let fake = Fake::start().await;
-    let gw = Gateway::start(&one_tenant(&fake, ""));
+    let gw = one_tenant().start().await;
     let path = format!("/api/v1/uploads?action=getPolicy&model={MODEL}");
-    let policy_calls = || {
-        fake.state
-            .upload_policy_calls
-            .load(std::sync::atomic::Ordering::SeqCst)
-    };
+    let policy_calls = || gw.fake.upload_policy_calls();
 
     let r = gw.get(&path, None).await;
     assert_error(&r, 401, "InvalidApiKey");
@@ -1114,7 +1003,7 @@ async fn upload_policy_passes_through() {
     assert_eq!(r.status, 200, "{}", r.text);
     let v = r.json();
     let host = v["data"]["upload_host"].as_str().unwrap();
-    assert_eq!(host, format!("{}/oss", fake.url()));
+    assert_eq!(host, format!("{}/oss", gw.fake.url()));
     assert_eq!(
         v["data"]["upload_dir"],
         "dashscope-instant/fake/2026-11-24/abc"
@@ -1127,7 +1016,7 @@ async fn upload_policy_passes_through() {
     assert_eq!(r2.status, 200, "{}", r2.text);
     assert_ne!(r2.cache(), "HIT");
     assert_eq!(policy_calls(), 2, "the upload policy is not cached");
-    assert_eq!(fake.calls(), 0);
+    assert_eq!(gw.fake.calls(), 0);
 
     let m = gw.metrics().await;
     assert_eq!(metric_sum(&m, "embedgate_usage_units_total"), 0.0);
@@ -1138,8 +1027,7 @@ async fn upload_policy_passes_through() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_ready_and_metrics() {
-    let fake = Fake::start().await;
-    let gw = Gateway::start(&one_tenant(&fake, ""));
+    let gw = one_tenant().start().await;
     let h = gw.get("/healthz", None).await;
     assert_eq!(h.status, 200);
     let r = gw.get("/readyz", None).await;
@@ -1155,7 +1043,7 @@ async fn health_ready_and_metrics() {
     assert!(m.text.contains("embedgate_build_info"), "{}", m.text);
     assert_eq!(metric_sum(&m.text, "embedgate_build_info"), 1.0);
     // None of them needed a key, and none went upstream.
-    assert_eq!(fake.calls(), 0);
+    assert_eq!(gw.fake.calls(), 0);
 }
 
 // ---------- 15. graceful shutdown ----------
@@ -1163,10 +1051,8 @@ async fn health_ready_and_metrics() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_finishes_requests_in_flight() {
     let fake = Fake::start().await;
-    let gw = Gateway::start(&one_tenant(&fake, ""));
-    fake.state
-        .latency_ms
-        .store(500, std::sync::atomic::Ordering::SeqCst);
+    let gw = one_tenant().fake(&fake).start().await;
+    fake.set_latency_ms(500);
     let client = gw.client.clone();
     let url = gw.url(EMBED_PATH);
     let task = tokio::spawn(async move {
@@ -1201,25 +1087,13 @@ async fn sigterm_finishes_requests_in_flight() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn excess_work_is_shed_fast_with_503() {
-    let fake = Fake::start().await;
-    let cfg = set(
-        &config(
-            &fake,
-            None,
-            &[Tenant {
-                name: "search",
-                key: "k1",
-                extra: "",
-            }],
-            "",
-        ),
-        "server",
-        "max_in_flight = 2",
-    );
-    let gw = std::sync::Arc::new(Gateway::start(&cfg));
-    fake.state
-        .latency_ms
-        .store(3000, std::sync::atomic::Ordering::SeqCst);
+    let gw = TestGateway::builder()
+        .tenant("search", "k1")
+        .set("server", "max_in_flight = 2")
+        .start()
+        .await;
+    let gw = std::sync::Arc::new(gw);
+    gw.fake.set_latency_ms(3000);
     // Two slow misses fill the gateway...
     let mut slow = Vec::new();
     for i in 0..2 {
@@ -1229,7 +1103,7 @@ async fn excess_work_is_shed_fast_with_503() {
         }));
     }
     eventually(10, "both slow requests upstream", async || {
-        (fake.calls() == 2).then_some(())
+        (gw.fake.calls() == 2).then_some(())
     })
     .await;
     // ...so the next ones are refused at once, not queued: every refusal
@@ -1243,14 +1117,12 @@ async fn excess_work_is_shed_fast_with_503() {
         slow.iter().all(|h| !h.is_finished()),
         "refusals waited for the slow requests"
     );
-    assert_eq!(fake.calls(), 2, "shed requests must not reach upstream");
+    assert_eq!(gw.fake.calls(), 2, "shed requests must not reach upstream");
     for h in slow {
         assert_eq!(h.await.unwrap().status, 200);
     }
     // Capacity is back once they finish.
-    fake.state
-        .latency_ms
-        .store(0, std::sync::atomic::Ordering::SeqCst);
+    gw.fake.set_latency_ms(0);
     assert_eq!(gw.embed("k1", &text_body("after")).await.status, 200);
     let m = gw.metrics().await;
     assert_eq!(
@@ -1273,20 +1145,8 @@ async fn excess_work_is_shed_fast_with_503() {
 /// it: the call finishes, its answer is cached and metered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_miss_whose_client_hangs_up_is_still_cached_and_metered() {
-    let fake = Fake::start().await;
-    let gw = Gateway::start(&config(
-        &fake,
-        None,
-        &[Tenant {
-            name: "search",
-            key: "k1",
-            extra: "",
-        }],
-        "",
-    ));
-    fake.state
-        .latency_ms
-        .store(800, std::sync::atomic::Ordering::SeqCst);
+    let gw = TestGateway::builder().tenant("search", "k1").start().await;
+    gw.fake.set_latency_ms(800);
     let b = body(&[
         ("image", "https://x/hangup.png"),
         ("audio", "https://x/a.wav"),
@@ -1319,19 +1179,12 @@ async fn a_miss_whose_client_hangs_up_is_still_cached_and_metered() {
         (units == 2.0).then_some(())
     })
     .await;
-    assert_eq!(fake.calls(), 1);
-    assert_eq!(
-        fake.state
-            .billed_units
-            .load(std::sync::atomic::Ordering::SeqCst),
-        3
-    );
+    assert_eq!(gw.fake.calls(), 1);
+    assert_eq!(gw.fake.billed_units(), 3);
     // ...and cached: the next identical request makes no upstream call.
-    fake.state
-        .latency_ms
-        .store(0, std::sync::atomic::Ordering::SeqCst);
+    gw.fake.set_latency_ms(0);
     let r = gw.embed("k1", &b).await;
     assert_eq!(r.status, 200, "{}", r.text);
     assert_eq!(r.cache(), "HIT");
-    assert_eq!(fake.calls(), 1);
+    assert_eq!(gw.fake.calls(), 1);
 }

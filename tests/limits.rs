@@ -1,6 +1,6 @@
 //! Per-tenant rate limits and unit quotas (SPEC §3), across replicas on one
-//! Redis, through a Redis outage (SPEC §5), and under hot reload; plus
-//! `embedgate check-config`.
+//! Redis, through a Redis outage (SPEC §5), and under hot reload.
+//! (`embedgate check-config` is tested in cli.rs.)
 //!
 //! Rates use `per_second = 0.001` (one token per 1000 s) so admission counts
 //! are exact without controlling time.
@@ -9,47 +9,16 @@
 mod common;
 use common::*;
 
-use std::process::Command;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
-
-use embedgate::fake_dashscope::Fault;
 
 // ---------- local helpers ----------
 
-/// A rate limit of `burst` that never refills within a test.
-fn rate(burst: u32) -> String {
-    format!("rate = {{ per_second = 0.001, burst = {burst} }}")
-}
-
-fn quota(units: u64) -> String {
-    format!("quota = {{ units = {units}, per = \"day\" }}")
-}
-
-/// Today's date in UTC, `YYYY-MM-DD` (computed here, independently of the
-/// gateway's own date code).
-fn today_utc() -> String {
-    let secs = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64;
-    // Howard Hinnant's civil_from_days.
-    let z = secs.div_euclid(86_400) + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!("{y:04}-{m:02}-{d:02}")
-}
+/// A rate (tokens per second) that never refills within a test.
+const SLOW: f64 = 0.001;
 
 /// The Redis key holding the tenant's units used today.
 fn quota_key(tenant: &str) -> String {
-    format!("{{eg:{tenant}}}:quota:{}", today_utc())
+    format!("{{eg:{tenant}}}:quota:{}", today())
 }
 
 fn redis_get(redis: &Redis, key: &str) -> Option<i64> {
@@ -67,7 +36,7 @@ async fn redis_eventually(redis: &Redis, key: &str, want: i64) {
 
 /// Polls `/readyz` until it reports Redis as `state` ("up" or "down"); it
 /// must answer 200 either way.
-async fn wait_redis(gw: &Gateway, state: &str) {
+async fn wait_redis(gw: &TestGateway, state: &str) {
     let what = format!("/readyz redis == {state}");
     eventually(20, &what, async || {
         let r = gw.get("/readyz", None).await;
@@ -113,7 +82,7 @@ fn count(replies: &[Reply], status: u16) -> usize {
 }
 
 /// Sends `n` distinct one-text requests at once, round-robin over `gws`.
-async fn concurrent(gws: &[Arc<Gateway>], key: &str, prefix: &str, n: usize) -> Vec<Reply> {
+async fn concurrent(gws: &[Arc<TestGateway>], key: &str, prefix: &str, n: usize) -> Vec<Reply> {
     let mut set = tokio::task::JoinSet::new();
     for i in 0..n {
         let gw = gws[i % gws.len()].clone();
@@ -131,18 +100,12 @@ async fn concurrent(gws: &[Arc<Gateway>], key: &str, prefix: &str, n: usize) -> 
 // ---------- 1. rate limit ----------
 
 async fn rate_burst_is_exact(redis: Option<&Redis>) {
-    let fake = Fake::start().await;
-    let extra = rate(5);
-    let gw = Gateway::start(&config(
-        &fake,
-        redis,
-        &[Tenant {
-            name: "r",
-            key: "kr",
-            extra: &extra,
-        }],
-        "",
-    ));
+    let gw = TestGateway::builder()
+        .tenant("r", "kr")
+        .rate(SLOW, 5)
+        .redis(redis)
+        .start()
+        .await;
     if redis.is_some() {
         wait_redis(&gw, "up").await;
     }
@@ -164,7 +127,7 @@ async fn rate_burst_is_exact(redis: Option<&Redis>) {
     for r in &replies[5..] {
         assert_rate_refusal(r);
     }
-    assert_eq!(fake.calls(), 5);
+    assert_eq!(gw.fake.calls(), 5);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -181,18 +144,11 @@ async fn rate_limit_burst_with_redis() {
 /// SPEC §1: rate state is on every authenticated response, refusals included.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rate_refusal_carries_rate_headers() {
-    let fake = Fake::start().await;
-    let extra = rate(1);
-    let gw = Gateway::start(&config(
-        &fake,
-        None,
-        &[Tenant {
-            name: "r",
-            key: "kr",
-            extra: &extra,
-        }],
-        "",
-    ));
+    let gw = TestGateway::builder()
+        .tenant("r", "kr")
+        .rate(SLOW, 1)
+        .start()
+        .await;
     assert_eq!(gw.embed("kr", &text_body("one")).await.status, 200);
     let r = gw.embed("kr", &text_body("two")).await;
     assert_rate_refusal(&r);
@@ -209,18 +165,11 @@ async fn rate_refusal_carries_rate_headers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn quota_sequential_text_is_exact() {
-    let fake = Fake::start().await;
-    let extra = quota(10);
-    let gw = Gateway::start(&config(
-        &fake,
-        None,
-        &[Tenant {
-            name: "q",
-            key: "kq",
-            extra: &extra,
-        }],
-        "",
-    ));
+    let gw = TestGateway::builder()
+        .tenant("q", "kq")
+        .quota(10, Per::Day)
+        .start()
+        .await;
     let mut replies = Vec::new();
     for i in 0..12 {
         replies.push(gw.embed("kq", &text_body(&format!("quota {i}"))).await);
@@ -239,23 +188,16 @@ async fn quota_sequential_text_is_exact() {
     for r in &replies[10..] {
         assert_quota_refusal(r);
     }
-    assert_eq!(fake.calls(), 10);
+    assert_eq!(gw.fake.calls(), 10);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn quota_counts_audio_at_its_weight() {
-    let fake = Fake::start().await;
-    let extra = quota(5);
-    let gw = Gateway::start(&config(
-        &fake,
-        None,
-        &[Tenant {
-            name: "a",
-            key: "ka",
-            extra: &extra,
-        }],
-        "",
-    ));
+    let gw = TestGateway::builder()
+        .tenant("a", "ka")
+        .quota(5, Per::Day)
+        .start()
+        .await;
     let audio = |n: u32| body(&[("audio", &format!("https://example.com/a{n}.flac"))]);
     let r1 = gw.embed("ka", &audio(1)).await;
     assert_eq!(r1.status, 200, "{}", r1.text);
@@ -272,25 +214,18 @@ async fn quota_counts_audio_at_its_weight() {
     assert_eq!(r4.status, 200, "{}", r4.text);
     assert_eq!(num_header(&r4, "x-quota-remaining"), Some(0));
     assert_quota_refusal(&gw.embed("ka", &text_body("does not fit")).await);
-    assert_eq!(fake.calls(), 3);
+    assert_eq!(gw.fake.calls(), 3);
 }
 
 // ---------- 3. cache hits and quota ----------
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cache_hits_do_not_spend_quota_by_default() {
-    let fake = Fake::start().await;
-    let extra = quota(3);
-    let gw = Gateway::start(&config(
-        &fake,
-        None,
-        &[Tenant {
-            name: "q",
-            key: "kq",
-            extra: &extra,
-        }],
-        "",
-    ));
+    let gw = TestGateway::builder()
+        .tenant("q", "kq")
+        .quota(3, Per::Day)
+        .start()
+        .await;
     for t in ["a", "b", "c"] {
         let r = gw.embed("kq", &text_body(t)).await;
         assert_eq!((r.status, r.cache()), (200, "MISS"), "{}", r.text);
@@ -300,23 +235,17 @@ async fn cache_hits_do_not_spend_quota_by_default() {
         let r = gw.embed("kq", &text_body(t)).await;
         assert_eq!((r.status, r.cache()), (200, "HIT"), "{}", r.text);
     }
-    assert_eq!(fake.calls(), 3);
+    assert_eq!(gw.fake.calls(), 3);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cache_hits_spend_quota_with_quota_counts_hits() {
-    let fake = Fake::start().await;
-    let extra = quota(3);
-    let gw = Gateway::start(&config(
-        &fake,
-        None,
-        &[Tenant {
-            name: "q",
-            key: "kq",
-            extra: &extra,
-        }],
-        "[limits]\nquota_counts_hits = true\n",
-    ));
+    let gw = TestGateway::builder()
+        .tenant("q", "kq")
+        .quota(3, Per::Day)
+        .set("limits", "quota_counts_hits = true")
+        .start()
+        .await;
     let r = gw.embed("kq", &text_body("a")).await;
     assert_eq!((r.status, r.cache()), (200, "MISS"), "{}", r.text);
     assert_eq!(num_header(&r, "x-quota-remaining"), Some(2));
@@ -329,25 +258,20 @@ async fn cache_hits_spend_quota_with_quota_counts_hits() {
     // Quota spent: a hit is refused too.
     assert_quota_refusal(&gw.embed("kq", &text_body("a")).await);
     assert_quota_refusal(&gw.embed("kq", &text_body("c")).await);
-    assert_eq!(fake.calls(), 2);
+    assert_eq!(gw.fake.calls(), 2);
 }
 
 // ---------- 4. concurrent misses ----------
 
 async fn concurrent_quota_is_exact(redis: Option<&Redis>) {
-    let fake = Fake::start().await;
-    fake.state.latency_ms.store(100, Ordering::SeqCst);
-    let extra = quota(10);
-    let gw = Arc::new(Gateway::start(&config(
-        &fake,
-        redis,
-        &[Tenant {
-            name: "q",
-            key: "kq",
-            extra: &extra,
-        }],
-        "",
-    )));
+    let gw = TestGateway::builder()
+        .tenant("q", "kq")
+        .quota(10, Per::Day)
+        .redis(redis)
+        .start()
+        .await;
+    gw.fake.set_latency_ms(100);
+    let gw = Arc::new(gw);
     if redis.is_some() {
         wait_redis(&gw, "up").await;
     }
@@ -357,7 +281,7 @@ async fn concurrent_quota_is_exact(redis: Option<&Redis>) {
     for r in replies.iter().filter(|r| r.status == 429) {
         assert_quota_refusal(r);
     }
-    assert_eq!(fake.calls(), 10);
+    assert_eq!(gw.fake.calls(), 10);
     if let Some(redis) = redis {
         assert_eq!(redis_get(redis, &quota_key("q")), Some(10));
     }
@@ -378,19 +302,12 @@ async fn concurrent_misses_cannot_overshoot_quota_with_redis() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failed_upstream_calls_release_quota() {
-    let fake = Fake::start().await;
-    let extra = quota(3);
-    let gw = Gateway::start(&config(
-        &fake,
-        None,
-        &[Tenant {
-            name: "q",
-            key: "kq",
-            extra: &extra,
-        }],
-        "",
-    ));
-    fake.state.push_faults([
+    let gw = TestGateway::builder()
+        .tenant("q", "kq")
+        .quota(3, Per::Day)
+        .start()
+        .await;
+    gw.fake.push_faults([
         Fault::Status(400, "InvalidURL"),
         Fault::Status(400, "InvalidURL"),
     ]);
@@ -399,14 +316,14 @@ async fn failed_upstream_calls_release_quota() {
         assert_eq!(r.status, 400, "{}", r.text);
         assert_eq!(r.code(), "InvalidURL");
     }
-    assert_eq!(fake.calls(), 2);
+    assert_eq!(gw.fake.calls(), 2);
     for i in 0..3 {
         let r = gw.embed("kq", &text_body(&format!("good {i}"))).await;
         assert_eq!(r.status, 200, "{}", r.text);
         assert_eq!(num_header(&r, "x-quota-remaining"), Some(2 - i));
     }
     assert_quota_refusal(&gw.embed("kq", &text_body("over")).await);
-    assert_eq!(fake.calls(), 5);
+    assert_eq!(gw.fake.calls(), 5);
 }
 
 // ---------- 6. two replicas on one Redis ----------
@@ -420,18 +337,13 @@ async fn leased_tokens_keep_replicas_within_the_shared_rate() {
     let fake = Fake::start().await;
     // lease_size = min(400 * 5 %, 160 / 8, 100) = 20 tokens per Redis call.
     let (per_second, burst, lease) = (400.0_f64, 160u64, 20u64);
-    let cfg = config(
-        &fake,
-        Some(&redis),
-        &[Tenant {
-            name: "busy",
-            key: "k-busy",
-            extra: "rate = { per_second = 400, burst = 160 }",
-        }],
-        "",
-    );
-    let a = Gateway::start(&cfg);
-    let b = Gateway::start(&cfg);
+    let cfg = TestGateway::builder()
+        .fake(&fake)
+        .redis(&redis)
+        .tenant("busy", "k-busy")
+        .rate(per_second, burst);
+    let a = cfg.start().await;
+    let b = cfg.start().await;
     let body = text_body("lease me");
     let started = std::time::Instant::now();
     // Within the burst everything is admitted, with few Redis calls.
@@ -484,31 +396,17 @@ fn evalsha_calls(redis: &Redis) -> u64 {
 async fn two_replicas_share_rate_and_quota() {
     let redis = Redis::start();
     let fake = Fake::start().await;
-    let (r6, q8, c8) = (rate(6), quota(8), quota(8));
-    let cfg = config(
-        &fake,
-        Some(&redis),
-        &[
-            Tenant {
-                name: "r6",
-                key: "k-r6",
-                extra: &r6,
-            },
-            Tenant {
-                name: "q8",
-                key: "k-q8",
-                extra: &q8,
-            },
-            Tenant {
-                name: "c8",
-                key: "k-c8",
-                extra: &c8,
-            },
-        ],
-        "",
-    );
-    let a = Arc::new(Gateway::start(&cfg));
-    let b = Arc::new(Gateway::start(&cfg));
+    let cfg = TestGateway::builder()
+        .fake(&fake)
+        .redis(&redis)
+        .tenant("r6", "k-r6")
+        .rate(SLOW, 6)
+        .tenant("q8", "k-q8")
+        .quota(8, Per::Day)
+        .tenant("c8", "k-c8")
+        .quota(8, Per::Day);
+    let a = Arc::new(cfg.start().await);
+    let b = Arc::new(cfg.start().await);
     wait_redis(&a, "up").await;
     wait_redis(&b, "up").await;
     let gws = [a.clone(), b.clone()];
@@ -548,7 +446,7 @@ async fn two_replicas_share_rate_and_quota() {
     assert_eq!(fake.calls(), 6 + 8);
 
     // Quota, concurrently across both replicas.
-    fake.state.latency_ms.store(100, Ordering::SeqCst);
+    fake.set_latency_ms(100);
     let replies = concurrent(&gws, "k-c8", "c", 24).await;
     assert_eq!(count(&replies, 200), 8, "{:?}", statuses(&replies));
     assert_eq!(count(&replies, 429), 16, "{:?}", statuses(&replies));
@@ -561,25 +459,14 @@ async fn two_replicas_share_rate_and_quota() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_outage_allow_falls_back_to_local_limits_and_reconciles() {
     let mut redis = Redis::start();
-    let fake = Fake::start().await;
-    let (r5, q6) = (rate(5), quota(6));
-    let gw = Gateway::start(&config(
-        &fake,
-        Some(&redis),
-        &[
-            Tenant {
-                name: "r",
-                key: "kr",
-                extra: &r5,
-            },
-            Tenant {
-                name: "q",
-                key: "kq",
-                extra: &q6,
-            },
-        ],
-        "",
-    ));
+    let gw = TestGateway::builder()
+        .redis(&redis)
+        .tenant("r", "kr")
+        .rate(SLOW, 5)
+        .tenant("q", "kq")
+        .quota(6, Per::Day)
+        .start()
+        .await;
     wait_redis(&gw, "up").await;
 
     // Before the outage: Redis holds the state.
@@ -592,7 +479,7 @@ async fn redis_outage_allow_falls_back_to_local_limits_and_reconciles() {
         assert_eq!(r.status, 200, "{}", r.text);
     }
     assert_eq!(redis_get(&redis, &quota_key("q")), Some(3));
-    assert_eq!(fake.calls(), 5);
+    assert_eq!(gw.fake.calls(), 5);
 
     redis.kill();
 
@@ -620,7 +507,7 @@ async fn redis_outage_allow_falls_back_to_local_limits_and_reconciles() {
     for r in &replies[5..] {
         assert_rate_refusal(r);
     }
-    assert_eq!(fake.calls(), 5 + 3 + 5);
+    assert_eq!(gw.fake.calls(), 5 + 3 + 5);
 
     wait_redis(&gw, "down").await;
 
@@ -635,25 +522,14 @@ async fn redis_outage_allow_falls_back_to_local_limits_and_reconciles() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_outage_deny_refuses_quota_misses_with_503() {
     let mut redis = Redis::start();
-    let fake = Fake::start().await;
-    let q = quota(100);
-    let gw = Gateway::start(&config(
-        &fake,
-        Some(&redis),
-        &[
-            Tenant {
-                name: "q",
-                key: "kq",
-                extra: &q,
-            },
-            Tenant {
-                name: "free",
-                key: "kf",
-                extra: "",
-            },
-        ],
-        "[limits]\nquota_on_store_error = \"deny\"\n",
-    ));
+    let gw = TestGateway::builder()
+        .redis(&redis)
+        .tenant("q", "kq")
+        .quota(100, Per::Day)
+        .tenant("free", "kf")
+        .set("limits", "quota_on_store_error = \"deny\"")
+        .start()
+        .await;
     wait_redis(&gw, "up").await;
     assert_eq!(gw.embed("kq", &text_body("before")).await.status, 200);
 
@@ -666,7 +542,7 @@ async fn redis_outage_deny_refuses_quota_misses_with_503() {
     // A tenant without a quota is still served.
     let r = gw.embed("kf", &text_body("free during")).await;
     assert_eq!(r.status, 200, "{}", r.text);
-    assert_eq!(fake.calls(), 2);
+    assert_eq!(gw.fake.calls(), 2);
     wait_redis(&gw, "down").await;
 
     redis.restart();
@@ -687,40 +563,19 @@ async fn redis_outage_deny_refuses_quota_misses_with_503() {
 
 // ---------- 8. hot reload ----------
 
-fn two_tenants(fake: &Fake, a_key: &str, b_key: &str) -> String {
-    config(
-        fake,
-        None,
-        &[
-            Tenant {
-                name: "a",
-                key: a_key,
-                extra: "",
-            },
-            Tenant {
-                name: "b",
-                key: b_key,
-                extra: "",
-            },
-        ],
-        "",
-    )
+/// Tenants `a` and `b` with these keys.
+fn two_tenants(a_key: &str, b_key: &str) -> GatewayBuilder {
+    TestGateway::builder().tenant("a", a_key).tenant("b", b_key)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reload_by_file_watch_adds_and_revokes_keys() {
-    let fake = Fake::start().await;
-    let gw = Gateway::start(&two_tenants(&fake, "ka", "kb"));
+    let gw = two_tenants("ka", "kb").start().await;
     assert_eq!(gw.embed("ka", &text_body("x")).await.status, 200);
     assert_eq!(gw.embed("ka-new", &text_body("x")).await.status, 401);
 
     // Rotate a's key; add tenant c.
-    let mut new = two_tenants(&fake, "ka-new", "kb");
-    new.push_str(&format!(
-        "\n[[tenants]]\nname = \"c\"\nkey_sha256 = [\"{}\"]\n",
-        digest("kc")
-    ));
-    gw.rewrite_config(&new);
+    gw.reconfigure(&two_tenants("ka-new", "kb").tenant("c", "kc"));
     eventually(15, "new key accepted after the file changed", async || {
         (gw.embed("ka-new", &text_body("y")).await.status == 200).then_some(())
     })
@@ -734,19 +589,11 @@ async fn reload_by_file_watch_adds_and_revokes_keys() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reload_by_sighup_without_file_watch() {
-    let fake = Fake::start().await;
-    let no_watch = |c: String| {
-        let out = c.replace(
-            "shutdown_grace = \"10s\"",
-            "shutdown_grace = \"10s\"\nwatch_config = false",
-        );
-        assert_ne!(out, c, "config() no longer writes shutdown_grace");
-        out
-    };
-    let gw = Gateway::start(&no_watch(two_tenants(&fake, "ka", "kb")));
+    let no_watch = |a_key: &str| two_tenants(a_key, "kb").set("server", "watch_config = false");
+    let gw = no_watch("ka").start().await;
     assert_eq!(gw.embed("ka", &text_body("x")).await.status, 200);
 
-    gw.rewrite_config(&no_watch(two_tenants(&fake, "ka-new", "kb")));
+    gw.reconfigure(&no_watch("ka-new"));
     gw.signal("HUP");
     eventually(15, "new key accepted after SIGHUP", async || {
         (gw.embed("ka-new", &text_body("y")).await.status == 200).then_some(())
@@ -763,28 +610,16 @@ async fn reload_by_sighup_without_file_watch() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalid_reload_is_rejected_and_old_config_stays() {
-    let fake = Fake::start().await;
-    let gw = Gateway::start(&two_tenants(&fake, "ka", "kb"));
+    let gw = two_tenants("ka", "kb").start().await;
     assert_eq!(gw.embed("ka", &text_body("x")).await.status, 200);
 
     // Tenant 0 gets a negative rate, and a new key that must not apply.
-    let bad = config(
-        &fake,
-        None,
-        &[
-            Tenant {
-                name: "a",
-                key: "ka-new",
-                extra: "rate = { per_second = -1, burst = 5 }",
-            },
-            Tenant {
-                name: "b",
-                key: "kb",
-                extra: "",
-            },
-        ],
-        "",
-    );
+    let bad = TestGateway::builder()
+        .fake(&gw.fake)
+        .tenant("a", "ka-new")
+        .rate(-1.0, 5)
+        .tenant("b", "kb")
+        .config();
     let line = bad
         .lines()
         .position(|l| l.contains("per_second = -1"))
@@ -821,21 +656,12 @@ async fn invalid_reload_is_rejected_and_old_config_stays() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reload_raises_quota_without_restart() {
-    let fake = Fake::start().await;
-    let (q3, q5) = (quota(3), quota(5));
-    let cfg = |extra: &str| {
-        config(
-            &fake,
-            None,
-            &[Tenant {
-                name: "q",
-                key: "kq",
-                extra,
-            }],
-            "",
-        )
+    let cfg = |units: u64| {
+        TestGateway::builder()
+            .tenant("q", "kq")
+            .quota(units, Per::Day)
     };
-    let gw = Gateway::start(&cfg(&q3));
+    let gw = cfg(3).start().await;
     for i in 0..3 {
         assert_eq!(
             gw.embed("kq", &text_body(&format!("a {i}"))).await.status,
@@ -844,7 +670,7 @@ async fn reload_raises_quota_without_restart() {
     }
     assert_quota_refusal(&gw.embed("kq", &text_body("a 3")).await);
 
-    gw.rewrite_config(&cfg(&q5));
+    gw.reconfigure(&cfg(5));
     let mut n = 0;
     let first = eventually(15, "the raised quota to apply", async || {
         n += 1;
@@ -865,24 +691,23 @@ async fn reload_raises_quota_without_restart() {
     assert_eq!(r.status, 200, "{}", r.text);
     assert_eq!(num_header(&r, "x-quota-remaining"), Some(0));
     assert_quota_refusal(&gw.embed("kq", &text_body("c 2")).await);
-    assert_eq!(fake.calls(), 5);
+    assert_eq!(gw.fake.calls(), 5);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_in_flight_survive_a_reload() {
-    let fake = Fake::start().await;
-    let gw = Arc::new(Gateway::start(&two_tenants(&fake, "ka", "kb")));
+    let gw = Arc::new(two_tenants("ka", "kb").start().await);
     // Long enough that the reload (SIGHUP, applied at once) lands inside it.
-    fake.state.latency_ms.store(3000, Ordering::SeqCst);
+    gw.fake.set_latency_ms(3000);
     let g = gw.clone();
     let in_flight = tokio::spawn(async move { g.embed("ka", &text_body("slow")).await });
     eventually(10, "the request to reach upstream", async || {
-        (fake.calls() == 1).then_some(())
+        (gw.fake.calls() == 1).then_some(())
     })
     .await;
 
     // Revoke the in-flight request's key.
-    gw.rewrite_config(&two_tenants(&fake, "ka-new", "kb"));
+    gw.reconfigure(&two_tenants("ka-new", "kb"));
     gw.signal("HUP");
     eventually(10, "the old key to be revoked", async || {
         (gw.embed("ka", &text_body("probe")).await.status == 401).then_some(())
@@ -901,99 +726,20 @@ async fn requests_in_flight_survive_a_reload() {
     );
 }
 
-// ---------- 9. check-config ----------
-
-fn check_config(src: &str) -> (Option<i32>, String, String) {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("embedgate.toml");
-    std::fs::write(&path, src).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_embedgate"))
-        .arg("check-config")
-        .arg(&path)
-        .output()
-        .unwrap();
-    (
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
-/// The stderr line naming `line N: key:`.
-fn error_line<'a>(stderr: &'a str, line: usize, key: &str) -> &'a str {
-    let want = format!("line {line}: {key}:");
-    stderr
-        .lines()
-        .find(|l| l.contains(&want))
-        .unwrap_or_else(|| panic!("no `{want}` in stderr:\n{stderr}"))
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn check_config_accepts_a_valid_file() {
-    let fake = Fake::start().await;
-    let extra = format!("{}\n{}", rate(5), quota(10));
-    let src = config(
-        &fake,
-        None,
-        &[Tenant {
-            name: "a",
-            key: "ka",
-            extra: &extra,
-        }],
-        "[limits]\nquota_on_store_error = \"deny\"\nquota_counts_hits = true\n",
-    );
-    let (code, out, err) = check_config(&src);
-    assert_eq!(code, Some(0), "stdout: {out}\nstderr: {err}");
-}
-
-/// Bad values only: every one is listed.
-#[test]
-fn check_config_lists_every_bad_value() {
-    let src = format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\nshutdown_grace = \"soon\"\n\n[[tenants]]\nname = \"a\"\nkey_sha256 = [\"xyz\"]\nrate = {{ per_second = -1, burst = 5 }}\n\n[[tenants]]\nname = \"b\"\nkey_sha256 = [\"{}\"]\n",
-        digest("kb")
-    );
-    let (code, _, err) = check_config(&src);
-    assert_eq!(code, Some(2), "stderr: {err}");
-    error_line(&err, 3, "server.shutdown_grace");
-    error_line(&err, 7, "tenants[0].key_sha256[0]");
-    error_line(&err, 8, "tenants[0].rate.per_second");
-}
-
-/// An unknown key together with bad values: all of them are listed.
-#[test]
-fn check_config_lists_unknown_key_with_the_other_errors() {
-    let src = "[server]\nlisten = \"127.0.0.1:0\"\nlisen = \"127.0.0.1:1\"\nshutdown_grace = \"soon\"\n\n[[tenants]]\nname = \"a\"\nkey_sha256 = [\"xyz\"]\n";
-    let (code, _, err) = check_config(src);
-    assert_eq!(code, Some(2), "stderr: {err}");
-    let unknown = err
-        .lines()
-        .find(|l| l.contains("line 3:"))
-        .unwrap_or_else(|| panic!("no `line 3:` in stderr:\n{err}"));
-    assert!(unknown.contains("lisen"), "{unknown}");
-    error_line(&err, 4, "server.shutdown_grace");
-    error_line(&err, 8, "tenants[0].key_sha256[0]");
-}
-
 /// A replica that never reserved for a tenant still reports what the other
 /// replicas spent (it reads the shared counter), also on cache hits.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn quota_remaining_header_reflects_other_replicas() {
     let redis = Redis::start();
     let fake = Fake::start().await;
-    let q = quota(10);
-    let cfg = config(
-        &fake,
-        Some(&redis),
-        &[Tenant {
-            name: "q",
-            key: "kq",
-            extra: &q,
-        }],
-        "[limits]\nquota_counts_hits = false\n",
-    );
-    let a = Gateway::start(&cfg);
-    let b = Gateway::start(&cfg);
+    let cfg = TestGateway::builder()
+        .fake(&fake)
+        .redis(&redis)
+        .tenant("q", "kq")
+        .quota(10, Per::Day)
+        .set("limits", "quota_counts_hits = false");
+    let a = cfg.start().await;
+    let b = cfg.start().await;
     for i in 0..4 {
         let r = a.embed("kq", &text_body(&format!("spent {i}"))).await;
         assert_eq!(r.status, 200, "{}", r.text);

@@ -7,11 +7,9 @@ use common::*;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use embedgate::fake_dashscope::Fault;
 use serde_json::{json, Value};
 
 const ALPHA_KEY: &str = "sk-tenant-alpha-SECRET-0001";
@@ -20,38 +18,14 @@ const UNKNOWN_KEY: &str = "sk-unknown-\"evil-key-0003";
 const MODALITIES: [&str; 3] = ["text", "image", "audio"];
 const CSV_HEADER: &str = "tenant,day,modality,cache,items,units";
 
-fn alpha(extra: &'static str) -> Tenant<'static> {
-    Tenant {
-        name: "alpha",
-        key: ALPHA_KEY,
-        extra,
-    }
+/// Tenant `alpha` (key `ALPHA_KEY`).
+fn alpha() -> GatewayBuilder {
+    TestGateway::builder().tenant("alpha", ALPHA_KEY)
 }
 
-fn beta() -> Tenant<'static> {
-    Tenant {
-        name: "beta",
-        key: BETA_KEY,
-        extra: "",
-    }
-}
-
-fn today() -> String {
-    embedgate::date::Day::today().to_string()
-}
-
-/// `config()` with `max_retries = 0` in its `[upstream]` section.
-fn no_retries(cfg: String) -> String {
-    let anchor = "retry_backoff = \"10ms\"\n";
-    assert!(cfg.contains(anchor), "config() changed shape:\n{cfg}");
-    cfg.replacen(anchor, &format!("{anchor}max_retries = 0\n"), 1)
-}
-
-/// `config()` without its `[admin]` section.
-fn without_admin(cfg: String) -> String {
-    let section = format!("[admin]\ntoken_sha256 = \"{}\"\n\n", digest(ADMIN_TOKEN));
-    assert!(cfg.contains(&section), "config() changed shape:\n{cfg}");
-    cfg.replacen(&section, "", 1)
+/// Tenants `alpha` and `beta` (keys `ALPHA_KEY`, `BETA_KEY`).
+fn alpha_beta() -> GatewayBuilder {
+    alpha().tenant("beta", BETA_KEY)
 }
 
 // ---------- request bodies ----------
@@ -229,101 +203,6 @@ impl Tally {
 
 // ---------- Prometheus text ----------
 
-#[derive(Debug)]
-struct Sample {
-    name: String,
-    labels: BTreeMap<String, String>,
-    value: f64,
-}
-
-fn parse_labels(s: &str) -> Option<(BTreeMap<String, String>, &str)> {
-    let mut labels = BTreeMap::new();
-    let mut chars = s.char_indices();
-    loop {
-        let mut key = String::new();
-        loop {
-            let (i, c) = chars.next()?;
-            if c == '}' && key.is_empty() {
-                return Some((labels, &s[i + 1..]));
-            }
-            if c == '=' {
-                break;
-            }
-            key.push(c);
-        }
-        if chars.next()?.1 != '"' {
-            return None;
-        }
-        let mut val = String::new();
-        loop {
-            match chars.next()?.1 {
-                '\\' => match chars.next()?.1 {
-                    'n' => val.push('\n'),
-                    o => val.push(o),
-                },
-                '"' => break,
-                c => val.push(c),
-            }
-        }
-        labels.insert(key, val);
-        match chars.next()? {
-            (_, ',') => {}
-            (i, '}') => return Some((labels, &s[i + 1..])),
-            _ => return None,
-        }
-    }
-}
-
-fn samples(text: &str) -> Vec<Sample> {
-    let mut out = Vec::new();
-    for line in text.lines() {
-        if line.trim().is_empty() || line.starts_with('#') {
-            continue;
-        }
-        let (name, labels, rest) = match line.find('{') {
-            Some(i) => {
-                let (labels, rest) =
-                    parse_labels(&line[i + 1..]).unwrap_or_else(|| panic!("bad line {line:?}"));
-                (&line[..i], labels, rest)
-            }
-            None => {
-                let (n, rest) = line
-                    .split_once(' ')
-                    .unwrap_or_else(|| panic!("bad line {line:?}"));
-                (n, BTreeMap::new(), rest)
-            }
-        };
-        let value = rest
-            .split_whitespace()
-            .next()
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or_else(|| panic!("bad value in {line:?}"));
-        out.push(Sample {
-            name: name.to_string(),
-            labels,
-            value,
-        });
-    }
-    out
-}
-
-/// Every series of `name`, keyed by its label values in `keys` order;
-/// asserts each has exactly the label set `keys`.
-fn series(text: &str, name: &str, keys: &[&str]) -> BTreeMap<Vec<String>, f64> {
-    let want: BTreeSet<&str> = keys.iter().copied().collect();
-    let mut out = BTreeMap::new();
-    for s in samples(text).into_iter().filter(|s| s.name == name) {
-        let have: BTreeSet<&str> = s.labels.keys().map(String::as_str).collect();
-        assert_eq!(have, want, "{name} has labels {:?}", s.labels);
-        let k: Vec<String> = keys.iter().map(|k| s.labels[*k].clone()).collect();
-        assert!(
-            out.insert(k, s.value).is_none(),
-            "duplicate series of {name}"
-        );
-    }
-    out
-}
-
 /// usage_units_total and items_total as cells (zero series dropped).
 fn metric_cells(text: &str) -> Cells {
     let keys = ["tenant", "modality", "cache"];
@@ -423,7 +302,7 @@ fn csv_cells(text: &str) -> Cells {
     cells
 }
 
-async fn ledger(gw: &Gateway, tenant: Option<&str>) -> Cells {
+async fn ledger(gw: &TestGateway, tenant: Option<&str>) -> Cells {
     let r = gw.get(&usage_path(tenant, false), Some(ADMIN_TOKEN)).await;
     assert_eq!(r.status, 200, "{}", r.text);
     assert!(
@@ -436,7 +315,7 @@ async fn ledger(gw: &Gateway, tenant: Option<&str>) -> Cells {
     rows_cells(&r.json())
 }
 
-async fn ledger_csv(gw: &Gateway, tenant: Option<&str>) -> String {
+async fn ledger_csv(gw: &TestGateway, tenant: Option<&str>) -> String {
     let r = gw.get(&usage_path(tenant, true), Some(ADMIN_TOKEN)).await;
     assert_eq!(r.status, 200, "{}", r.text);
     r.text
@@ -465,7 +344,7 @@ async fn settle<T: PartialEq + std::fmt::Debug>(
     }
 }
 
-async fn ledger_settles(gw: &Gateway, want: &Cells, what: &str) {
+async fn ledger_settles(gw: &TestGateway, want: &Cells, what: &str) {
     settle(20, what, want, async || ledger(gw, None).await).await;
 }
 
@@ -513,7 +392,7 @@ fn sse_data(r: &Reply) -> Reply {
 }
 
 /// Sends `body` as `tenant` (a configured name, or `(none)` for bad keys).
-async fn send(gw: &Gateway, tally: &mut Tally, tenant: &str, key: &str, body: &str) -> Reply {
+async fn send(gw: &TestGateway, tally: &mut Tally, tenant: &str, key: &str, body: &str) -> Reply {
     let r = gw.embed(key, body).await;
     tally.add(tenant, &r);
     r
@@ -528,7 +407,7 @@ fn key_of(tenant: &str) -> &'static str {
 }
 
 /// A miss, then its hit, for each of `n` mixed bodies of both tenants.
-async fn misses_and_hits(gw: &Gateway, tally: &mut Tally, tag: &str, n: usize) -> Vec<String> {
+async fn misses_and_hits(gw: &TestGateway, tally: &mut Tally, tag: &str, n: usize) -> Vec<String> {
     let mut bodies = Vec::new();
     for i in 0..n {
         for tenant in ["alpha", "beta"] {
@@ -549,13 +428,11 @@ async fn misses_and_hits(gw: &Gateway, tally: &mut Tally, tag: &str, n: usize) -
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_contract_names_labels_and_hygiene() {
-    let fake = Fake::start().await;
-    let gw = Gateway::start(&config(
-        &fake,
-        None,
-        &[alpha("quota = { units = 100000, per = \"day\" }"), beta()],
-        "",
-    ));
+    let gw = alpha()
+        .quota(100_000, Per::Day)
+        .tenant("beta", BETA_KEY)
+        .start()
+        .await;
     let mut tally = Tally::default();
     let mut x_cache: BTreeMap<String, u64> = BTreeMap::new();
     let mut sent = 0usize;
@@ -614,7 +491,7 @@ async fn metrics_contract_names_labels_and_hygiene() {
         sent += 1;
     }
     // A miss whose upstream usage disagrees (creates the mismatch series).
-    fake.state.push_faults([Fault::WrongUsage]);
+    gw.fake.push_faults([Fault::WrongUsage]);
     let r = send(&gw, &mut tally, "beta", BETA_KEY, &text_body("mismatch")).await;
     assert_eq!((r.status, r.cache()), (200, "MISS"), "{}", r.text);
     note(&r);
@@ -781,13 +658,12 @@ enum Kind {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_mixed_traffic_is_metered_exactly() {
     let redis = Redis::start();
-    let fake = Fake::start().await;
-    let gw = Arc::new(Gateway::start(&no_retries(config(
-        &fake,
-        Some(&redis),
-        &[alpha(""), beta()],
-        "",
-    ))));
+    let gw = alpha_beta()
+        .redis(&redis)
+        .set("upstream", "max_retries = 0")
+        .start()
+        .await;
+    let gw = Arc::new(gw);
 
     let mut jobs: Vec<(&'static str, Kind, String)> = Vec::new();
     for tenant in ["alpha", "beta"] {
@@ -820,7 +696,7 @@ async fn concurrent_mixed_traffic_is_metered_exactly() {
     assert!(jobs.len() >= 140, "{}", jobs.len());
 
     // The first five upstream calls fail with 500 (no retries).
-    fake.state
+    gw.fake
         .push_faults((0..5).map(|_| Fault::Status(500, "InternalError")));
 
     let mut set = tokio::task::JoinSet::new();
@@ -869,7 +745,7 @@ async fn concurrent_mixed_traffic_is_metered_exactly() {
     println!(
         "requests by (tenant, cache, code): {:?}; upstream calls: {}",
         tally.requests,
-        fake.calls()
+        gw.fake.calls()
     );
     assert!(
         tally.units("hit") > 0 && tally.units("miss") > 0,
@@ -885,7 +761,7 @@ async fn concurrent_mixed_traffic_is_metered_exactly() {
     );
     assert_eq!(
         tally.units("miss"),
-        fake.state.billed_units.load(Ordering::SeqCst),
+        gw.fake.billed_units(),
         "miss units vs what upstream billed"
     );
     assert_eq!(
@@ -929,8 +805,7 @@ async fn concurrent_mixed_traffic_is_metered_exactly() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_routes_are_off_without_admin_section() {
-    let fake = Fake::start().await;
-    let gw = Gateway::start(&without_admin(config(&fake, None, &[alpha("")], "")));
+    let gw = alpha().no_admin().start().await;
     let r = gw.embed(ALPHA_KEY, &text_body("x")).await;
     assert_eq!(r.status, 200, "{}", r.text);
     for key in [None, Some(ADMIN_TOKEN), Some(ALPHA_KEY)] {
@@ -945,18 +820,17 @@ async fn admin_routes_are_off_without_admin_section() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn usage_mismatch_is_counted_and_upstream_figure_recorded() {
-    let fake = Fake::start().await;
-    let gw = Gateway::start(&config(&fake, None, &[alpha(""), beta()], ""));
+    let gw = alpha_beta().start().await;
     let mut tally = Tally::default();
     let b = items_body(&[
         ("text", "one text".into(), None),
         ("image", "https://img.example/m.png".into(), Some(json!(2))),
     ]);
-    fake.state.push_faults([Fault::WrongUsage]);
+    gw.fake.push_faults([Fault::WrongUsage]);
     let r = send(&gw, &mut tally, "alpha", ALPHA_KEY, &b).await;
     assert_eq!((r.status, r.cache()), (200, "MISS"), "{}", r.text);
     assert_eq!(r.json()["usage"]["text"]["measure"], 2, "{}", r.text);
-    assert_eq!(fake.state.billed_units.load(Ordering::SeqCst), 3);
+    assert_eq!(gw.fake.billed_units(), 3);
 
     let m = gw.metrics().await;
     assert_eq!(
@@ -995,10 +869,7 @@ async fn usage_mismatch_is_counted_and_upstream_figure_recorded() {
         0.0
     );
     assert_eq!(metric_cells(&m), tally.cells);
-    assert_eq!(
-        tally.units("miss"),
-        fake.state.billed_units.load(Ordering::SeqCst)
-    );
+    assert_eq!(tally.units("miss"), gw.fake.billed_units());
     // The (in-memory) ledger records upstream's figure too.
     ledger_settles(&gw, &tally.cells, "ledger == responses").await;
     assert_eq!(
@@ -1015,14 +886,14 @@ async fn usage_mismatch_is_counted_and_upstream_figure_recorded() {
 async fn ledger_survives_restart_and_cli_reports_it() {
     let redis = Redis::start();
     let fake = Fake::start().await;
-    let cfg = config(&fake, Some(&redis), &[alpha(""), beta()], "");
-    let gw = Gateway::start(&cfg);
+    let cfg = alpha_beta().fake(&fake).redis(&redis);
+    let gw = cfg.start().await;
     let mut tally = Tally::default();
     let old = misses_and_hits(&gw, &mut tally, "before", 7).await;
     // Stop right away: what is still buffered must be flushed on exit.
     assert_eq!(gw.terminate(), Some(0));
 
-    let gw = Gateway::start(&cfg);
+    let gw = cfg.start().await;
     assert_eq!(ledger(&gw, None).await, tally.cells, "ledger after restart");
 
     // More traffic adds to the same rows; old bodies are hits from Redis.
@@ -1060,8 +931,7 @@ async fn ledger_survives_restart_and_cli_reports_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_outage_buffers_ledger_and_flushes_when_it_returns() {
     let mut redis = Redis::start();
-    let fake = Fake::start().await;
-    let gw = Gateway::start(&config(&fake, Some(&redis), &[alpha(""), beta()], ""));
+    let gw = alpha_beta().redis(&redis).start().await;
     let mut tally = Tally::default();
     let old = misses_and_hits(&gw, &mut tally, "up", 4).await;
     ledger_settles(&gw, &tally.cells, "ledger before the outage").await;
@@ -1088,10 +958,7 @@ async fn redis_outage_buffers_ledger_and_flushes_when_it_returns() {
     })
     .await;
     assert_eq!(metric_cells(&gw.metrics().await), tally.cells);
-    assert_eq!(
-        tally.units("miss"),
-        fake.state.billed_units.load(Ordering::SeqCst)
-    );
+    assert_eq!(tally.units("miss"), gw.fake.billed_units());
 
     redis.restart();
     ledger_settles(&gw, &tally.cells, "ledger after Redis returned").await;
@@ -1107,8 +974,8 @@ async fn redis_outage_buffers_ledger_and_flushes_when_it_returns() {
 async fn shutdown_flushes_ledger_buffered_during_outage() {
     let mut redis = Redis::start();
     let fake = Fake::start().await;
-    let cfg = config(&fake, Some(&redis), &[alpha(""), beta()], "");
-    let gw = Gateway::start(&cfg);
+    let cfg = alpha_beta().fake(&fake).redis(&redis);
+    let gw = cfg.start().await;
     let mut tally = Tally::default();
     misses_and_hits(&gw, &mut tally, "up", 2).await;
     ledger_settles(&gw, &tally.cells, "ledger before the outage").await;
@@ -1123,7 +990,7 @@ async fn shutdown_flushes_ledger_buffered_during_outage() {
     assert_eq!(gw.terminate(), Some(0));
 
     // After exit the rows are in Redis: a new gateway reports them all.
-    let gw = Gateway::start(&cfg);
+    let gw = cfg.start().await;
     assert_eq!(ledger(&gw, None).await, tally.cells);
 }
 
@@ -1170,22 +1037,21 @@ async fn dashboard_metrics_exist_and_compose_config_is_valid() {
 
     // Traffic that creates every series the dashboard can ask for.
     let mut redis = Redis::start();
-    let fake = Fake::start().await;
-    let gw = Gateway::start(&config(
-        &fake,
-        Some(&redis),
-        &[alpha("quota = { units = 100000, per = \"day\" }"), beta()],
-        "",
-    ));
+    let gw = alpha()
+        .quota(100_000, Per::Day)
+        .tenant("beta", BETA_KEY)
+        .redis(&redis)
+        .start()
+        .await;
     let mut tally = Tally::default();
     misses_and_hits(&gw, &mut tally, "dash", 2).await;
     let r = gw.embed(ALPHA_KEY, &bad_bodies("dash")[0]).await;
     assert_eq!(r.status, 400);
-    fake.state.push_faults([Fault::WrongUsage]);
+    gw.fake.push_faults([Fault::WrongUsage]);
     let r = gw.embed(BETA_KEY, &text_body("dash mismatch")).await;
     assert_eq!(r.status, 200, "{}", r.text);
     // A coalesced pair: identical requests while upstream is slow.
-    fake.state.latency_ms.store(300, Ordering::SeqCst);
+    gw.fake.set_latency_ms(300);
     let mut n = 0;
     eventually(30, "a coalesced request", async || {
         n += 1;
@@ -1196,7 +1062,7 @@ async fn dashboard_metrics_exist_and_compose_config_is_valid() {
         (gauge(&m, "embedgate_coalesced_requests_total") > 0.0).then_some(())
     })
     .await;
-    fake.state.latency_ms.store(0, Ordering::SeqCst);
+    gw.fake.set_latency_ms(0);
     // A Redis failure.
     redis.kill();
     let r = gw.embed(ALPHA_KEY, &text_body("dash redis down")).await;
@@ -1259,13 +1125,7 @@ async fn dashboard_metrics_exist_and_compose_config_is_valid() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn identical_concurrent_misses_are_billed_once() {
     let redis = Redis::start();
-    let fake = Fake::start().await;
-    let gw = Arc::new(Gateway::start(&config(
-        &fake,
-        Some(&redis),
-        &[alpha("")],
-        "",
-    )));
+    let gw = Arc::new(alpha().redis(&redis).start().await);
     let distinct = 30;
     let copies = 5;
     let mut set = tokio::task::JoinSet::new();
@@ -1283,12 +1143,9 @@ async fn identical_concurrent_misses_are_billed_once() {
     }
     let misses = tally.requests[&("alpha".to_string(), "miss".to_string(), "ok".to_string())];
     assert_eq!(metric_cells(&gw.metrics().await), tally.cells);
+    assert_eq!(tally.units("miss"), gw.fake.billed_units());
     assert_eq!(
-        tally.units("miss"),
-        fake.state.billed_units.load(Ordering::SeqCst)
-    );
-    assert_eq!(
-        (fake.calls(), misses),
+        (gw.fake.calls(), misses),
         (distinct as u64, distinct as u64),
         "upstream calls and MISS answers for {distinct} distinct bodies sent {copies} times at once"
     );

@@ -8,7 +8,6 @@ use common::*;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::atomic::Ordering;
 
 use serde_json::{json, Value};
 
@@ -43,7 +42,7 @@ fn sdk_python() -> Result<Option<PathBuf>, String> {
 }
 
 /// Runs tests/sdk/drive_sdk.py with `cases`; returns its JSON lines by case.
-async fn drive(py: &Path, gw: &Gateway, tmp: &Path, cases: &[&str]) -> Vec<Value> {
+async fn drive(py: &Path, gw: &TestGateway, tmp: &Path, cases: &[&str]) -> Vec<Value> {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/sdk/drive_sdk.py");
     let mut cmd = Command::new(py);
     cmd.arg(script)
@@ -108,7 +107,7 @@ async fn drive(py: &Path, gw: &Gateway, tmp: &Path, cases: &[&str]) -> Vec<Value
 }
 
 /// A 1.x or 2.x success: 200, a 1536-float embedding, `usage` as given.
-fn assert_success(l: &Value, usage: &Value, cache: &str) {
+fn assert_sdk_success(l: &Value, usage: &Value, cache: &str) {
     let case = &l["case"];
     assert_eq!(l["status_code"], 200, "case {case}: {l}");
     assert!(l["code"].is_null() || l["code"] == "", "case {case}: {l}");
@@ -132,17 +131,11 @@ async fn official_sdk_through_gateway() {
     let Some(py) = setup.unwrap_or_else(|e| panic!("{e}")) else {
         return;
     };
-    let fake = Fake::start().await;
-    let gw = Gateway::start(&config(
-        &fake,
-        None,
-        &[Tenant {
-            name: "sdk",
-            key: TENANT_KEY,
-            extra: "",
-        }],
-        "",
-    ));
+    let gw = TestGateway::builder()
+        .tenant("sdk", TENANT_KEY)
+        .start()
+        .await;
+    let fake = &gw.fake;
     let tmp = tempfile::tempdir().unwrap();
     let calls = || fake.calls();
 
@@ -153,12 +146,12 @@ async fn official_sdk_through_gateway() {
     // (a) image, (b) image+audio, (c) text+audio+image with factors; then (c)
     // again as plain dicts with factors 1.0/"2"/"3": the same cache key.
     let r = drive(&py, &gw, tmp.path(), &["a", "b", "c", "c_mixed"]).await;
-    assert_success(&r[0], &image_only, "MISS");
-    assert_success(&r[1], &image_audio, "MISS");
-    assert_success(&r[2], &all_three, "MISS");
-    assert_success(&r[3], &all_three, "HIT");
+    assert_sdk_success(&r[0], &image_only, "MISS");
+    assert_sdk_success(&r[1], &image_audio, "MISS");
+    assert_sdk_success(&r[2], &all_three, "MISS");
+    assert_sdk_success(&r[3], &all_three, "HIT");
     assert_eq!(calls(), 3, "c_mixed must be a cache hit");
-    let bodies = fake.state.bodies.lock().unwrap().clone();
+    let bodies = fake.bodies();
     // The gateway may normalise the body (e.g. add the default factor).
     assert_eq!(bodies[0]["input"]["contents"].as_array().unwrap().len(), 1);
     assert_eq!(
@@ -185,21 +178,21 @@ async fn official_sdk_through_gateway() {
     // (d) file://: the SDK fetches the upload policy through the gateway,
     // uploads to the fake OSS itself, then sends oss:// with the resolve header.
     let r = drive(&py, &gw, tmp.path(), &["d"]).await;
-    assert_success(&r[0], &image_only, "MISS");
-    assert_eq!(fake.state.upload_policy_calls.load(Ordering::SeqCst), 1);
-    assert_eq!(fake.state.oss_uploads.load(Ordering::SeqCst), 1);
+    assert_sdk_success(&r[0], &image_only, "MISS");
+    assert_eq!(fake.upload_policy_calls(), 1);
+    assert_eq!(fake.oss_uploads(), 1);
     assert_eq!(calls(), 4);
     let sent = r[0]["sent"].as_str().unwrap();
     assert!(
         sent.starts_with("oss://dashscope-instant/fake/"),
         "SDK sent {sent}"
     );
-    let body = fake.state.last_body().unwrap();
+    let body = fake.last_body().unwrap();
     assert_eq!(
         body["input"]["contents"][0]["image"], sent,
         "upstream got {body}"
     );
-    let h = fake.state.last_headers().unwrap();
+    let h = fake.last_headers().unwrap();
     assert_eq!(
         h.get("x-dashscope-ossresourceresolve")
             .map(|v| v.to_str().unwrap()),
@@ -209,7 +202,7 @@ async fn official_sdk_through_gateway() {
 
     // (e) (a) again from a fresh process: served from cache. (f) a bad key.
     let r = drive(&py, &gw, tmp.path(), &["e", "f"]).await;
-    assert_success(&r[0], &image_only, "HIT");
+    assert_sdk_success(&r[0], &image_only, "HIT");
     let f = &r[1];
     assert_eq!(f["status_code"], 401, "{f}");
     assert_eq!(f["code"], "InvalidApiKey", "{f}");
@@ -225,13 +218,13 @@ async fn official_sdk_through_gateway() {
         &["g_text", "g_c", "g_factor0", "g_badkey"],
     )
     .await;
-    assert_success(
+    assert_sdk_success(
         &r[0],
         &json!({"text": {"measure": 1, "weight": 1}, "total_usage": 1}),
         "MISS",
     );
     assert_eq!(r[0]["embeddings"], 1);
-    assert_success(&r[1], &all_three, "HIT");
+    assert_sdk_success(&r[1], &all_three, "HIT");
     let e = &r[2];
     assert_eq!(e["exception"], "BadRequestError", "{e}");
     assert_eq!(e["status_code"], 400, "{e}");
@@ -248,17 +241,17 @@ async fn official_sdk_through_gateway() {
     assert_eq!(e["headers"]["x-should-retry"], "false", "{e}");
     assert_eq!(calls(), 5, "only g_text may reach upstream");
     assert_eq!(
-        fake.state.last_body().unwrap()["input"]["contents"][0]["text"],
+        fake.last_body().unwrap()["input"]["contents"][0]["text"],
         "hi"
     );
 
     // (g) 2.x file:// upload: certificate from the client's base_url.
     let r = drive(&py, &gw, tmp.path(), &["g_file"]).await;
-    assert_success(&r[0], &image_only, "MISS");
-    assert_eq!(fake.state.upload_policy_calls.load(Ordering::SeqCst), 2);
-    assert_eq!(fake.state.oss_uploads.load(Ordering::SeqCst), 2);
+    assert_sdk_success(&r[0], &image_only, "MISS");
+    assert_eq!(fake.upload_policy_calls(), 2);
+    assert_eq!(fake.oss_uploads(), 2);
     assert_eq!(calls(), 6);
-    let h = fake.state.last_headers().unwrap();
+    let h = fake.last_headers().unwrap();
     assert_eq!(
         h.get("x-dashscope-ossresourceresolve")
             .map(|v| v.to_str().unwrap()),
@@ -267,7 +260,7 @@ async fn official_sdk_through_gateway() {
 
     // (h) the aiohttp client (needs Content-Type: application/json).
     let r = drive(&py, &gw, tmp.path(), &["h"]).await;
-    assert_success(
+    assert_sdk_success(
         &r[0],
         &json!({"text": {"measure": 1, "weight": 1}, "total_usage": 1}),
         "MISS",
@@ -275,7 +268,7 @@ async fn official_sdk_through_gateway() {
     assert_eq!(calls(), 7);
 
     // Upstream only ever saw the company key, never a tenant's.
-    for h in fake.state.headers.lock().unwrap().iter() {
+    for h in fake.headers().iter() {
         let auth = h
             .get("authorization")
             .map(|v| v.to_str().unwrap().to_string());
@@ -286,8 +279,8 @@ async fn official_sdk_through_gateway() {
         );
     }
     // Every upstream body with an oss:// content carried the resolve header.
-    let bodies = fake.state.bodies.lock().unwrap().clone();
-    let headers = fake.state.headers.lock().unwrap().clone();
+    let bodies = fake.bodies();
+    let headers = fake.headers();
     let mut oss = 0;
     for (b, h) in bodies.iter().zip(&headers) {
         if b.to_string().contains("oss://") {

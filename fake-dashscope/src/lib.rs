@@ -1,0 +1,341 @@
+//! A stand-in for DashScope, for embedgate's tests (in-process, through
+//! [`start`]), benchmarks and the compose demo (the `fake-dashscope` binary:
+//! `fake-dashscope --listen 127.0.0.1:8090`). Not part of the gateway: the
+//! `embedgate` crate has it as a dev-dependency only.
+//!
+//! It answers the embedding endpoint with a deterministic 1536-float vector
+//! and DashScope's usage block, serves the SDK's upload-certificate call and
+//! a fake OSS upload, counts every call, records what it received, and can be
+//! told to be slow, to fail, or to throttle.
+
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{HeaderMap, HeaderValue, CONTENT_TYPE};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use serde_json::{json, Value};
+use sha2::{Digest as _, Sha256};
+use tokio::net::TcpListener;
+
+/// A scripted answer for the next embedding call.
+#[derive(Debug, Clone)]
+pub enum Fault {
+    /// HTTP status with a DashScope error body.
+    Status(u16, &'static str),
+    /// HTTP 200 whose body carries a `code` (must never count as success).
+    CodeOn200,
+    /// HTTP 200 with a short embedding.
+    BadEmbedding,
+    /// HTTP 200 with usage figures that disagree with the request.
+    WrongUsage,
+    /// Closes the connection without answering.
+    Drop,
+    /// Waits this long before answering normally.
+    Delay(Duration),
+}
+
+#[derive(Default)]
+pub struct FakeState {
+    /// Embedding calls received (every attempt).
+    pub embedding_calls: AtomicU64,
+    pub upload_policy_calls: AtomicU64,
+    pub oss_uploads: AtomicU64,
+    /// Units billed: Σ total_usage of the 200 answers given.
+    pub billed_units: AtomicU64,
+    /// Latency added to every embedding answer, in ms.
+    pub latency_ms: AtomicU64,
+    faults: Mutex<VecDeque<Fault>>,
+    /// Headers of every embedding call, in order.
+    pub headers: Mutex<Vec<HeaderMap>>,
+    /// Bodies of every embedding call, in order.
+    pub bodies: Mutex<Vec<Value>>,
+    /// `Authorization` value accepted; `None` accepts any.
+    api_key: Option<String>,
+    addr: Mutex<Option<SocketAddr>>,
+}
+
+impl FakeState {
+    /// Queues faults for the next embedding calls, one per call.
+    pub fn push_faults(&self, faults: impl IntoIterator<Item = Fault>) {
+        self.faults
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend(faults);
+    }
+
+    pub fn calls(&self) -> u64 {
+        self.embedding_calls.load(Ordering::SeqCst)
+    }
+
+    pub fn last_headers(&self) -> Option<HeaderMap> {
+        self.headers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .last()
+            .cloned()
+    }
+
+    pub fn last_body(&self) -> Option<Value> {
+        self.bodies
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .last()
+            .cloned()
+    }
+}
+
+/// Starts the fake on `listener`; it runs until the runtime stops.
+pub fn start(listener: TcpListener, api_key: Option<String>) -> Arc<FakeState> {
+    let state = Arc::new(FakeState {
+        api_key,
+        ..FakeState::default()
+    });
+    if let Ok(a) = listener.local_addr() {
+        *state.addr.lock().unwrap_or_else(|p| p.into_inner()) = Some(a);
+    }
+    let s = state.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let _ = stream.set_nodelay(true);
+            let s = s.clone();
+            tokio::spawn(async move {
+                let svc = service_fn(move |req| {
+                    let s = s.clone();
+                    async move { handle(s, req).await }
+                });
+                let _ = auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    state
+}
+
+/// The deterministic embedding of a request body: same contents, same vector.
+pub fn embedding_for(contents: &Value, dimension: usize) -> Vec<f32> {
+    let seed = Sha256::digest(contents.to_string().as_bytes());
+    let mut out = Vec::with_capacity(dimension);
+    let mut block = Sha256::digest(seed);
+    let mut i = 0;
+    while out.len() < dimension {
+        if i == 32 {
+            block = Sha256::digest(block);
+            i = 0;
+        }
+        // Exact float32 values in [-0.5, 0.5), like DashScope's.
+        out.push((f32::from(block[i]) - 128.0) / 256.0);
+        i += 1;
+    }
+    out
+}
+
+fn reply(status: u16, body: Value) -> Result<Response<Full<Bytes>>, Infallible> {
+    let mut r = Response::new(Full::new(Bytes::from(body.to_string())));
+    *r.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    Ok(r)
+}
+
+fn error(status: u16, code: &str, message: &str) -> Result<Response<Full<Bytes>>, Infallible> {
+    reply(
+        status,
+        json!({"code": code, "message": message, "request_id": uuid::Uuid::new_v4().to_string()}),
+    )
+}
+
+async fn handle(
+    s: Arc<FakeState>,
+    req: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    let path = req.uri().path().to_string();
+    let method = req.method().clone();
+    match (method, path.as_str()) {
+        (Method::POST, "/api/v1/services/embeddings/multimodal-embedding/multimodal-embedding") => {
+            embed(s, req).await
+        }
+        (Method::GET, "/api/v1/uploads") => {
+            s.upload_policy_calls.fetch_add(1, Ordering::SeqCst);
+            if !authorized(&s, req.headers()) {
+                return error(401, "InvalidApiKey", "Invalid API-key provided.");
+            }
+            let host = s
+                .addr
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .map(|a| format!("http://{a}/oss"))
+                .unwrap_or_default();
+            reply(
+                200,
+                json!({
+                    "request_id": uuid::Uuid::new_v4().to_string(),
+                    "data": {
+                        "policy": "ZmFrZS1wb2xpY3k=",
+                        "signature": "fake-signature",
+                        "upload_dir": "dashscope-instant/fake/2026-11-24/abc",
+                        "upload_host": host,
+                        "expire_in_seconds": 300,
+                        "max_file_size_mb": 100,
+                        "capacity_limit_mb": 999999,
+                        "oss_access_key_id": "fake-access-key",
+                        "x_oss_object_acl": "private",
+                        "x_oss_forbid_overwrite": "true"
+                    }
+                }),
+            )
+        }
+        (Method::POST, "/oss") => {
+            let _ = req.into_body().collect().await;
+            s.oss_uploads.fetch_add(1, Ordering::SeqCst);
+            let mut r = Response::new(Full::new(Bytes::new()));
+            *r.status_mut() = StatusCode::OK;
+            Ok(r)
+        }
+        _ => error(404, "NotFound", "no such path in the fake"),
+    }
+}
+
+fn authorized(s: &FakeState, h: &HeaderMap) -> bool {
+    match &s.api_key {
+        None => true,
+        Some(k) => h
+            .get(http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v == format!("Bearer {k}")),
+    }
+}
+
+async fn embed(
+    s: Arc<FakeState>,
+    req: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    s.embedding_calls.fetch_add(1, Ordering::SeqCst);
+    let headers = req.headers().clone();
+    s.headers
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .push(headers.clone());
+    let body = req
+        .into_body()
+        .collect()
+        .await
+        .map(|c| c.to_bytes())
+        .unwrap_or_default();
+    let v: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    s.bodies
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .push(v.clone());
+
+    let fault = s
+        .faults
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .pop_front();
+    let latency = s.latency_ms.load(Ordering::SeqCst);
+    if latency > 0 {
+        tokio::time::sleep(Duration::from_millis(latency)).await;
+    }
+    match &fault {
+        Some(Fault::Status(status, code)) => return error(*status, code, "injected by the fake"),
+        Some(Fault::Drop) => {
+            // Never answer; the gateway's timeout or the connection drop handles it.
+            std::future::pending::<()>().await;
+        }
+        Some(Fault::Delay(d)) => tokio::time::sleep(*d).await,
+        _ => {}
+    }
+    if !authorized(&s, &headers) {
+        return error(401, "InvalidApiKey", "Invalid API-key provided.");
+    }
+    if v.get("model").and_then(Value::as_str) != Some("multimodal-embedding-one-peace-v1") {
+        return error(400, "InvalidParameter", "Model not exist.");
+    }
+    let Some(contents) = v.pointer("/input/contents").and_then(Value::as_array) else {
+        return error(400, "InvalidParameter", "input.contents is required");
+    };
+    let resolve = headers
+        .get("x-dashscope-ossresourceresolve")
+        .and_then(|h| h.to_str().ok())
+        == Some("enable");
+    let (mut text, mut image, mut audio) = (0u64, 0u64, 0u64);
+    for item in contents {
+        for (k, val) in item.as_object().into_iter().flatten() {
+            let sval = val.as_str().unwrap_or("");
+            if sval.starts_with("oss://") && !resolve {
+                return error(
+                    400,
+                    "InvalidParameter",
+                    "oss:// resources need X-DashScope-OssResourceResolve: enable",
+                );
+            }
+            if sval.contains("unreachable") {
+                return error(400, "InvalidURL", "Invalid URL provided in your request.");
+            }
+            match k.as_str() {
+                "text" => text += 1,
+                "image" => image += 1,
+                "audio" => audio += 1,
+                _ => {}
+            }
+        }
+    }
+    let rid = uuid::Uuid::new_v4().to_string();
+    match fault {
+        Some(Fault::CodeOn200) => {
+            return reply(
+                200,
+                json!({"code": "InternalError.Algo", "message": "injected", "request_id": rid}),
+            )
+        }
+        Some(Fault::BadEmbedding) => {
+            return reply(
+                200,
+                json!({"output": {"embedding": [0.1, 0.2]}, "usage": {"total_usage": 1}, "request_id": rid}),
+            )
+        }
+        _ => {}
+    }
+    if matches!(fault, Some(Fault::WrongUsage)) {
+        text += 1;
+    }
+    let mut usage = serde_json::Map::new();
+    if text > 0 {
+        usage.insert("text".into(), json!({"measure": text, "weight": 1}));
+    }
+    if image > 0 {
+        usage.insert("image".into(), json!({"measure": image, "weight": 1}));
+    }
+    if audio > 0 {
+        usage.insert("audio".into(), json!({"measure": audio, "weight": 2}));
+    }
+    let total = text + image + 2 * audio;
+    usage.insert("total_usage".into(), json!(total));
+    s.billed_units.fetch_add(total, Ordering::SeqCst);
+    let dimension = v
+        .pointer("/parameters/dimension")
+        .and_then(Value::as_u64)
+        .unwrap_or(1536) as usize;
+    reply(
+        200,
+        json!({
+            "output": {"embedding": embedding_for(&Value::Array(contents.clone()), dimension)},
+            "usage": usage,
+            "request_id": rid,
+        }),
+    )
+}
