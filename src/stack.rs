@@ -53,6 +53,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::AUTHORIZATION;
+#[cfg(test)]
+use http::StatusCode;
 use http::{Method, Request, Response};
 use tower::limit::GlobalConcurrencyLimitLayer;
 use tower::util::BoxCloneService;
@@ -98,6 +100,20 @@ where
     B: http_body::Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
+    around(app, Router::new(app))
+}
+
+/// Layers 1–10 around `routes` (the router, or a test's service).
+fn around<B, S>(app: &Arc<App>, routes: S) -> Api<B>
+where
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+    S: Service<Request<ReqBody>, Response = Response<Body>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
     let server = &app.config.server;
     let deadline = app.config.upstream.timeout * 2 + REQUEST_DEADLINE_MARGIN;
     let metrics = app.metrics.clone();
@@ -139,7 +155,7 @@ where
         .layer(RequestBodyLimitLayer::new(server.max_body_bytes))
         .map_request(|r: Request<_>| r.map(body::boxed))
         // 11.
-        .service(Router::new(app));
+        .service(routes);
     BoxCloneService::new(stack)
 }
 
@@ -219,4 +235,156 @@ impl Service<Request<ReqBody>> for Router {
 fn refuse(req: &Request<ReqBody>, e: GatewayError) -> BoxFuture {
     let r = e.into_response(&request_id::of(req), false);
     Box::pin(std::future::ready(Ok(r)))
+}
+
+/// The stack driven in process, without sockets: what each generic layer
+/// adds, and that every answer is DashScope-shaped.
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::secret::Digest;
+    use http_body_util::{BodyExt, Full};
+    use serde_json::Value;
+
+    const KEY: &str = "sk-in-process";
+
+    fn app(extra: &str) -> Arc<App> {
+        let src = format!(
+            "[server]\nmax_body_bytes = 64\nmax_in_flight = 1\n[upstream]\nbase_url = \"http://127.0.0.1:9\"\n{extra}\n[[tenants]]\nname = \"t\"\nkey_sha256 = [\"{}\"]\nrate = {{ per_second = 0.001, burst = 1 }}\n",
+            Digest::of(KEY.as_bytes()).to_hex()
+        );
+        App::new(Config::parse(&src, &|_| None).unwrap()).unwrap()
+    }
+
+    fn request(
+        method: Method,
+        path: &str,
+        key: Option<&str>,
+        body: &'static str,
+    ) -> Request<Full<Bytes>> {
+        let mut b = Request::builder().method(method).uri(path);
+        if let Some(k) = key {
+            b = b.header(AUTHORIZATION, format!("Bearer {k}"));
+        }
+        b.body(Full::new(Bytes::from_static(body.as_bytes())))
+            .unwrap()
+    }
+
+    async fn send(svc: &Api<Full<Bytes>>, req: Request<Full<Bytes>>) -> (Response<()>, Value) {
+        let r = svc.clone().oneshot(req).await.unwrap();
+        let (parts, body) = r.into_parts();
+        let bytes = body.collect().await.unwrap().to_bytes();
+        let v = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        (Response::from_parts(parts, ()), v)
+    }
+
+    /// A DashScope error whose `request_id` is the `x-request-id` header.
+    fn assert_error(r: &Response<()>, v: &Value, status: u16, code: &str) {
+        assert_eq!(r.status().as_u16(), status, "{v}");
+        assert_eq!(v["code"], code, "{v}");
+        assert!(v["message"].as_str().is_some_and(|m| !m.is_empty()), "{v}");
+        let id = r.headers()["x-request-id"].to_str().unwrap();
+        assert_eq!(v["request_id"], id, "{v}");
+    }
+
+    #[tokio::test]
+    async fn unknown_paths_methods_and_keys_are_refused_in_dashscope_shape() {
+        let app = app("");
+        let svc: Api<Full<Bytes>> = api(&app);
+        let (r, v) = send(&svc, request(Method::GET, "/api/v1/other", Some(KEY), "")).await;
+        assert_error(&r, &v, 404, "NotFound");
+        let (r, v) = send(&svc, request(Method::GET, EMBEDDING_PATH, Some(KEY), "")).await;
+        assert_error(&r, &v, 405, "MethodNotAllowed");
+        let (r, v) = send(
+            &svc,
+            request(Method::POST, EMBEDDING_PATH, Some("wrong"), "{}"),
+        )
+        .await;
+        assert_error(&r, &v, 401, "InvalidApiKey");
+        assert_eq!(r.headers()["x-should-retry"], "false");
+    }
+
+    #[tokio::test]
+    async fn the_body_limit_answers_413_before_anything_is_read() {
+        let app = app("");
+        let svc: Api<Full<Bytes>> = api(&app);
+        let big = "x".repeat(65).leak();
+        let (r, v) = send(&svc, request(Method::POST, EMBEDDING_PATH, Some(KEY), big)).await;
+        assert_error(&r, &v, 413, "BadRequest.TooLarge");
+        assert!(v["message"].as_str().unwrap().contains("64 bytes"), "{v}");
+    }
+
+    #[tokio::test]
+    async fn bad_input_after_auth_and_rate_carries_rate_headers_then_429() {
+        let app = app("");
+        let svc: Api<Full<Bytes>> = api(&app);
+        let (r, v) = send(
+            &svc,
+            request(Method::POST, EMBEDDING_PATH, Some(KEY), "{\"model\":5}"),
+        )
+        .await;
+        assert_error(&r, &v, 400, "InvalidParameter");
+        assert_eq!(r.headers()["ratelimit-limit"], "1");
+        assert_eq!(r.headers()["ratelimit-remaining"], "0");
+        // The one token is spent: the next request is refused by the rate layer.
+        let (r, v) = send(&svc, request(Method::POST, EMBEDDING_PATH, Some(KEY), "{}")).await;
+        assert_error(&r, &v, 429, "Throttling.RateQuota");
+        assert!(r.headers().contains_key("retry-after"));
+    }
+
+    #[tokio::test]
+    async fn a_plain_client_request_id_is_kept_and_an_unusable_one_replaced() {
+        let app = app("");
+        let svc: Api<Full<Bytes>> = api(&app);
+        let mut req = request(Method::GET, "/nowhere", None, "");
+        req.headers_mut().insert(
+            "x-request-id",
+            http::HeaderValue::from_static("client-id-1"),
+        );
+        let (r, v) = send(&svc, req).await;
+        assert_eq!(r.headers()["x-request-id"], "client-id-1");
+        assert_eq!(v["request_id"], "client-id-1");
+        let mut req = request(Method::GET, "/nowhere", None, "");
+        req.headers_mut()
+            .insert("x-request-id", http::HeaderValue::from_static("a\"b"));
+        let (r, v) = send(&svc, req).await;
+        let id = r.headers()["x-request-id"].to_str().unwrap();
+        assert_ne!(id, "a\"b");
+        assert_eq!(v["request_id"], id);
+    }
+
+    #[tokio::test]
+    async fn a_panic_becomes_an_internal_error_and_the_gauge_comes_back() {
+        let app = app("");
+        let panicking = tower::service_fn(|_: Request<ReqBody>| async {
+            if true {
+                panic!("injected fault");
+            }
+            Ok::<Response<Body>, Infallible>(Response::new(body::full(Bytes::new())))
+        });
+        let svc: Api<Full<Bytes>> = around(&app, panicking);
+        let (r, v) = send(&svc, request(Method::POST, EMBEDDING_PATH, Some(KEY), "{}")).await;
+        assert_error(&r, &v, 500, "InternalError");
+        assert!(!v.to_string().contains("injected fault"), "{v}");
+        assert_eq!(app.metrics.in_flight.get(), 0);
+        let m = String::from_utf8(app.metrics.render()).unwrap();
+        assert!(
+            m.contains("embedgate_requests_total{cache=\"none\",code=\"InternalError\",tenant=\"(none)\"} 1"),
+            "{m}"
+        );
+    }
+
+    #[tokio::test]
+    async fn the_global_in_flight_bound_sheds_with_503() {
+        let app = app("");
+        // The one permit is held, as by a request in flight.
+        let held = app.in_flight.clone().try_acquire_owned().unwrap();
+        let svc: Api<Full<Bytes>> = api(&app);
+        let (r, v) = send(&svc, request(Method::POST, EMBEDDING_PATH, Some(KEY), "{}")).await;
+        assert_error(&r, &v, 503, "ServiceUnavailable");
+        drop(held);
+        let (r, _) = send(&svc, request(Method::POST, EMBEDDING_PATH, Some(KEY), "{}")).await;
+        assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    }
 }
