@@ -1,0 +1,96 @@
+//! `[cache]`: where embeddings are kept, for how long, shared by whom.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+
+use super::check::Check;
+use super::values::{self, HumanDuration};
+use crate::secret::Secret;
+
+/// DashScope's vectors for a fixed input do not change; a month keeps costs down.
+const DEFAULT_CACHE_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
+/// A team never gets an answer computed for another team unless the operator
+/// opts in to sharing.
+const DEFAULT_SCOPE: CacheScope = CacheScope::Tenant;
+/// One Redis URL is the common case; a cluster's seed list is spelled out anyway.
+const DEFAULT_REDIS_CLUSTER: bool = false;
+/// About 10k embeddings of ~30 KB each.
+const DEFAULT_MEMORY_CACHE_BYTES: u64 = 256 * 1024 * 1024;
+/// A Redis that does not answer within this is treated as down for this request.
+const DEFAULT_REDIS_TIMEOUT: Duration = Duration::from_millis(250);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheScope {
+    Tenant,
+    Shared,
+}
+
+impl<'de> Deserialize<'de> for CacheScope {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        values::one_of(
+            d,
+            &[
+                ("tenant", CacheScope::Tenant),
+                ("shared", CacheScope::Shared),
+            ],
+        )
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct CacheConfig {
+    pub redis_url: Option<Secret>,
+    /// `redis_url` lists Redis Cluster seed nodes (comma-separated).
+    pub redis_cluster: bool,
+    pub ttl: Duration,
+    pub scope: CacheScope,
+    /// Memory cache size; with Redis it is the L1 in front of it (0 = no L1).
+    pub memory_max_bytes: u64,
+    pub redis_timeout: Duration,
+}
+
+/// `[cache]` as written.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawCache {
+    redis_url: Option<String>,
+    redis_cluster: Option<bool>,
+    ttl: Option<HumanDuration>,
+    scope: Option<CacheScope>,
+    memory_max_bytes: Option<i64>,
+    redis_timeout: Option<HumanDuration>,
+}
+
+impl RawCache {
+    pub(crate) fn load(self, c: &mut Check<'_>) -> CacheConfig {
+        let redis_url = self.redis_url.filter(|u| !u.is_empty());
+        let redis_cluster = self.redis_cluster.unwrap_or(DEFAULT_REDIS_CLUSTER);
+        if let Some(url) = &redis_url {
+            let urls: Vec<&str> = url.split(',').map(str::trim).collect();
+            if urls.iter().any(|u| redis::parse_redis_url(u).is_none()) {
+                c.err(
+                    "cache.redis_url",
+                    "must be a redis:// or rediss:// URL (with redis_cluster = true, a comma-separated list of them)",
+                );
+            } else if urls.len() > 1 && !redis_cluster {
+                c.err(
+                    "cache.redis_url",
+                    "lists several nodes; set cache.redis_cluster = true for Redis Cluster",
+                );
+            }
+        }
+        CacheConfig {
+            redis_url: redis_url.map(Secret::new),
+            redis_cluster,
+            ttl: self.ttl.map_or(DEFAULT_CACHE_TTL, |d| d.0),
+            scope: self.scope.unwrap_or(DEFAULT_SCOPE),
+            memory_max_bytes: c.non_negative(
+                "cache.memory_max_bytes",
+                self.memory_max_bytes,
+                DEFAULT_MEMORY_CACHE_BYTES,
+            ),
+            redis_timeout: self.redis_timeout.map_or(DEFAULT_REDIS_TIMEOUT, |d| d.0),
+        }
+    }
+}

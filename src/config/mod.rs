@@ -1,0 +1,163 @@
+//! TOML configuration, read in two steps:
+//!
+//! 1. The file is deserialized into raw structs, one per section, that say
+//!    exactly what the file may contain (`deny_unknown_fields`, typed fields).
+//! 2. Each section's `load()` turns its raw struct into a type that cannot
+//!    be invalid, recording semantic errors.
+//!
+//! Every error names the dotted key and, where the file has it, the line,
+//! and all of them are collected, not returned one at a time, so an
+//! operator fixes a file in one pass (`embedgate check-config`);
+//! `check.rs` says how.
+//!
+//! One file per section: its raw struct, its `DEFAULT_*` constants (each
+//! with its reason), its validated type and its `load()`. Adding a key
+//! touches that file (the raw field, its default, its field in the
+//! validated type, read in `load()`) and `config/embedgate.toml`, the
+//! commented reference of every key; tests fail if the two drift apart.
+
+mod admin;
+mod cache;
+mod check;
+mod limits;
+mod metering;
+mod server;
+mod tenants;
+mod upstream;
+mod values;
+
+#[cfg(test)]
+mod tests;
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+pub use admin::AdminConfig;
+pub use cache::{CacheConfig, CacheScope};
+pub use limits::{LimitsConfig, StoreErrorPolicy};
+pub use metering::{MeteringConfig, Weights};
+pub use server::ServerConfig;
+pub use tenants::{QuotaConfig, QuotaPeriod, RateConfig, TenantConfig};
+pub use upstream::{UpstreamConfig, ONE_PEACE_MODEL};
+
+use check::Check;
+
+/// A fully validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub upstream: UpstreamConfig,
+    pub cache: CacheConfig,
+    pub limits: LimitsConfig,
+    pub metering: MeteringConfig,
+    /// `None`: admin routes answer 404.
+    pub admin: Option<AdminConfig>,
+    pub tenants: Vec<TenantConfig>,
+    /// Where the config came from, for SIGHUP reloads.
+    pub source: Option<PathBuf>,
+}
+
+/// One problem in a config file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// Dotted key, e.g. `tenants[1].rate.per_second`; empty for syntax errors.
+    pub key: String,
+    pub line: Option<usize>,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (self.key.is_empty(), self.line) {
+            (false, Some(line)) => write!(f, "line {line}: {}: {}", self.key, self.message),
+            (false, None) => write!(f, "{}: {}", self.key, self.message),
+            (true, Some(line)) => write!(f, "line {line}: {}", self.message),
+            (true, None) => write!(f, "{}", self.message),
+        }
+    }
+}
+
+/// All problems found in one file.
+#[derive(Debug, Clone)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+/// Reads environment variables; a trait object so tests need not touch the
+/// process environment.
+pub type EnvLookup<'a> = &'a dyn Fn(&str) -> Option<String>;
+
+/// The whole file as written.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    server: server::RawServer,
+    #[serde(default)]
+    upstream: upstream::RawUpstream,
+    #[serde(default)]
+    cache: cache::RawCache,
+    #[serde(default)]
+    limits: limits::RawLimits,
+    #[serde(default)]
+    metering: metering::RawMetering,
+    admin: Option<admin::RawAdmin>,
+    #[serde(default, deserialize_with = "tenants::list")]
+    tenants: Vec<tenants::RawTenant>,
+    /// SPEC §5 names this setting without a section; accepted here too.
+    quota_on_store_error: Option<StoreErrorPolicy>,
+}
+
+impl Config {
+    /// Reads and validates the file at `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+        let src = std::fs::read_to_string(path).map_err(|e| {
+            ConfigErrors(vec![ConfigError {
+                key: String::new(),
+                line: None,
+                message: format!("cannot read {}: {e}", path.display()),
+            }])
+        })?;
+        let mut config = Config::parse(&src, &|k| std::env::var(k).ok())?;
+        config.source = Some(path.to_path_buf());
+        Ok(config)
+    }
+
+    /// Validates config text; environment variables come from `env`.
+    pub fn parse(src: &str, env: EnvLookup<'_>) -> Result<Config, ConfigErrors> {
+        let mut c = Check::new(src).map_err(|e| ConfigErrors(vec![e]))?;
+        let Some(raw) = c.deserialize::<RawConfig>() else {
+            return Err(ConfigErrors(c.into_errors()));
+        };
+        let config = Config {
+            server: raw.server.load(&mut c),
+            upstream: raw.upstream.load(&mut c, env),
+            cache: raw.cache.load(&mut c),
+            limits: raw.limits.load(raw.quota_on_store_error, &mut c),
+            metering: raw.metering.load(&mut c),
+            admin: raw.admin.and_then(|a| a.load(&mut c)),
+            tenants: tenants::load(raw.tenants, &mut c),
+            source: None,
+        };
+        c.finish(config).map_err(ConfigErrors)
+    }
+
+    /// The tenant named `name`, if any.
+    pub fn tenant(&self, name: &str) -> Option<&TenantConfig> {
+        self.tenants.iter().find(|t| t.name == name)
+    }
+}

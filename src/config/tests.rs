@@ -1,0 +1,401 @@
+//! The config contract as operators meet it: defaults, errors with key and
+//! line, and the shipped files.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::time::Duration;
+
+use super::*;
+
+const DIGEST: &str = "2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f98a5e886266e7ae";
+
+fn parse(src: &str) -> Result<Config, ConfigErrors> {
+    Config::parse(src, &|_| None)
+}
+
+#[test]
+fn empty_file_gives_defaults() {
+    let c = parse("").unwrap();
+    assert_eq!(c.server.max_body_bytes, 1024 * 1024);
+    assert_eq!(c.cache.ttl, Duration::from_secs(30 * 24 * 3600));
+    assert_eq!(c.cache.scope, CacheScope::Tenant);
+    assert_eq!(c.metering.weights.audio, 2);
+    assert!(c.cache.redis_url.is_none());
+    assert!(c.upstream.api_key.is_none());
+    assert_eq!(c.upstream.models, vec![ONE_PEACE_MODEL.to_string()]);
+}
+
+#[test]
+fn unknown_key_names_key_and_line() {
+    let err = parse("[server]\nlisten = \"127.0.0.1:1\"\nlisen = 3\n").unwrap_err();
+    let e = &err.0[0];
+    assert_eq!(e.line, Some(3));
+    assert_eq!(e.key, "server.lisen");
+}
+
+#[test]
+fn unknown_keys_are_listed_with_every_other_error() {
+    let src = format!(
+        "[server]\nlisen = 3\nshutdown_grace = \"soon\"\n\n[[tenants]]\nname = \"a\"\nkey_sha256 = [\"{DIGEST}\"]\nrate = {{ per_second = 1, brust = 2 }}\ncolour = \"red\"\n"
+    );
+    let err = parse(&src).unwrap_err();
+    let shown: Vec<String> = err.0.iter().map(|e| e.to_string()).collect();
+    assert_eq!(
+        shown,
+        vec![
+            "line 2: server.lisen: unknown key".to_string(),
+            "line 3: server.shutdown_grace: `soon` is not a duration (expected number at 0); use e.g. \"30s\", \"5m\", \"30d\"".to_string(),
+            "line 8: tenants[0].rate.brust: unknown key".to_string(),
+            "line 9: tenants[0].colour: unknown key".to_string(),
+        ]
+    );
+}
+
+#[test]
+fn collects_every_semantic_error_with_lines() {
+    let src = format!(
+        "[cache]\nttl = \"soon\"\nscope = \"team\"\n\n[[tenants]]\nname = \"a\"\nkey_sha256 = [\"{DIGEST}\"]\nrate = {{ per_second = -1, burst = 2 }}\n\n[[tenants]]\nname = \"b\"\nkey_sha256 = [\"xyz\"]\nquota = {{ units = 5, per = \"week\" }}\n"
+    );
+    let err = parse(&src).unwrap_err();
+    let shown: Vec<String> = err.0.iter().map(|e| e.to_string()).collect();
+    assert_eq!(err.0.len(), 5, "{shown:#?}");
+    assert!(shown[0].starts_with("line 2: cache.ttl:"), "{shown:#?}");
+    assert!(shown[1].starts_with("line 3: cache.scope:"), "{shown:#?}");
+    assert!(
+        shown[2].starts_with("line 8: tenants[0].rate.per_second:"),
+        "{shown:#?}"
+    );
+    assert!(
+        shown[3].starts_with("line 12: tenants[1].key_sha256[0]:"),
+        "{shown:#?}"
+    );
+    assert!(
+        shown[4].starts_with("line 13: tenants[1].quota.per:"),
+        "{shown:#?}"
+    );
+}
+
+#[test]
+fn duplicate_keys_and_names_are_errors() {
+    let src = format!(
+        "[[tenants]]\nname = \"a\"\nkey_sha256 = [\"{DIGEST}\"]\n[[tenants]]\nname = \"a\"\nkey_sha256 = [\"{DIGEST}\"]\n"
+    );
+    let err = parse(&src).unwrap_err();
+    assert_eq!(err.0.len(), 2, "{err}");
+    assert!(err.to_string().contains("defined twice"));
+    assert!(err.to_string().contains("already used by tenant `a`"));
+}
+
+#[test]
+fn full_example_parses() {
+    let src = format!(
+        r#"
+[server]
+listen = "0.0.0.0:8080"
+metrics_listen = "127.0.0.1:9100"
+max_body_bytes = 1048576
+
+[upstream]
+base_url = "http://127.0.0.1:9"
+api_key_env = "UP_KEY"
+timeout = "30s"
+
+[cache]
+redis_url = "redis://127.0.0.1:6379"
+ttl = "30d"
+scope = "shared"
+
+[metering]
+weights = {{ text = 1, image = 3, audio = 2 }}
+
+[admin]
+token_sha256 = "{DIGEST}"
+
+[[tenants]]
+name = "search"
+key_sha256 = ["{DIGEST}"]
+workspace = "ws-1"
+rate = {{ per_second = 20, burst = 40 }}
+quota = {{ units = 100000, per = "day" }}
+"#
+    );
+    let c = Config::parse(&src, &|k| (k == "UP_KEY").then(|| "sk-x".into())).unwrap();
+    assert_eq!(c.cache.scope, CacheScope::Shared);
+    assert_eq!(c.metering.weights.image, 3);
+    assert_eq!(c.upstream.api_key.as_ref().unwrap().expose(), "sk-x");
+    let t = c.tenant("search").unwrap();
+    assert_eq!(
+        t.rate,
+        Some(RateConfig {
+            per_second: 20.0,
+            burst: 40
+        })
+    );
+    assert_eq!(
+        t.quota,
+        Some(QuotaConfig {
+            units: 100000,
+            per: QuotaPeriod::Day
+        })
+    );
+    assert!(c.admin.is_some());
+    assert_eq!(
+        c.server.metrics_listen,
+        Some("127.0.0.1:9100".parse().unwrap())
+    );
+}
+
+#[test]
+fn quota_on_store_error_at_top_level_or_in_limits() {
+    let top = parse("quota_on_store_error = \"deny\"\n").unwrap();
+    assert_eq!(top.limits.quota_on_store_error, StoreErrorPolicy::Deny);
+    let section = parse("[limits]\nquota_on_store_error = \"deny\"\n").unwrap();
+    assert_eq!(section.limits.quota_on_store_error, StoreErrorPolicy::Deny);
+    let both =
+        parse("quota_on_store_error = \"deny\"\n[limits]\nquota_on_store_error = \"allow\"\n");
+    assert!(both
+        .unwrap_err()
+        .to_string()
+        .contains("both at the top level"));
+    let bad = parse("quota_on_store_error = \"maybe\"\n").unwrap_err();
+    assert_eq!(bad.0[0].key, "quota_on_store_error");
+    assert_eq!(bad.0[0].line, Some(1));
+}
+
+#[test]
+fn bad_base_url_is_rejected() {
+    let err = parse("[upstream]\nbase_url = \"ftp://x/y\"\n").unwrap_err();
+    assert_eq!(err.0[0].key, "upstream.base_url");
+    assert_eq!(err.0[0].line, Some(2));
+}
+
+#[test]
+fn bad_types_are_all_listed_with_key_and_line() {
+    let src = "[server]\nmax_body_bytes = \"big\"\nmax_in_flight = \"many\"\n[cache]\nttl = \"soon\"\nredis_cluster = \"yes\"\n[[tenants]]\nname = \"a\"\nkey_sha256 = \"not-a-list\"\nrate = 5\n";
+    let err = parse(src).unwrap_err();
+    let shown: Vec<String> = err.0.iter().map(|e| e.to_string()).collect();
+    assert_eq!(
+        shown,
+        vec![
+            "line 2: server.max_body_bytes: must be an integer, got a string",
+            "line 3: server.max_in_flight: must be an integer, got a string",
+            "line 5: cache.ttl: `soon` is not a duration (expected number at 0); use e.g. \"30s\", \"5m\", \"30d\"",
+            "line 6: cache.redis_cluster: must be true or false, got a string",
+            "line 9: tenants[0].key_sha256: must be a list of strings, got a string",
+            "line 10: tenants[0].rate: must be a table, got an integer",
+        ],
+        "{shown:#?}"
+    );
+}
+
+#[test]
+fn wrong_shapes_name_the_item_inside_lists_and_sections() {
+    let src = format!(
+        "server = 5\n[upstream]\nmodels = [\"a\", 2]\n[[tenants]]\nname = \"a\"\nkey_sha256 = [\n  \"{DIGEST}\",\n  7,\n]\n\"odd key\" = 1\n"
+    );
+    let err = parse(&src).unwrap_err();
+    let shown: Vec<String> = err.0.iter().map(|e| e.to_string()).collect();
+    assert_eq!(
+        shown,
+        vec![
+            "line 1: server: must be a table, got an integer",
+            "line 3: upstream.models[1]: must be a string, got an integer",
+            "line 8: tenants[0].key_sha256[1]: must be a string, got an integer",
+            "line 10: tenants[0].\"odd key\": unknown key",
+        ],
+        "{shown:#?}"
+    );
+}
+
+#[test]
+fn values_say_what_they_accept() {
+    let src = "[server]\nshutdown_grace = 30\nlisten = \"localhost:80\"\n[cache]\nscope = 1\nttl = \"0s\"\n[[tenants]]\nname = \"a\"\nkey_sha256 = []\nquota = { units = 1, per = \"week\" }\n";
+    let err = parse(src).unwrap_err();
+    let shown: Vec<String> = err.0.iter().map(|e| e.to_string()).collect();
+    assert_eq!(
+        shown,
+        vec![
+            "line 2: server.shutdown_grace: must be a duration such as \"30s\", got an integer",
+            "line 3: server.listen: `localhost:80` is not an address; use IP:PORT, e.g. \"0.0.0.0:8080\"",
+            "line 5: cache.scope: must be \"tenant\" or \"shared\", got an integer",
+            "line 6: cache.ttl: must be greater than zero",
+            "line 9: tenants[0].key_sha256: must list at least one digest",
+            "line 10: tenants[0].quota.per: must be \"day\" or \"month\", got \"week\"",
+        ],
+        "{shown:#?}"
+    );
+}
+
+#[test]
+fn a_file_with_too_many_wrong_keys_is_cut_short() {
+    let keys = |n: usize| -> String { (0..n).map(|i| format!("k{i} = {i}\n")).collect() };
+    let exactly = parse(&keys(100)).unwrap_err();
+    assert_eq!(exactly.0.len(), 100);
+    assert!(exactly.0.iter().all(|e| e.message == "unknown key"));
+    let err = parse(&keys(150)).unwrap_err();
+    assert_eq!(err.0.len(), 101);
+    assert_eq!(err.0[0].to_string(), "line 1: k0: unknown key");
+    assert_eq!(err.0[99].to_string(), "line 100: k99: unknown key");
+    assert!(err.0[100].message.starts_with("more than 100"), "{err}");
+}
+
+#[test]
+fn a_syntax_error_is_reported_alone_with_its_line() {
+    let err = parse("[server]\nlisten = \n").unwrap_err();
+    assert_eq!(err.0.len(), 1);
+    assert_eq!(err.0[0].key, "");
+    assert_eq!(err.0[0].line, Some(2));
+}
+
+// ---- the shipped files ----
+
+const REFERENCE: &str = include_str!("../../config/embedgate.toml");
+const QUICKSTART: &str = include_str!("../../config/quickstart.toml");
+const COMPOSE: &str = include_str!("../../deploy/compose/embedgate.toml");
+
+fn env(key: &str) -> Option<String> {
+    (key == "DASHSCOPE_API_KEY").then(|| "sk-test".to_string())
+}
+
+#[test]
+fn shipped_config_files_pass_check_config() {
+    for (name, src) in [
+        ("config/embedgate.toml", REFERENCE),
+        ("config/quickstart.toml", QUICKSTART),
+        ("deploy/compose/embedgate.toml", COMPOSE),
+    ] {
+        let c = Config::parse(src, &env).unwrap_or_else(|e| panic!("{name}:\n{e}"));
+        assert!(c.upstream.api_key.is_some(), "{name}");
+    }
+}
+
+/// The reference's active lines are the built-in defaults, so reading it
+/// tells an operator what leaving a key out means.
+#[test]
+fn reference_file_sets_exactly_the_defaults() {
+    let reference = Config::parse(REFERENCE, &env).unwrap();
+    let defaults = Config::parse("", &env).unwrap();
+    assert_eq!(format!("{reference:#?}"), format!("{defaults:#?}"));
+}
+
+/// The reference with its `# key = value` examples (keys without a default)
+/// switched on.
+fn reference_with_examples() -> String {
+    let is_example = |rest: &str| {
+        rest.starts_with('[')
+            || rest.split_once(" = ").is_some_and(|(key, _)| {
+                key.starts_with(|c: char| c.is_ascii_lowercase())
+                    && key
+                        .bytes()
+                        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+            })
+    };
+    REFERENCE
+        .lines()
+        .map(|line| match line.strip_prefix("# ") {
+            Some(rest) if is_example(rest) => rest,
+            _ => line,
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[test]
+fn reference_file_examples_are_valid() {
+    let src = reference_with_examples();
+    let c = Config::parse(&src, &env).unwrap_or_else(|e| panic!("{e}\n{src}"));
+    assert!(c.server.metrics_listen.is_some());
+    assert!(c.cache.redis_url.is_some());
+    assert!(c.admin.is_some());
+    assert_eq!(c.tenants.len(), 1);
+    let t = &c.tenants[0];
+    assert_eq!(t.keys.len(), 2);
+    assert!(t.workspace.is_some() && t.rate.is_some() && t.quota.is_some());
+}
+
+/// Adding a key to a raw struct without documenting it in the reference
+/// fails here.
+#[test]
+fn reference_file_documents_every_key() {
+    let src = reference_with_examples();
+    let doc: toml_edit::DocumentMut = src.parse().unwrap();
+    let sections: [(&str, &[&str]); 11] = [
+        ("", keys_of::<RawConfig>()),
+        ("server", keys_of::<server::RawServer>()),
+        ("upstream", keys_of::<upstream::RawUpstream>()),
+        ("cache", keys_of::<cache::RawCache>()),
+        ("limits", keys_of::<limits::RawLimits>()),
+        ("metering", keys_of::<metering::RawMetering>()),
+        ("metering.weights", keys_of::<metering::RawWeights>()),
+        ("admin", keys_of::<admin::RawAdmin>()),
+        ("tenants[0]", keys_of::<tenants::RawTenant>()),
+        ("tenants[0].rate", keys_of::<tenants::RawRate>()),
+        ("tenants[0].quota", keys_of::<tenants::RawQuota>()),
+    ];
+    let mut missing = Vec::new();
+    for (section, keys) in sections {
+        assert!(!keys.is_empty(), "no keys found for `{section}`");
+        for key in keys {
+            // The top-level spelling of [limits]' key: both at once is an
+            // error, so the reference shows it in [limits] and says so there.
+            if section.is_empty() && *key == "quota_on_store_error" {
+                continue;
+            }
+            let dotted = if section.is_empty() {
+                key.to_string()
+            } else {
+                format!("{section}.{key}")
+            };
+            if lookup(doc.as_item(), &dotted).is_none() {
+                missing.push(dotted);
+            }
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "config/embedgate.toml does not show {missing:?}"
+    );
+}
+
+fn lookup<'a>(root: &'a toml_edit::Item, dotted: &str) -> Option<&'a toml_edit::Item> {
+    dotted
+        .split('.')
+        .try_fold(root, |item, part| match part.split_once('[') {
+            Some((name, index)) => item
+                .get(name)?
+                .get(index.trim_end_matches(']').parse::<usize>().ok()?),
+            None => item.get(part),
+        })
+}
+
+/// The keys serde accepts for a raw struct: derive hands them to
+/// `deserialize_struct`, which this deserializer records and then refuses.
+fn keys_of<T: serde::de::DeserializeOwned>() -> &'static [&'static str] {
+    use serde::de::{self, Visitor};
+    use std::cell::Cell;
+
+    struct Peek<'a>(&'a Cell<&'static [&'static str]>);
+    impl<'de> serde::Deserializer<'de> for Peek<'_> {
+        type Error = de::value::Error;
+        fn deserialize_any<V: Visitor<'de>>(self, _: V) -> Result<V::Value, Self::Error> {
+            Err(de::Error::custom("not a struct"))
+        }
+        fn deserialize_struct<V: Visitor<'de>>(
+            self,
+            _: &'static str,
+            fields: &'static [&'static str],
+            _: V,
+        ) -> Result<V::Value, Self::Error> {
+            self.0.set(fields);
+            Err(de::Error::custom("seen"))
+        }
+        serde::forward_to_deserialize_any! {
+            bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string
+            bytes byte_buf option unit unit_struct newtype_struct seq tuple
+            tuple_struct map enum identifier ignored_any
+        }
+    }
+    let fields = Cell::new(&[][..]);
+    let _ = T::deserialize(Peek(&fields));
+    fields.get()
+}
