@@ -13,13 +13,11 @@ use http::{Method, Request, Response, StatusCode};
 use tower::Service;
 
 use crate::app::App;
-use crate::auth::BoxFuture;
-use crate::body::{Body, ReqBody};
+use crate::body::{self, Body, BoxFuture, ReqBody};
 use crate::date::Day;
 use crate::error::GatewayError;
 use crate::ledger::to_csv;
 use crate::request_id;
-use crate::response;
 
 /// A report is one pipeline per tenant; a year of days keeps it bounded.
 const MAX_REPORT_DAYS: i64 = 366;
@@ -166,7 +164,7 @@ async fn usage(app: &App, query: &str, known: &[String]) -> Result<Response<Body
         });
         (Bytes::from(v.to_string()), "application/json")
     };
-    Ok(response::with_body(StatusCode::OK, ct, body))
+    Ok(body::with_body(StatusCode::OK, ct, body))
 }
 
 /// `embedgate usage`: the report straight from the ledger in Redis, as

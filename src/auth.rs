@@ -5,8 +5,6 @@
 //! no further.
 
 use std::convert::Infallible;
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -14,15 +12,11 @@ use http::{Request, Response};
 use tower::{Layer, Service};
 
 use crate::app::App;
-use crate::body::{Body, ReqBody};
+use crate::body::{Body, BoxFuture, ReqBody};
 use crate::error::GatewayError;
 use crate::request_id;
 use crate::response::Framing;
 use crate::tenants::Tenant;
-
-/// The future every gateway layer returns.
-pub(crate) type BoxFuture =
-    Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send + 'static>>;
 
 /// The tenant that answered this request, on the response.
 #[derive(Debug, Clone)]

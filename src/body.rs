@@ -1,10 +1,21 @@
 //! The body types of the request path. The layers from `tower-http` wrap
 //! bodies in their own types; the stack boxes each once at its edge so
-//! every gateway service takes [`ReqBody`] and answers [`Body`].
+//! every gateway service takes [`ReqBody`] and answers [`Body`]. Also the
+//! two framings every answer uses: a JSON body, or one SSE event.
+
+use std::future::Future;
+use std::pin::Pin;
 
 use bytes::Bytes;
+use http::header::{HeaderValue, CONTENT_TYPE};
+use http::{Response, StatusCode};
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full};
+
+/// The future every gateway layer and service returns.
+pub(crate) type BoxFuture = Pin<
+    Box<dyn Future<Output = Result<Response<Body>, std::convert::Infallible>> + Send + 'static>,
+>;
 
 /// Errors of the layers (load shed, deadline) and of any body.
 pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
@@ -55,4 +66,44 @@ where
     B::Error: Into<BoxError>,
 {
     b.map_err(|e| BodyError(e.into())).boxed_unsync()
+}
+
+/// A response with this status, content type and body.
+pub(crate) fn with_body(
+    status: StatusCode,
+    content_type: &'static str,
+    body: impl Into<Bytes>,
+) -> Response<Body> {
+    let mut r = Response::new(full(body));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    r
+}
+
+pub(crate) fn json(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
+    with_body(status, "application/json", body)
+}
+
+/// DashScope's SSE framing: one event carrying the whole JSON answer.
+pub(crate) fn sse_event(status: StatusCode, event: &str, json: &[u8]) -> Response<Body> {
+    // SSE data must be one line; re-serialise if upstream's JSON had newlines.
+    let one_line: Bytes = if json.contains(&b'\n') {
+        serde_json::from_slice::<serde_json::Value>(json)
+            .map(|v| Bytes::from(v.to_string()))
+            .unwrap_or_else(|_| Bytes::copy_from_slice(json))
+    } else {
+        Bytes::copy_from_slice(json)
+    };
+    let mut body = Vec::with_capacity(one_line.len() + 64);
+    body.extend_from_slice(
+        format!(
+            "id:1\nevent:{event}\n:HTTP_STATUS/{}\ndata:",
+            status.as_u16()
+        )
+        .as_bytes(),
+    );
+    body.extend_from_slice(&one_line);
+    body.extend_from_slice(b"\n\n");
+    with_body(status, "text/event-stream;charset=UTF-8", body)
 }

@@ -26,8 +26,8 @@ use tokio::sync::OwnedSemaphorePermit;
 use tower::Service;
 
 use crate::app::App;
-use crate::auth::{tenant_of, BoxFuture};
-use crate::body::{Body, ReqBody};
+use crate::auth::tenant_of;
+use crate::body::{Body, BoxFuture, ReqBody};
 use crate::cache::Lookup;
 use crate::cache_key::{cache_key, CacheKey, KeyScope};
 use crate::coalesce::{self, Outcome, Role};
@@ -320,12 +320,22 @@ impl Miss {
                     g.finish(Outcome::Done(success.embedding.clone()));
                 }
                 // 6. metering: upstream's usage block is the record.
-                let record = metering::reconcile(
-                    &self.app.metrics,
-                    &self.tenant.name,
-                    self.usage,
-                    success.usage,
-                );
+                let reconciled = metering::reconcile(self.usage, success.usage);
+                let record = reconciled.record;
+                if reconciled.mismatch {
+                    self.app
+                        .metrics
+                        .usage_mismatch
+                        .with_label_values(&[&self.tenant.name])
+                        .inc();
+                    tracing::warn!(
+                        tenant = %self.tenant.name,
+                        expected_units = units,
+                        upstream_units = record.total(),
+                        upstream_usage = success.usage.is_some(),
+                        "upstream usage disagrees with the gateway's computation; upstream's is recorded"
+                    );
+                }
                 if let Some(r) = reservation {
                     let billed = record.total();
                     remaining = Some(r.remaining.saturating_sub(billed.saturating_sub(units)));

@@ -11,8 +11,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode};
 
-use crate::body::Body;
-use crate::response;
+use crate::body::{self, Body};
 
 /// Whose fault an error is; logged, and used to pick the log level.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -315,12 +314,12 @@ impl GatewayError {
     /// one SSE `error` event), status, `Retry-After`, `x-should-retry` and
     /// `x-request-id`. Logs the error once, at the level its fault calls for.
     pub(crate) fn into_response(self, request_id: &str, sse: bool) -> Response<Body> {
-        let body = self.body(request_id);
+        let wire = self.body(request_id);
         let status = self.status();
         let mut r = if sse {
-            response::sse_event(status, "error", &body)
+            body::sse_event(status, "error", &wire)
         } else {
-            response::json(status, body)
+            body::json(status, wire)
         };
         for (k, v) in self.extra_headers() {
             r.headers_mut().insert(k, v);

@@ -3,13 +3,12 @@
 //! [`Usage`] is computed once per request: from the request's items and the
 //! configured weights (the gateway's figure, used for hits and for the
 //! quota reservation), or from upstream's `usage` block on a miss, which is
-//! the record ([`reconcile`] counts every disagreement). Metrics
+//! the record ([`reconcile`] flags every disagreement). Metrics
 //! ([`Metrics::record_usage`](crate::metrics::Metrics::record_usage)) and the
 //! ledger ([`Ledger::record`](crate::ledger::Ledger::record)) take a `Usage`
 //! as it is; nothing downstream multiplies weights again.
 
 use crate::config::Weights;
-use crate::metrics::Metrics;
 use crate::request::{Counts, Modality};
 
 /// Cache status of an answer, as in the `cache` label and `X-Cache`.
@@ -80,26 +79,21 @@ impl Usage {
 }
 
 /// The record of a miss: upstream's usage when it gave one, else the
-/// gateway's. A disagreement (or no usage block) is counted and logged,
-/// never hidden.
-pub(crate) fn reconcile(
-    metrics: &Metrics,
-    tenant: &str,
-    expected: Usage,
-    upstream: Option<Usage>,
-) -> Usage {
+/// gateway's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Reconciled {
+    pub(crate) record: Usage,
+    /// Upstream's usage disagreed with the gateway's, or was missing:
+    /// counted (`embedgate_usage_mismatch_total`) and logged, never hidden.
+    pub(crate) mismatch: bool,
+}
+
+pub(crate) fn reconcile(expected: Usage, upstream: Option<Usage>) -> Reconciled {
     let record = upstream.unwrap_or(expected);
-    if upstream.is_none() || record != expected {
-        metrics.usage_mismatch.with_label_values(&[tenant]).inc();
-        tracing::warn!(
-            tenant,
-            expected_units = expected.total(),
-            upstream_units = record.total(),
-            upstream_usage = upstream.is_some(),
-            "upstream usage disagrees with the gateway's computation; upstream's is recorded"
-        );
+    Reconciled {
+        record,
+        mismatch: upstream.is_none() || record != expected,
     }
-    record
 }
 
 #[cfg(test)]
@@ -135,14 +129,14 @@ mod tests {
     }
 
     #[test]
-    fn upstream_usage_is_the_record_and_mismatches_count() {
-        let m = Metrics::new().unwrap();
+    fn upstream_usage_is_the_record_and_mismatches_are_flagged() {
         let expected = Usage::of(counts(1, 0, 1), &W);
-        assert_eq!(reconcile(&m, "t", expected, Some(expected)), expected);
-        assert_eq!(m.usage_mismatch.with_label_values(&["t"]).get(), 0);
+        let same = reconcile(expected, Some(expected));
+        assert_eq!((same.record, same.mismatch), (expected, false));
         let billed = Usage::of(counts(1, 0, 2), &W);
-        assert_eq!(reconcile(&m, "t", expected, Some(billed)), billed);
-        assert_eq!(reconcile(&m, "t", expected, None), expected);
-        assert_eq!(m.usage_mismatch.with_label_values(&["t"]).get(), 2);
+        let more = reconcile(expected, Some(billed));
+        assert_eq!((more.record, more.mismatch), (billed, true));
+        let none = reconcile(expected, None);
+        assert_eq!((none.record, none.mismatch), (expected, true));
     }
 }

@@ -11,8 +11,8 @@ use http::{Request, Response};
 use tower::{Layer, Service};
 
 use crate::app::App;
-use crate::auth::{tenant_of, BoxFuture};
-use crate::body::{Body, ReqBody};
+use crate::auth::tenant_of;
+use crate::body::{Body, BoxFuture, ReqBody};
 use crate::request_id;
 use crate::response::{set_rate_headers, Framing};
 

@@ -11,8 +11,7 @@ use std::task::{Context, Poll};
 use http::{Request, Response, StatusCode};
 use tower::{Layer, Service};
 
-use crate::auth::BoxFuture;
-use crate::body::{boxed, Body, BoxError};
+use crate::body::{boxed, Body, BoxError, BoxFuture};
 use crate::error::{ErrorCode, GatewayError};
 use crate::request_id;
 

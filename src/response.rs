@@ -4,29 +4,12 @@
 //! [`GatewayError::into_response`](crate::error::GatewayError::into_response).
 
 use bytes::Bytes;
-use http::header::{HeaderMap, HeaderValue, CONTENT_TYPE};
+use http::header::{HeaderMap, HeaderValue};
 use http::{Response, StatusCode};
 
-use crate::body::{full, Body};
+use crate::body::{json, sse_event, Body};
 use crate::limits::RateState;
 use crate::metering::{CacheStatus, Usage};
-
-/// A response with this status, content type and body.
-pub(crate) fn with_body(
-    status: StatusCode,
-    content_type: &'static str,
-    body: impl Into<Bytes>,
-) -> Response<Body> {
-    let mut r = Response::new(full(body));
-    *r.status_mut() = status;
-    r.headers_mut()
-        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
-    r
-}
-
-pub(crate) fn json(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
-    with_body(status, "application/json", body)
-}
 
 /// How a route frames its answers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -85,29 +68,6 @@ pub(crate) fn hit_body(embedding: &[u8], usage: &Usage, request_id: &str) -> Byt
     Bytes::from(body)
 }
 
-/// DashScope's SSE framing: one event carrying the whole JSON answer.
-pub(crate) fn sse_event(status: StatusCode, event: &str, json: &[u8]) -> Response<Body> {
-    // SSE data must be one line; re-serialise if upstream's JSON had newlines.
-    let one_line: Bytes = if json.contains(&b'\n') {
-        serde_json::from_slice::<serde_json::Value>(json)
-            .map(|v| Bytes::from(v.to_string()))
-            .unwrap_or_else(|_| Bytes::copy_from_slice(json))
-    } else {
-        Bytes::copy_from_slice(json)
-    };
-    let mut body = Vec::with_capacity(one_line.len() + 64);
-    body.extend_from_slice(
-        format!(
-            "id:1\nevent:{event}\n:HTTP_STATUS/{}\ndata:",
-            status.as_u16()
-        )
-        .as_bytes(),
-    );
-    body.extend_from_slice(&one_line);
-    body.extend_from_slice(b"\n\n");
-    with_body(status, "text/event-stream;charset=UTF-8", body)
-}
-
 /// `X-Cache: HIT | MISS`.
 pub(crate) fn set_cache_header(h: &mut HeaderMap, cache: CacheStatus) {
     h.insert(
@@ -137,6 +97,7 @@ pub(crate) fn set_quota_header(h: &mut HeaderMap, remaining: u64) {
 mod tests {
     use super::*;
 
+    use http::header::CONTENT_TYPE;
     use http_body_util::BodyExt;
 
     #[tokio::test]

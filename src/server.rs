@@ -28,10 +28,9 @@ use tokio::net::TcpListener;
 use tower::ServiceExt;
 
 use crate::app::App;
-use crate::body::Body;
+use crate::body::{self, Body};
 use crate::error::GatewayError;
 use crate::request_id;
-use crate::response;
 use crate::stack::{self, Api};
 
 /// A client must send its request head within this (slowloris guard).
@@ -172,11 +171,11 @@ async fn route(
 ) -> Response<Body> {
     match (kind, req.method(), req.uri().path()) {
         (_, &Method::GET | &Method::HEAD, "/healthz") => {
-            response::json(StatusCode::OK, r#"{"status":"ok"}"#)
+            body::json(StatusCode::OK, r#"{"status":"ok"}"#)
         }
         (_, &Method::GET | &Method::HEAD, "/readyz") => readyz(app, draining),
         (Listener::Main { metrics: true } | Listener::Metrics, &Method::GET, "/metrics") => {
-            response::with_body(
+            body::with_body(
                 StatusCode::OK,
                 "text/plain; version=0.0.4; charset=utf-8",
                 app.metrics.render(),
@@ -215,5 +214,5 @@ fn readyz(app: &App, draining: &AtomicBool) -> Response<Body> {
     } else {
         StatusCode::OK
     };
-    response::json(status, v.to_string())
+    body::json(status, v.to_string())
 }

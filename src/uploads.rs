@@ -13,8 +13,7 @@ use http::{Method, Request, Response, StatusCode};
 use tower::Service;
 
 use crate::app::App;
-use crate::auth::BoxFuture;
-use crate::body::{full, Body, ReqBody};
+use crate::body::{full, Body, BoxFuture, ReqBody};
 use crate::error::GatewayError;
 use crate::request_id;
 use crate::upstream::{upstream_error, UPLOADS_PATH};
