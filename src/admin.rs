@@ -6,14 +6,12 @@
 use std::sync::Arc;
 
 use std::convert::Infallible;
-use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
-use tower::Service;
 
 use crate::app::App;
-use crate::body::{self, Body, BoxFuture, ReqBody};
+use crate::body::{self, Body, ReqBody};
 use crate::date::Day;
 use crate::error::GatewayError;
 use crate::ledger::to_csv;
@@ -22,38 +20,17 @@ use crate::request_id;
 /// A report is one pipeline per tenant; a year of days keeps it bounded.
 const MAX_REPORT_DAYS: i64 = 366;
 
-/// Everything under `/admin/`, as a tower service.
-#[derive(Clone)]
-pub(crate) struct Admin {
+/// Everything under `/admin/`.
+pub(crate) async fn serve(
     app: Arc<App>,
-}
-
-impl Admin {
-    pub(crate) fn new(app: Arc<App>) -> Admin {
-        Admin { app }
-    }
-}
-
-impl Service<Request<ReqBody>> for Admin {
-    type Response = Response<Body>;
-    type Error = Infallible;
-    type Future = BoxFuture;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, req: Request<ReqBody>) -> BoxFuture {
-        let app = self.app.clone();
-        Box::pin(async move {
-            let rid = request_id::of(&req);
-            let (parts, _) = req.into_parts();
-            Ok(match handle(&app, &parts).await {
-                Ok(r) => r,
-                Err(e) => e.into_response(&rid, false),
-            })
-        })
-    }
+    req: Request<ReqBody>,
+) -> Result<Response<Body>, Infallible> {
+    let rid = request_id::of(&req);
+    let (parts, _) = req.into_parts();
+    Ok(match handle(&app, &parts).await {
+        Ok(r) => r,
+        Err(e) => e.into_response(&rid, false),
+    })
 }
 
 async fn handle(app: &App, req: &http::request::Parts) -> Result<Response<Body>, GatewayError> {

@@ -16,18 +16,16 @@
 
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http::header::HeaderMap;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use tokio::sync::OwnedSemaphorePermit;
-use tower::Service;
 
 use crate::app::App;
 use crate::auth::tenant_of;
-use crate::body::{Body, BoxFuture, ReqBody};
+use crate::body::{Body, ReqBody};
 use crate::cache::Lookup;
 use crate::cache_key::{cache_key, CacheKey, KeyScope};
 use crate::coalesce::{self, Outcome, Role};
@@ -44,32 +42,6 @@ use crate::upstream::{parse_success, upstream_error, Success, EMBEDDING_PATH};
 /// calls upstream on its own.
 const MAX_FOLLOW_ATTEMPTS: usize = 3;
 
-/// The embedding endpoint as a tower service (the innermost of its route).
-#[derive(Clone)]
-pub(crate) struct Embeddings {
-    app: Arc<App>,
-}
-
-impl Embeddings {
-    pub(crate) fn new(app: Arc<App>) -> Embeddings {
-        Embeddings { app }
-    }
-}
-
-impl Service<Request<ReqBody>> for Embeddings {
-    type Response = Response<Body>;
-    type Error = Infallible;
-    type Future = BoxFuture;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, req: Request<ReqBody>) -> BoxFuture {
-        Box::pin(serve(self.app.clone(), req))
-    }
-}
-
 /// What the request path learned, for the response headers.
 #[derive(Default)]
 struct Seen {
@@ -83,7 +55,11 @@ struct Answer {
     request_id: String,
 }
 
-async fn serve(app: Arc<App>, req: Request<ReqBody>) -> Result<Response<Body>, Infallible> {
+/// The embedding endpoint (the innermost service of its route).
+pub(crate) async fn serve(
+    app: Arc<App>,
+    req: Request<ReqBody>,
+) -> Result<Response<Body>, Infallible> {
     let request_id = request_id::of(&req);
     let sse = Framing::SseIfAsked.sse(req.headers());
     let mut seen = Seen::default();

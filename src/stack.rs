@@ -39,10 +39,11 @@
 //!    with 503, never queued;
 //! c. **rate limit** ([`RateLimitLayer`]): one token from the tenant's
 //!    rate (429), `RateLimit-*` headers;
-//! d. the route's service: [`Embeddings`] (parse → cache key → cache →
-//!    coalesce → quota → upstream → metering) or [`Uploads`].
+//! d. the route's service: [`embeddings::serve`] (parse → cache key →
+//!    cache → coalesce → quota → upstream → metering) or [`uploads::serve`].
 //!
-//! `/admin/` routes go to [`Admin`], which checks the admin token itself.
+//! `/admin/` routes go to [`admin::serve`], which checks the admin token
+//! itself.
 //! Health, readiness and metrics are served before this stack
 //! ([`crate::server`]) so load shedding never fails a liveness probe.
 
@@ -67,18 +68,16 @@ use tower_http::timeout::RequestBodyTimeoutLayer;
 use tower_http::trace::TraceLayer;
 
 use crate::access_log::{AccessLog, InFlight, RequestSpan, RouteName};
-use crate::admin::Admin;
 use crate::app::App;
 use crate::auth::AuthLayer;
 use crate::body::{self, Body, BoxError, BoxFuture, ReqBody};
-use crate::embeddings::Embeddings;
 use crate::error::GatewayError;
 use crate::rate_limit::RateLimitLayer;
 use crate::request_id::{self, MakeUuid};
 use crate::rescue::{self, RescueLayer};
 use crate::response::Framing;
-use crate::uploads::Uploads;
 use crate::upstream::{EMBEDDING_PATH, UPLOADS_PATH};
+use crate::{admin, embeddings, uploads};
 
 /// A body that sends nothing for this long between chunks is abandoned
 /// (slowloris on the body; the head has its own timeout in the server).
@@ -195,9 +194,19 @@ pub(crate) struct Router {
 impl Router {
     fn new(app: &Arc<App>) -> Router {
         Router {
-            embeddings: tenant_route(app, Framing::SseIfAsked, Embeddings::new(app.clone())),
-            uploads: tenant_route(app, Framing::Json, Uploads::new(app.clone())),
-            admin: BoxCloneService::new(Admin::new(app.clone())),
+            embeddings: tenant_route(
+                app,
+                Framing::SseIfAsked,
+                Handler::new(app, |app, req| Box::pin(embeddings::serve(app, req))),
+            ),
+            uploads: tenant_route(
+                app,
+                Framing::Json,
+                Handler::new(app, |app, req| Box::pin(uploads::serve(app, req))),
+            ),
+            admin: BoxCloneService::new(Handler::new(app, |app, req| {
+                Box::pin(admin::serve(app, req))
+            })),
         }
     }
 }
@@ -229,6 +238,36 @@ impl Service<Request<ReqBody>> for Router {
             r.extensions_mut().insert(RouteName(name));
             Ok(r)
         })
+    }
+}
+
+/// A route's innermost service: an async function of the app and the request.
+#[derive(Clone)]
+struct Handler {
+    app: Arc<App>,
+    serve: fn(Arc<App>, Request<ReqBody>) -> BoxFuture,
+}
+
+impl Handler {
+    fn new(app: &Arc<App>, serve: fn(Arc<App>, Request<ReqBody>) -> BoxFuture) -> Handler {
+        Handler {
+            app: app.clone(),
+            serve,
+        }
+    }
+}
+
+impl Service<Request<ReqBody>> for Handler {
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = BoxFuture;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<ReqBody>) -> BoxFuture {
+        (self.serve)(self.app.clone(), req)
     }
 }
 

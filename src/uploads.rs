@@ -5,50 +5,28 @@
 
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http::header::{HeaderValue, CONTENT_TYPE};
 use http::{Method, Request, Response, StatusCode};
-use tower::Service;
 
 use crate::app::App;
-use crate::body::{full, Body, BoxFuture, ReqBody};
+use crate::body::{full, Body, ReqBody};
 use crate::error::GatewayError;
 use crate::request_id;
 use crate::upstream::{upstream_error, UPLOADS_PATH};
 
-#[derive(Clone)]
-pub(crate) struct Uploads {
+/// The upload-policy route's service.
+pub(crate) async fn serve(
     app: Arc<App>,
-}
-
-impl Uploads {
-    pub(crate) fn new(app: Arc<App>) -> Uploads {
-        Uploads { app }
-    }
-}
-
-impl Service<Request<ReqBody>> for Uploads {
-    type Response = Response<Body>;
-    type Error = Infallible;
-    type Future = BoxFuture;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, req: Request<ReqBody>) -> BoxFuture {
-        let app = self.app.clone();
-        Box::pin(async move {
-            let rid = request_id::of(&req);
-            let (parts, _) = req.into_parts();
-            Ok(match policy(&app, &parts).await {
-                Ok(r) => r,
-                Err(e) => e.into_response(&rid, false),
-            })
-        })
-    }
+    req: Request<ReqBody>,
+) -> Result<Response<Body>, Infallible> {
+    let rid = request_id::of(&req);
+    let (parts, _) = req.into_parts();
+    Ok(match policy(&app, &parts).await {
+        Ok(r) => r,
+        Err(e) => e.into_response(&rid, false),
+    })
 }
 
 async fn policy(app: &App, req: &http::request::Parts) -> Result<Response<Body>, GatewayError> {
