@@ -1,0 +1,128 @@
+//! Deploy files: the dashboard's metrics exist, the compose config is valid.
+
+use super::*;
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+
+use serde_json::Value;
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dashboard_metrics_exist_and_compose_config_is_valid() {
+    let dash_path = repo().join("deploy/grafana/dashboards/embedgate.json");
+    let dash: Value = serde_json::from_str(&std::fs::read_to_string(&dash_path).unwrap())
+        .unwrap_or_else(|e| panic!("{}: {e}", dash_path.display()));
+    assert!(dash.is_object(), "dashboard is not a JSON object");
+
+    let out = std::process::Command::new("python3")
+        .arg(repo().join("deploy/check_dashboard.py"))
+        .arg(&dash_path)
+        .output()
+        .expect("python3 is needed for deploy/check_dashboard.py");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let names: Vec<String> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(str::to_string)
+        .collect();
+    for needed in [
+        "embedgate_usage_units_total",
+        "embedgate_requests_total",
+        "embedgate_request_duration_seconds",
+    ] {
+        assert!(
+            names.iter().any(|n| n == needed),
+            "dashboard does not use {needed}"
+        );
+    }
+
+    // Traffic that creates every series the dashboard can ask for.
+    let mut redis = Redis::start();
+    let gw = alpha()
+        .quota(100_000, Per::Day)
+        .tenant("beta", BETA_KEY)
+        .redis(&redis)
+        .start()
+        .await;
+    let mut tally = Tally::default();
+    misses_and_hits(&gw, &mut tally, "dash", 2).await;
+    let r = gw.embed(ALPHA_KEY, &bad_bodies("dash")[0]).await;
+    assert_eq!(r.status, 400);
+    gw.fake.push_faults([Fault::WrongUsage]);
+    let r = gw.embed(BETA_KEY, &text_body("dash mismatch")).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    // A coalesced pair: identical requests while upstream is slow.
+    gw.fake.set_latency_ms(300);
+    let mut n = 0;
+    eventually(30, "a coalesced request", async || {
+        n += 1;
+        let b = text_body(&format!("dash coalesce {n}"));
+        let (r1, r2) = tokio::join!(gw.embed(ALPHA_KEY, &b), gw.embed(ALPHA_KEY, &b));
+        assert_eq!((r1.status, r2.status), (200, 200));
+        let m = gw.metrics().await;
+        (gauge(&m, "embedgate_coalesced_requests_total") > 0.0).then_some(())
+    })
+    .await;
+    gw.fake.set_latency_ms(0);
+    // A Redis failure.
+    redis.kill();
+    let r = gw.embed(ALPHA_KEY, &text_body("dash redis down")).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+
+    let m = gw.metrics().await;
+    let sample_names: BTreeSet<String> = samples(&m).into_iter().map(|s| s.name).collect();
+    for name in &names {
+        assert!(
+            m.lines().any(|l| l.starts_with(&format!("# HELP {name} "))),
+            "dashboard metric {name} has no HELP line in /metrics:\n{m}"
+        );
+        let present = [
+            name.clone(),
+            format!("{name}_bucket"),
+            format!("{name}_count"),
+        ]
+        .iter()
+        .any(|n| sample_names.contains(n));
+        assert!(
+            present,
+            "dashboard metric {name} has no series in /metrics:\n{m}"
+        );
+    }
+
+    // docker compose config, when a compose tool is installed.
+    let tools: [&[&str]; 2] = [&["docker", "compose"], &["docker-compose"]];
+    let tool = tools.into_iter().find(|t| {
+        std::process::Command::new(t[0])
+            .args(&t[1..])
+            .arg("version")
+            .output()
+            .is_ok_and(|o| o.status.success())
+    });
+    match tool {
+        None => println!(
+            "note: neither `docker compose` nor `docker-compose` works; compose check skipped"
+        ),
+        Some(t) => {
+            let out = std::process::Command::new(t[0])
+                .args(&t[1..])
+                .args(["-f", "deploy/compose.yaml", "config"])
+                .current_dir(repo())
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{} config failed: {}",
+                t.join(" "),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+}
