@@ -58,7 +58,7 @@ use http::header::AUTHORIZATION;
 use http::StatusCode;
 use http::{Method, Request, Response};
 use tower::limit::GlobalConcurrencyLimitLayer;
-use tower::util::BoxCloneService;
+use tower::util::{BoxCloneService, BoxCloneSyncService};
 use tower::{Service, ServiceBuilder, ServiceExt};
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::limit::RequestBodyLimitLayer;
@@ -91,7 +91,7 @@ const REQUEST_DEADLINE_MARGIN: Duration = Duration::from_secs(5);
 pub(crate) type Api<B> = BoxCloneService<Request<B>, Response<Body>, Infallible>;
 
 /// One route's service below the router.
-type Route = BoxCloneService<Request<ReqBody>, Response<Body>, Infallible>;
+type Route = BoxCloneSyncService<Request<ReqBody>, Response<Body>, Infallible>;
 
 /// Builds the API stack (see the module docs for each layer).
 pub(crate) fn api<B>(app: &Arc<App>) -> Api<B>
@@ -164,6 +164,7 @@ where
     S: Service<Request<ReqBody>, Response = Response<Body>, Error = Infallible>
         + Clone
         + Send
+        + Sync
         + 'static,
     S::Future: Send + 'static,
 {
@@ -180,12 +181,18 @@ where
         .layer(RateLimitLayer::new(app.clone(), framing))
         // d.
         .service(svc);
-    BoxCloneService::new(route)
+    BoxCloneSyncService::new(route)
 }
 
-/// 11. Method and path to route.
+/// 11. Method and path to route. Cloned per request (as every service in
+/// the stack is), so the routes sit behind one `Arc`: only the chosen
+/// route's service is cloned.
 #[derive(Clone)]
 pub(crate) struct Router {
+    routes: Arc<Routes>,
+}
+
+struct Routes {
     embeddings: Route,
     uploads: Route,
     admin: Route,
@@ -193,7 +200,7 @@ pub(crate) struct Router {
 
 impl Router {
     fn new(app: &Arc<App>) -> Router {
-        Router {
+        let routes = Routes {
             embeddings: tenant_route(
                 app,
                 Framing::SseIfAsked,
@@ -204,9 +211,12 @@ impl Router {
                 Framing::Json,
                 Handler::new(app, |app, req| Box::pin(uploads::serve(app, req))),
             ),
-            admin: BoxCloneService::new(Handler::new(app, |app, req| {
+            admin: BoxCloneSyncService::new(Handler::new(app, |app, req| {
                 Box::pin(admin::serve(app, req))
             })),
+        };
+        Router {
+            routes: Arc::new(routes),
         }
     }
 }
@@ -224,12 +234,12 @@ impl Service<Request<ReqBody>> for Router {
     fn call(&mut self, req: Request<ReqBody>) -> BoxFuture {
         let path = req.uri().path();
         let (name, route) = match (req.method(), path) {
-            (&Method::POST, EMBEDDING_PATH) => ("embeddings", &self.embeddings),
-            (&Method::GET, UPLOADS_PATH) => ("uploads", &self.uploads),
+            (&Method::POST, EMBEDDING_PATH) => ("embeddings", &self.routes.embeddings),
+            (&Method::GET, UPLOADS_PATH) => ("uploads", &self.routes.uploads),
             (_, EMBEDDING_PATH | UPLOADS_PATH) => {
                 return refuse(&req, GatewayError::MethodNotAllowed);
             }
-            (_, p) if p.starts_with("/admin/") => ("admin", &self.admin),
+            (_, p) if p.starts_with("/admin/") => ("admin", &self.routes.admin),
             (_, _) => return refuse(&req, GatewayError::NotFound),
         };
         let answer = route.clone().oneshot(req);
