@@ -184,9 +184,9 @@ where
     BoxCloneSyncService::new(route)
 }
 
-/// 11. Method and path to route. Cloned per request (as every service in
-/// the stack is), so the routes sit behind one `Arc`: only the chosen
-/// route's service is cloned.
+/// Layer 11: method and path to route. It is cloned per request, as every
+/// service in the stack is, so the routes sit behind one `Arc` and only the
+/// chosen route's service is cloned.
 #[derive(Clone)]
 pub(crate) struct Router {
     routes: Arc<Routes>,
