@@ -9,6 +9,7 @@ use tokio::sync::Semaphore;
 use crate::cache::Cache;
 use crate::coalesce::Coalescer;
 use crate::config::Config;
+use crate::fair_share::TenantSlots;
 use crate::ledger::Ledger;
 use crate::limits::Limits;
 use crate::metering::{CacheStatus, Usage};
@@ -36,6 +37,8 @@ pub(crate) struct App {
     /// cached and metered: bounds calls whose clients hung up, and shutdown
     /// waits for every slot to come back.
     pub(crate) upstream_slots: Arc<Semaphore>,
+    /// Each tenant's share of the in-flight bound.
+    pub(crate) tenant_slots: Arc<TenantSlots>,
 }
 
 impl App {
@@ -64,7 +67,7 @@ impl App {
             metrics.clone(),
         );
         let ledger = Ledger::new(redis.clone(), metrics.clone());
-        let tenants = ArcSwap::from_pointee(TenantTable::build(&config));
+        let tenants = ArcSwap::from_pointee(TenantTable::build(&config, &config.server));
         let in_flight = Arc::new(Semaphore::new(config.server.max_in_flight));
         let upstream_slots = Arc::new(Semaphore::new(config.server.max_in_flight));
         Ok(Arc::new(App {
@@ -79,6 +82,7 @@ impl App {
             redis,
             in_flight,
             upstream_slots,
+            tenant_slots: Arc::new(TenantSlots::default()),
         }))
     }
 
@@ -91,15 +95,28 @@ impl App {
     /// Applies a reloaded config's tenants and admin token. Settings that
     /// need a restart are reported, not applied.
     pub(crate) fn apply_reload(&self, new: &Config) -> Vec<&'static str> {
-        self.tenants.store(Arc::new(TenantTable::build(new)));
-        self.limits
-            .retain(|name| new.tenants.iter().any(|t| t.name == name));
+        self.tenants
+            .store(Arc::new(TenantTable::build(new, &self.config.server)));
+        let configured = |name: &str| new.tenants.iter().any(|t| t.name == name);
+        self.limits.retain(configured);
+        self.tenant_slots.retain(configured);
         let mut restart = Vec::new();
         let c = &self.config;
         if c.server.listen != new.server.listen
             || c.server.metrics_listen != new.server.metrics_listen
         {
             restart.push("server.listen");
+        }
+        if c.server.max_in_flight != new.server.max_in_flight
+            || c.server.max_connections != new.server.max_connections
+            || c.server.tenant_in_flight_share != new.server.tenant_in_flight_share
+            || c.server.idle_timeout != new.server.idle_timeout
+            || c.server.header_read_timeout != new.server.header_read_timeout
+            || c.server.body_read_timeout != new.server.body_read_timeout
+            || c.server.body_min_bytes_per_second != new.server.body_min_bytes_per_second
+            || c.server.max_body_bytes != new.server.max_body_bytes
+        {
+            restart.push("server");
         }
         if c.cache.redis_url != new.cache.redis_url
             || c.cache.scope != new.cache.scope

@@ -107,15 +107,15 @@ fn cache_control(h: &HeaderMap) -> CacheControl {
     cc
 }
 
-/// 1. Reads the body: the stack's limit and read timeout show up as the
-///    body's errors.
+/// 1. Reads the body: the stack's size limit and read deadline show up as
+///    the body's errors.
 async fn read_body(body: ReqBody, limit: usize) -> Result<Bytes, GatewayError> {
     match body.collect().await {
         Ok(c) => Ok(c.to_bytes()),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => {
             Err(GatewayError::BodyTooLarge { limit })
         }
-        Err(e) if e.is::<tower_http::timeout::TimeoutError>() => Err(GatewayError::RequestTimeout),
+        Err(e) if e.is::<crate::body_deadline::BodyTimeout>() => Err(GatewayError::RequestTimeout),
         Err(e) => Err(GatewayError::InvalidParameter(format!(
             "could not read the request body: {e}"
         ))),

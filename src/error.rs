@@ -41,6 +41,10 @@ pub(crate) enum GatewayError {
     RateLimited {
         retry_after: Duration,
     },
+    /// The tenant has its whole share of the in-flight bound in use.
+    TenantBusy {
+        limit: usize,
+    },
     /// The tenant's unit quota for the period is spent.
     QuotaExceeded,
     /// Too much work in flight; shed fast.
@@ -102,9 +106,9 @@ impl GatewayError {
             GatewayError::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             GatewayError::NotFound => StatusCode::NOT_FOUND,
             GatewayError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            GatewayError::RateLimited { .. } | GatewayError::QuotaExceeded => {
-                StatusCode::TOO_MANY_REQUESTS
-            }
+            GatewayError::RateLimited { .. }
+            | GatewayError::TenantBusy { .. }
+            | GatewayError::QuotaExceeded => StatusCode::TOO_MANY_REQUESTS,
             GatewayError::Overloaded | GatewayError::StoreUnavailable => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
@@ -148,6 +152,7 @@ impl GatewayError {
             GatewayError::NotFound => "NotFound",
             GatewayError::MethodNotAllowed => "MethodNotAllowed",
             GatewayError::RateLimited { .. } => "Throttling.RateQuota",
+            GatewayError::TenantBusy { .. } => "Throttling",
             GatewayError::QuotaExceeded => "Throttling.AllocationQuota",
             GatewayError::Overloaded | GatewayError::StoreUnavailable => "ServiceUnavailable",
             GatewayError::Upstream { .. } => return None,
@@ -182,6 +187,9 @@ impl GatewayError {
             GatewayError::QuotaExceeded => {
                 "Allocated quota exceeded, please increase your quota limit.".to_string()
             }
+            GatewayError::TenantBusy { limit } => format!(
+                "Too many requests in flight for this key (at most {limit} at once), please try again later."
+            ),
             GatewayError::Overloaded => {
                 "The gateway is overloaded, please try again later.".to_string()
             }
@@ -212,6 +220,7 @@ impl GatewayError {
             | GatewayError::NotFound
             | GatewayError::MethodNotAllowed
             | GatewayError::RateLimited { .. }
+            | GatewayError::TenantBusy { .. }
             | GatewayError::QuotaExceeded => Fault::Client,
             GatewayError::Overloaded
             | GatewayError::StoreUnavailable
@@ -234,6 +243,7 @@ impl GatewayError {
             | GatewayError::MethodNotAllowed
             | GatewayError::QuotaExceeded => Some(false),
             GatewayError::RateLimited { .. }
+            | GatewayError::TenantBusy { .. }
             | GatewayError::RequestTimeout
             | GatewayError::Overloaded
             | GatewayError::StoreUnavailable => Some(true),
@@ -251,7 +261,9 @@ impl GatewayError {
                 Some(retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0))
                     .map(|s| s.max(1))
             }
-            GatewayError::Overloaded | GatewayError::StoreUnavailable => Some(1),
+            GatewayError::TenantBusy { .. }
+            | GatewayError::Overloaded
+            | GatewayError::StoreUnavailable => Some(1),
             GatewayError::InvalidApiKey
             | GatewayError::InvalidParameter(_)
             | GatewayError::ModelNotFound(_)

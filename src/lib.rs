@@ -4,7 +4,8 @@
 //! Modules, in the order a request meets them:
 //!
 //! - [`server`]: listeners, the open routes (health, readiness, metrics),
-//!   graceful shutdown.
+//!   graceful shutdown; [`connection`]: one client connection (cap, idle
+//!   and head timeouts, graceful close).
 //! - [`stack`]: the API request path as one `tower` stack; its doc comment
 //!   lists every layer in order. Its generic layers come from `tower` and
 //!   `tower-http`; the gateway's own are:
@@ -12,6 +13,8 @@
 //!   - [`access_log`]: the access log line and request metrics;
 //!   - [`rescue`]: the layers' errors as DashScope-shaped answers;
 //!   - [`auth`]: the tenant from the key digest ([`tenants`]);
+//!   - [`fair_share`]: the tenant's share of the requests in flight;
+//!   - [`body_deadline`]: the whole body within its deadline;
 //!   - [`rate_limit`]: the tenant's request rate ([`limits`]).
 //! - [`embeddings`]: the embedding service, phase by phase:
 //!   - [`request`]: the body parsed into a type that cannot be invalid;
@@ -40,13 +43,16 @@ mod admin;
 mod app;
 mod auth;
 mod body;
+mod body_deadline;
 mod cache;
 mod cache_key;
 mod coalesce;
 pub mod config;
+mod connection;
 mod date;
 mod embeddings;
 mod error;
+mod fair_share;
 mod ledger;
 mod limits;
 mod metering;

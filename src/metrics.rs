@@ -43,6 +43,8 @@ pub(crate) struct Metrics {
     pub(crate) ledger_buffered: IntGauge,
     pub(crate) ledger_flush_errors: IntCounter,
     pub(crate) in_flight: IntGauge,
+    pub(crate) connections_open: IntGauge,
+    pub(crate) connections_refused: IntCounter,
     pub(crate) redis_up: IntGauge,
     pub(crate) config_reloads: IntCounterVec,
 }
@@ -151,6 +153,14 @@ impl Metrics {
         )?;
         let in_flight = gauge("embedgate_in_flight_requests", "Requests being served.")?;
         let redis_up = gauge("embedgate_redis_up", "1 when Redis answers, else 0.")?;
+        let connections_open = gauge("embedgate_connections_open", "Client connections open now.")?;
+        let connections_refused = register(
+            &r,
+            IntCounter::new(
+                "embedgate_connections_refused_total",
+                "Connections closed at accept because server.max_connections were open.",
+            ),
+        )?;
         let ledger_flush_errors = register(
             &r,
             IntCounter::new(
@@ -188,6 +198,8 @@ impl Metrics {
             ledger_buffered,
             ledger_flush_errors,
             in_flight,
+            connections_open,
+            connections_refused,
             redis_up,
             config_reloads,
         })

@@ -21,20 +21,17 @@ use std::time::Duration;
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
+use tokio::sync::{watch, Semaphore};
 use tower::ServiceExt;
 
 use crate::app::App;
 use crate::body::{self, Body};
+use crate::connection::ConnectionConfig;
 use crate::error::GatewayError;
 use crate::request_id;
 use crate::stack::{self, Api};
 
-/// A client must send its request head within this (slowloris guard).
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// Time given to write buffered ledger rows to Redis on shutdown.
 const LEDGER_FLUSH_ON_SHUTDOWN: Duration = Duration::from_secs(5);
 
@@ -47,6 +44,17 @@ enum Listener {
     Metrics,
 }
 
+/// What every accept loop shares.
+struct Shared {
+    app: Arc<App>,
+    api: Api<Incoming>,
+    connections: ConnectionConfig,
+    /// `server.max_connections`, over both listeners; shutdown waits for
+    /// every slot to come back.
+    slots: Arc<Semaphore>,
+    draining: AtomicBool,
+}
+
 /// Serves until `shutdown` resolves, then stops accepting, lets requests in
 /// flight finish (up to `server.shutdown_grace`), flushes the ledger and
 /// returns.
@@ -56,54 +64,50 @@ pub(crate) async fn serve(
     metrics_listener: Option<TcpListener>,
     shutdown: impl Future<Output = ()>,
 ) {
-    let draining = Arc::new(AtomicBool::new(false));
-    let graceful = Arc::new(GracefulShutdown::new());
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let max_connections = app.config.server.max_connections;
+    let shared = Arc::new(Shared {
+        api: stack::api(&app),
+        connections: ConnectionConfig::new(&app.config.server),
+        slots: Arc::new(Semaphore::new(max_connections)),
+        draining: AtomicBool::new(false),
+        app: app.clone(),
+    });
     let main_kind = Listener::Main {
         metrics: metrics_listener.is_none(),
     };
-    let api: Api<Incoming> = stack::api(&app);
-    let mut loops = Vec::new();
-    loops.push(tokio::spawn(accept_loop(
-        app.clone(),
-        api.clone(),
+    let mut loops = vec![tokio::spawn(accept_loop(
+        shared.clone(),
         listener,
         main_kind,
-        draining.clone(),
-        graceful.clone(),
         stop_rx.clone(),
-    )));
+    ))];
     if let Some(ml) = metrics_listener {
         loops.push(tokio::spawn(accept_loop(
-            app.clone(),
-            api.clone(),
+            shared.clone(),
             ml,
             Listener::Metrics,
-            draining.clone(),
-            graceful.clone(),
             stop_rx.clone(),
         )));
     }
 
     shutdown.await;
     tracing::info!("shutting down: no new connections, finishing requests in flight");
-    draining.store(true, Ordering::SeqCst);
+    shared.draining.store(true, Ordering::SeqCst);
     let _ = stop_tx.send(true);
     for l in loops {
         let _ = l.await;
     }
     let grace = app.config.server.shutdown_grace;
-    match Arc::try_unwrap(graceful) {
-        Ok(g) => {
-            if tokio::time::timeout(grace, g.shutdown()).await.is_err() {
-                tracing::warn!("shutdown grace period over; closing remaining connections");
-            }
-        }
-        Err(_) => tracing::error!("connections still referenced after the accept loops ended"),
+    let all = u32::try_from(max_connections).unwrap_or(u32::MAX);
+    if tokio::time::timeout(grace, shared.slots.acquire_many(all))
+        .await
+        .is_err()
+    {
+        tracing::warn!("shutdown grace period over; closing remaining connections");
     }
     // Upstream calls whose clients hung up still hold slots: wait for them.
-    let max = app.config.server.max_in_flight as u32;
+    let max = u32::try_from(app.config.server.max_in_flight).unwrap_or(u32::MAX);
     let _ = tokio::time::timeout(grace, app.upstream_slots.acquire_many(max)).await;
     if app.ledger.flush(LEDGER_FLUSH_ON_SHUTDOWN).await {
         tracing::info!("ledger flushed");
@@ -113,21 +117,11 @@ pub(crate) async fn serve(
 }
 
 async fn accept_loop(
-    app: Arc<App>,
-    api: Api<Incoming>,
+    shared: Arc<Shared>,
     listener: TcpListener,
     kind: Listener,
-    draining: Arc<AtomicBool>,
-    graceful: Arc<GracefulShutdown>,
-    mut stop: tokio::sync::watch::Receiver<bool>,
+    mut stop: watch::Receiver<bool>,
 ) {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT)
-        .keep_alive(true);
-    let builder = Arc::new(builder);
     loop {
         let accepted = tokio::select! {
             r = listener.accept() => r,
@@ -142,33 +136,32 @@ async fn accept_loop(
                 continue;
             }
         };
+        // Over the cap: closed at once (dropping it), counted, not queued.
+        let Ok(slot) = shared.slots.clone().try_acquire_owned() else {
+            shared.app.metrics.connections_refused.inc();
+            continue;
+        };
         let _ = stream.set_nodelay(true);
-        let app = app.clone();
-        let api = api.clone();
-        let draining = draining.clone();
+        let conn_shared = shared.clone();
         let svc = service_fn(move |req| {
-            let app = app.clone();
-            let api = api.clone();
-            let draining = draining.clone();
-            async move { Ok::<_, Infallible>(route(&app, api, req, kind, &draining).await) }
+            let shared = conn_shared.clone();
+            async move { Ok::<_, Infallible>(route(&shared, req, kind).await) }
         });
-        let builder = builder.clone();
-        let watcher = graceful.watcher();
+        let shared = shared.clone();
+        let stop = stop.clone();
         tokio::spawn(async move {
-            let conn = builder.serve_connection(TokioIo::new(stream), svc);
-            let _ = watcher.watch(conn.into_owned()).await;
+            let open = &shared.app.metrics.connections_open;
+            open.inc();
+            shared.connections.serve(stream, svc, stop, slot).await;
+            open.dec();
         });
     }
 }
 
 /// The open routes here; the API through its stack.
-async fn route(
-    app: &App,
-    api: Api<Incoming>,
-    req: Request<Incoming>,
-    kind: Listener,
-    draining: &AtomicBool,
-) -> Response<Body> {
+async fn route(shared: &Shared, req: Request<Incoming>, kind: Listener) -> Response<Body> {
+    let app = &*shared.app;
+    let draining = &shared.draining;
     match (kind, req.method(), req.uri().path()) {
         (_, &Method::GET | &Method::HEAD, "/healthz") => {
             body::json(StatusCode::OK, r#"{"status":"ok"}"#)
@@ -181,7 +174,7 @@ async fn route(
                 app.metrics.render(),
             )
         }
-        (Listener::Main { .. }, _, _) => match api.oneshot(req).await {
+        (Listener::Main { .. }, _, _) => match shared.api.clone().oneshot(req).await {
             Ok(r) => r,
             Err(never) => match never {},
         },

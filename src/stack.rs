@@ -23,10 +23,11 @@
 //! 8. **request deadline** (`tower` `Timeout`): no request lives longer
 //!    than twice the upstream timeout plus a margin (504); an upstream call
 //!    it interrupts still finishes, is cached and metered in its own task.
-//! 9. **body read timeout** (`tower-http` `RequestBodyTimeout`): a body
-//!    that stalls between chunks for [`BODY_READ_TIMEOUT`] ends in 408.
-//! 10. **body size limit** (`tower-http` `RequestBodyLimit`):
-//!     `server.max_body_bytes`, from `Content-Length` or while reading (413).
+//! 9. **body size limit** (`tower-http` `RequestBodyLimit`):
+//!    `server.max_body_bytes`, from `Content-Length` or while reading (413).
+//! 10. **body read deadline** ([`DeadlineBody`]): the whole body within
+//!     `server.body_read_timeout` plus its size at
+//!     `server.body_min_bytes_per_second`, else 408.
 //! 11. **router** ([`Router`]): method and path pick the route; anything
 //!     else is 404 (405 for a known path), never forwarded.
 //!
@@ -37,6 +38,9 @@
 //! b. **global in-flight bound** (`tower` `LoadShed` + `ConcurrencyLimit`
 //!    on one semaphore of `server.max_in_flight`): excess is shed at once
 //!    with 503, never queued;
+//! b2. **fair share** ([`FairShareLayer`]): at most the tenant's
+//!    `max_in_flight` requests at once (429 `Throttling`), so one team at
+//!    its bound leaves the rest of the gateway to the others;
 //! c. **rate limit** ([`RateLimitLayer`]): one token from the tenant's
 //!    rate (429), `RateLimit-*` headers;
 //! d. the route's service: [`embeddings::serve`] (parse → cache key →
@@ -58,20 +62,21 @@ use http::header::AUTHORIZATION;
 use http::StatusCode;
 use http::{Method, Request, Response};
 use tower::limit::GlobalConcurrencyLimitLayer;
-use tower::util::{BoxCloneService, BoxCloneSyncService};
+use tower::util::BoxCloneSyncService;
 use tower::{Service, ServiceBuilder, ServiceExt};
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::limit::RequestBodyLimitLayer;
 use tower_http::request_id::{PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
-use tower_http::timeout::RequestBodyTimeoutLayer;
 use tower_http::trace::TraceLayer;
 
 use crate::access_log::{AccessLog, InFlight, RequestSpan, RouteName};
 use crate::app::App;
 use crate::auth::AuthLayer;
 use crate::body::{self, Body, BoxError, BoxFuture, ReqBody};
+use crate::body_deadline::DeadlineBody;
 use crate::error::GatewayError;
+use crate::fair_share::FairShareLayer;
 use crate::rate_limit::RateLimitLayer;
 use crate::request_id::{self, MakeUuid};
 use crate::rescue::{self, RescueLayer};
@@ -79,16 +84,13 @@ use crate::response::Framing;
 use crate::upstream::{EMBEDDING_PATH, UPLOADS_PATH};
 use crate::{admin, embeddings, uploads};
 
-/// A body that sends nothing for this long between chunks is abandoned
-/// (slowloris on the body; the head has its own timeout in the server).
-pub(crate) const BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// Added to twice the upstream timeout for the whole-request deadline:
 /// room for a follower that leads after its leader failed, and for Redis.
 const REQUEST_DEADLINE_MARGIN: Duration = Duration::from_secs(5);
 
 /// The API as one cloneable service, generic over the request body so
 /// tests can drive it in process without sockets.
-pub(crate) type Api<B> = BoxCloneService<Request<B>, Response<Body>, Infallible>;
+pub(crate) type Api<B> = BoxCloneSyncService<Request<B>, Response<Body>, Infallible>;
 
 /// One route's service below the router.
 type Route = BoxCloneSyncService<Request<ReqBody>, Response<Body>, Infallible>;
@@ -96,7 +98,7 @@ type Route = BoxCloneSyncService<Request<ReqBody>, Response<Body>, Infallible>;
 /// Builds the API stack (see the module docs for each layer).
 pub(crate) fn api<B>(app: &Arc<App>) -> Api<B>
 where
-    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
     B::Error: Into<BoxError>,
 {
     around(app, Router::new(app))
@@ -105,16 +107,18 @@ where
 /// Layers 1–10 around `routes` (the router, or a test's service).
 fn around<B, S>(app: &Arc<App>, routes: S) -> Api<B>
 where
-    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
     B::Error: Into<BoxError>,
     S: Service<Request<ReqBody>, Response = Response<Body>, Error = Infallible>
         + Clone
         + Send
+        + Sync
         + 'static,
     S::Future: Send + 'static,
 {
     let server = &app.config.server;
     let deadline = app.config.upstream.timeout * 2 + REQUEST_DEADLINE_MARGIN;
+    let (body_base, body_rate) = (server.body_read_timeout, server.body_min_bytes_per_second);
     let metrics = app.metrics.clone();
     let stack = ServiceBuilder::new()
         .map_response(|r: Response<_>| r.map(body::boxed))
@@ -149,13 +153,14 @@ where
         // 8.
         .timeout(deadline)
         // 9.
-        .layer(RequestBodyTimeoutLayer::new(BODY_READ_TIMEOUT))
-        // 10.
         .layer(RequestBodyLimitLayer::new(server.max_body_bytes))
-        .map_request(|r: Request<_>| r.map(body::boxed))
+        // 10.
+        .map_request(move |r: Request<_>| {
+            r.map(|b| body::boxed(DeadlineBody::new(b, body_base, body_rate)))
+        })
         // 11.
         .service(routes);
-    BoxCloneService::new(stack)
+    BoxCloneSyncService::new(stack)
 }
 
 /// a–c around a tenant route's service `svc`.
@@ -177,6 +182,8 @@ where
         .layer(GlobalConcurrencyLimitLayer::with_semaphore(
             app.in_flight.clone(),
         ))
+        // b2.
+        .layer(FairShareLayer::new(app.tenant_slots.clone(), framing))
         // c.
         .layer(RateLimitLayer::new(app.clone(), framing))
         // d.

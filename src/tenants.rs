@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use http::HeaderMap;
 
-use crate::config::{Config, QuotaConfig, RateConfig, TenantConfig};
+use crate::config::{Config, QuotaConfig, RateConfig, ServerConfig, TenantConfig};
 use crate::secret::Digest;
 
 pub(crate) struct Tenant {
@@ -17,6 +17,8 @@ pub(crate) struct Tenant {
     pub(crate) workspace: Option<String>,
     pub(crate) rate: Option<RateConfig>,
     pub(crate) quota: Option<QuotaConfig>,
+    /// Requests in flight at once (the fair-share layer).
+    pub(crate) max_in_flight: usize,
 }
 
 /// Everything that hot reload swaps.
@@ -27,8 +29,9 @@ pub(crate) struct TenantTable {
 }
 
 impl TenantTable {
-    /// Builds the table for `config`.
-    pub(crate) fn build(config: &Config) -> TenantTable {
+    /// Builds the table for `config`; in-flight shares are taken of the
+    /// running server's bound (`server` is restart-only).
+    pub(crate) fn build(config: &Config, server: &ServerConfig) -> TenantTable {
         let mut by_digest = HashMap::new();
         let mut by_name = HashMap::new();
         for TenantConfig {
@@ -37,6 +40,7 @@ impl TenantTable {
             workspace,
             rate,
             quota,
+            max_in_flight,
         } in &config.tenants
         {
             let t = Arc::new(Tenant {
@@ -44,6 +48,7 @@ impl TenantTable {
                 workspace: workspace.clone(),
                 rate: *rate,
                 quota: *quota,
+                max_in_flight: server.tenant_max_in_flight(*max_in_flight),
             });
             for k in keys {
                 by_digest.insert(*k, t.clone());
@@ -100,7 +105,7 @@ mod tests {
 
     fn table(src: &str) -> TenantTable {
         let c = Config::parse(src, &|_| None).unwrap();
-        TenantTable::build(&c)
+        TenantTable::build(&c, &c.server)
     }
 
     fn with_key(k: &str) -> HeaderMap {

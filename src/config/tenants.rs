@@ -46,6 +46,9 @@ pub struct TenantConfig {
     pub workspace: Option<String>,
     pub rate: Option<RateConfig>,
     pub quota: Option<QuotaConfig>,
+    /// Requests of this tenant in flight at once; `None`: its share of
+    /// `server.max_in_flight` (`server.tenant_in_flight_share`).
+    pub max_in_flight: Option<usize>,
 }
 
 /// One `[[tenants]]` entry as written.
@@ -58,6 +61,7 @@ pub(crate) struct RawTenant {
     workspace: Option<String>,
     rate: Option<RawRate>,
     quota: Option<RawQuota>,
+    max_in_flight: Option<i64>,
 }
 
 /// `rate = { per_second, burst }` as written.
@@ -136,6 +140,9 @@ pub(crate) fn load(raw: Vec<RawTenant>, c: &mut Check<'_>) -> Vec<TenantConfig> 
         }
         let rate = t.rate.and_then(|r| r.load(&at, c));
         let quota = t.quota.and_then(|q| q.load(&at, c));
+        let max_in_flight = t
+            .max_in_flight
+            .map(|_| c.positive(&format!("{at}.max_in_flight"), t.max_in_flight, 1usize));
         let workspace = t.workspace.filter(|w| !w.is_empty());
         if let Some(w) = &workspace {
             if http::HeaderValue::from_str(w).is_err() {
@@ -151,6 +158,7 @@ pub(crate) fn load(raw: Vec<RawTenant>, c: &mut Check<'_>) -> Vec<TenantConfig> 
             workspace,
             rate,
             quota,
+            max_in_flight,
         });
     }
     tenants
