@@ -15,6 +15,8 @@
 //!   - [`rate_limit`]: the tenant's request rate ([`limits`]).
 //! - [`embeddings`]: the embedding service, phase by phase:
 //!   - [`request`]: the body parsed into a type that cannot be invalid;
+//!   - [`forwarded`]: the client headers that go upstream, and which of
+//!     them change the answer;
 //!   - [`cache_key`]: the versioned, prefix-free cache key;
 //!   - [`cache`]: memory and Redis caches of embeddings;
 //!   - [`coalesce`]: identical misses in flight share one upstream call;
@@ -47,6 +49,7 @@ pub mod config;
 mod date;
 mod embeddings;
 mod error;
+mod forwarded;
 mod ledger;
 mod limits;
 mod metering;

@@ -13,6 +13,7 @@ use http::{Method, Request, Response, StatusCode};
 use crate::app::App;
 use crate::body::{full, Body, ReqBody};
 use crate::error::GatewayError;
+use crate::forwarded::ForwardedHeaders;
 use crate::request_id;
 use crate::upstream::{upstream_error, UPLOADS_PATH};
 
@@ -40,12 +41,13 @@ async fn policy(app: &App, req: &http::request::Parts) -> Result<Response<Body>,
         .path_and_query()
         .map(|p| p.as_str())
         .unwrap_or(UPLOADS_PATH);
+    let forwarded = ForwardedHeaders::from_client(&req.headers)?;
     let resp = app
         .upstream
         .send(
             Method::GET,
             pq,
-            &req.headers,
+            &forwarded,
             tenant.workspace.as_deref(),
             Bytes::new(),
         )
