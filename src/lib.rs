@@ -26,7 +26,8 @@
 //!   - [`metering`]: the [`Usage`](metering::Usage) of an answer, recorded
 //!     in [`metrics`] and the [`ledger`];
 //!   - [`response`]: answers rendered as JSON or SSE, with their headers.
-//! - [`uploads`]: the SDK's upload-policy call, passed through.
+//! - [`uploads`]: the SDK's upload-policy call: only `getPolicy` for a
+//!   served model is forwarded.
 //! - [`admin`]: usage reports.
 //!
 //! Support: [`config`] (TOML, validated), [`reload`] (SIGHUP, file watch),
