@@ -27,7 +27,7 @@
 //!     in [`metrics`] and the [`ledger`];
 //!   - [`response`]: answers rendered as JSON or SSE, with their headers.
 //! - [`uploads`]: the SDK's upload-policy call: only `getPolicy` for a
-//!   served model is forwarded.
+//!   served model is forwarded, at the tenant's own uploads rate.
 //! - [`admin`]: usage reports.
 //!
 //! Support: [`config`] (TOML, validated), [`reload`] (SIGHUP, file watch),

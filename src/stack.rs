@@ -38,9 +38,11 @@
 //!    on one semaphore of `server.max_in_flight`): excess is shed at once
 //!    with 503, never queued;
 //! c. **rate limit** ([`RateLimitLayer`]): one token from the tenant's
-//!    rate (429), `RateLimit-*` headers;
-//! d. the route's service: [`embeddings::serve`] (parse → cache key →
-//!    cache → coalesce → quota → upstream → metering) or [`uploads::serve`].
+//!    rate for the route (429), `RateLimit-*` headers: `rate` for
+//!    embeddings, `uploads_rate` (a bucket of its own) for uploads;
+//! d. the route's service: [`embeddings::serve`] (forwarded headers and
+//!    parse → cache key → cache → coalesce → quota → upstream → metering) or
+//!    [`uploads::serve`] (only `getPolicy` for a served model is forwarded).
 //!
 //! `/admin/` routes go to [`admin::serve`], which checks the admin token
 //! itself.
@@ -72,6 +74,7 @@ use crate::app::App;
 use crate::auth::AuthLayer;
 use crate::body::{self, Body, BoxError, BoxFuture, ReqBody};
 use crate::error::GatewayError;
+use crate::limits::RateBucket;
 use crate::rate_limit::RateLimitLayer;
 use crate::request_id::{self, MakeUuid};
 use crate::rescue::{self, RescueLayer};
@@ -158,8 +161,8 @@ where
     BoxCloneService::new(stack)
 }
 
-/// a–c around a tenant route's service `svc`.
-fn tenant_route<S>(app: &Arc<App>, framing: Framing, svc: S) -> Route
+/// a–c around a tenant route's service `svc`, whose rate is `bucket`.
+fn tenant_route<S>(app: &Arc<App>, framing: Framing, bucket: RateBucket, svc: S) -> Route
 where
     S: Service<Request<ReqBody>, Response = Response<Body>, Error = Infallible>
         + Clone
@@ -177,7 +180,7 @@ where
             app.in_flight.clone(),
         ))
         // c.
-        .layer(RateLimitLayer::new(app.clone(), framing))
+        .layer(RateLimitLayer::new(app.clone(), framing, bucket))
         // d.
         .service(svc);
     BoxCloneService::new(route)
@@ -197,11 +200,13 @@ impl Router {
             embeddings: tenant_route(
                 app,
                 Framing::SseIfAsked,
+                RateBucket::Embeddings,
                 Handler::new(app, |app, req| Box::pin(embeddings::serve(app, req))),
             ),
             uploads: tenant_route(
                 app,
                 Framing::Json,
+                RateBucket::Uploads,
                 Handler::new(app, |app, req| Box::pin(uploads::serve(app, req))),
             ),
             admin: BoxCloneService::new(Handler::new(app, |app, req| {

@@ -16,6 +16,8 @@ pub(crate) struct Tenant {
     /// Sent upstream as `X-DashScope-WorkSpace`.
     pub(crate) workspace: Option<String>,
     pub(crate) rate: Option<RateConfig>,
+    /// Upload policies' own rate, never unlimited.
+    pub(crate) uploads_rate: RateConfig,
     pub(crate) quota: Option<QuotaConfig>,
 }
 
@@ -36,6 +38,7 @@ impl TenantTable {
             keys,
             workspace,
             rate,
+            uploads_rate,
             quota,
         } in &config.tenants
         {
@@ -43,6 +46,7 @@ impl TenantTable {
                 name: Arc::from(name.as_str()),
                 workspace: workspace.clone(),
                 rate: *rate,
+                uploads_rate: *uploads_rate,
                 quota: *quota,
             });
             for k in keys {

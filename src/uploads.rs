@@ -9,7 +9,9 @@
 //! once, nothing else. The query sent upstream is rebuilt from those parsed
 //! values, never the client's string. Anything else is 400
 //! `InvalidParameter` naming the parameter, and nothing is forwarded.
-//! Behind the same auth, in-flight and rate layers as the embedding route.
+//! Behind the same auth and in-flight layers as the embedding route, and a
+//! rate of its own (`tenants[].uploads_rate`), so upload policies never
+//! spend a tenant's embedding rate, nor embeddings its uploads rate.
 
 use std::borrow::Cow;
 use std::convert::Infallible;

@@ -136,7 +136,7 @@ async fn identification_headers_share_one_cache_entry() {
 /// nothing goes upstream; a header that is not forwarded is ignored.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forwarded_header_values_are_bounded() {
-    let gw = one_tenant().start().await;
+    let gw = one_tenant().uploads_rate(1000.0, 1000).start().await;
     let b = text_body("bounded headers");
     let huge = "a".repeat(60 * 1024);
     for name in [

@@ -1,7 +1,11 @@
 //! The upload policy route: only `getPolicy` for a served model goes
-//! upstream, with a query the gateway rebuilds.
+//! upstream, with a query the gateway rebuilds, at the tenant's own uploads
+//! rate.
 
 use super::*;
+
+/// A rate that never refills within a test.
+const SLOW: f64 = 0.001;
 
 fn policy_path() -> String {
     format!("/api/v1/uploads?action=getPolicy&model={MODEL}")
@@ -80,7 +84,7 @@ async fn upload_policy_query_is_rebuilt_not_passed_through() {
 /// whole company account's).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upload_policy_refuses_everything_but_get_policy_for_a_served_model() {
-    let gw = one_tenant().start().await;
+    let gw = one_tenant().uploads_rate(1000.0, 1000).start().await;
     let m = MODEL;
     let refused = [
         ("".to_string(), "`action` is required"),
@@ -120,4 +124,50 @@ async fn upload_policy_refuses_everything_but_get_policy_for_a_served_model() {
     }
     assert_eq!(gw.fake.upload_policy_calls(), 0, "nothing was forwarded");
     assert_eq!(gw.fake.calls(), 0);
+}
+
+/// Upload policies have a bucket of their own (`uploads_rate`): they do not
+/// spend the embedding rate, embeddings do not spend theirs, and every
+/// tenant has one by default.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upload_policy_has_its_own_rate_per_tenant() {
+    let gw = one_tenant()
+        .rate(SLOW, 2)
+        .uploads_rate(SLOW, 3)
+        .tenant("ads", K2)
+        .start()
+        .await;
+    let path = policy_path();
+
+    let r = gw.embed(K1, &text_body("own rate 1")).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(r.header("ratelimit-limit"), Some("2"));
+    // One embedding spent: all three upload tokens are still there.
+    for want_remaining in ["2", "1", "0"] {
+        let r = gw.get(&path, Some(K1)).await;
+        assert_eq!(r.status, 200, "{}", r.text);
+        assert_eq!(r.header("ratelimit-limit"), Some("3"));
+        assert_eq!(r.header("ratelimit-remaining"), Some(want_remaining));
+    }
+    let r = gw.get(&path, Some(K1)).await;
+    assert_error(&r, 429, "Throttling.RateQuota");
+    assert!(r.header("retry-after").is_some());
+    assert_eq!(r.header("ratelimit-limit"), Some("3"));
+    assert_eq!(gw.fake.upload_policy_calls(), 3);
+    // Uploads spent: the embedding token left is still there.
+    let r = gw.embed(K1, &text_body("own rate 2")).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let r = gw.embed(K1, &text_body("own rate 3")).await;
+    assert_error(&r, 429, "Throttling.RateQuota");
+
+    // Another tenant, with no rate configured: unlimited embeddings, the
+    // default uploads rate, and a bucket of its own.
+    let r = gw.get(&path, Some(K2)).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(r.header("ratelimit-limit"), Some("5"));
+    assert_eq!(r.header("ratelimit-remaining"), Some("4"));
+    let r = gw.embed(K2, &text_body("own rate ads")).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(r.header("ratelimit-limit"), None);
+    assert_eq!(gw.fake.upload_policy_calls(), 4);
 }
