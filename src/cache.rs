@@ -329,7 +329,12 @@ mod tests {
             },
         );
         let Ok(req) = req else { return };
-        let key = crate::cache_key::cache_key(crate::cache_key::KeyScope::Shared, None, &req);
+        let key = crate::cache_key::cache_key(
+            crate::cache_key::KeyScope::Shared,
+            None,
+            &req,
+            &crate::forwarded::ForwardedHeaders::default(),
+        );
         let c = Cache::new(1 << 20, None, Duration::from_millis(1));
         assert!(matches!(c.get(&key, 2).await, Lookup::Miss));
         c.put(&key, Bytes::from_static(b"[1,2]")).await;

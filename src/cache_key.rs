@@ -1,21 +1,27 @@
 //! The cache key: SHA-256 over a versioned, prefix-free encoding of
-//! everything that can change the upstream result.
+//! everything that can change the upstream result: the parsed body, the
+//! forwarded headers that change the answer, the tenant's workspace and,
+//! unless the cache is shared, the tenant.
 //!
 //! Each field is written as `tag byte, u64 big-endian length, bytes`, so no
 //! field can run into the next (`["ab","c"]` and `["a","bc"]` differ). The
-//! request is destructured field by field: adding a field to
-//! [`EmbeddingRequest`] breaks the build here until someone decides whether
-//! it belongs in the key.
+//! request and its forwarded headers are destructured field by field:
+//! adding a field to [`EmbeddingRequest`] or [`ForwardedHeaders`] breaks the
+//! build here until someone decides whether it belongs in the key.
+//! Coalescing uses the same key, so it never joins requests the key tells
+//! apart.
 
 use std::fmt;
 
 use serde_json::{Map, Value};
 use sha2::{Digest as _, Sha256};
 
+use crate::forwarded::ForwardedHeaders;
 use crate::request::{EmbeddingRequest, Item};
 
 /// Bump when the encoding changes: old entries then simply stop matching.
-const KEY_VERSION: &[u8] = b"embedgate-cache-key/v1";
+/// v2: the forwarded headers that change the answer.
+const KEY_VERSION: &[u8] = b"embedgate-cache-key/v2";
 
 /// Who may share an entry.
 #[derive(Debug, Clone, Copy)]
@@ -63,14 +69,17 @@ const TAG_FACTOR: u8 = 8;
 const TAG_PARAMETERS: u8 = 9;
 const TAG_EXTRA: u8 = 10;
 const TAG_INPUT_EXTRA: u8 = 11;
+const TAG_DATA_INSPECTION: u8 = 12;
+const TAG_OSS_RESOURCE_RESOLVE: u8 = 13;
 
-/// The key for `req` as seen by a tenant whose requests go upstream with
-/// `workspace` (the upstream account context, which `oss://` inputs and
-/// results are bound to).
+/// The key for `req`, sent upstream with `headers`, as seen by a tenant
+/// whose requests go upstream with `workspace` (the upstream account
+/// context, which `oss://` inputs and results are bound to).
 pub(crate) fn cache_key(
     scope: KeyScope<'_>,
     workspace: Option<&str>,
     req: &EmbeddingRequest,
+    headers: &ForwardedHeaders,
 ) -> CacheKey {
     let EmbeddingRequest {
         model,
@@ -106,7 +115,28 @@ pub(crate) fn cache_key(
     e.field(TAG_PARAMETERS, canonical_object(&params).as_bytes());
     e.field(TAG_EXTRA, canonical_object(extra).as_bytes());
     e.field(TAG_INPUT_EXTRA, canonical_object(input_extra).as_bytes());
+
+    let ForwardedHeaders {
+        // Already normalised (trimmed, lowercased, blank = absent), and sent
+        // upstream exactly so.
+        data_inspection,
+        oss_resource_resolve,
+        // Identify the caller: the answer is the same whoever asks.
+        user_agent: _,
+        sdk_client: _,
+        sdk_session_id: _,
+        // Only the language of error messages; errors are never cached.
+        accept_language: _,
+    } = headers;
+    e.field(TAG_DATA_INSPECTION, header_bytes(data_inspection));
+    e.field(TAG_OSS_RESOURCE_RESOLVE, header_bytes(oss_resource_resolve));
     CacheKey(e.0.finalize().into())
+}
+
+/// An absent header is written as empty: `ForwardedHeaders` never holds a
+/// blank value, so the two cannot be confused.
+fn header_bytes(v: &Option<http::HeaderValue>) -> &[u8] {
+    v.as_ref().map_or(&[], |v| v.as_bytes())
 }
 
 /// JSON with object keys sorted at every depth, whatever map type
@@ -156,17 +186,33 @@ mod tests {
     use super::*;
     use crate::request::ParseRules;
 
-    fn key_with(scope: KeyScope<'_>, body: &str) -> CacheKey {
+    fn parse(body: &str) -> EmbeddingRequest {
         let models = vec!["multimodal-embedding-one-peace-v1".to_string()];
-        let req = EmbeddingRequest::parse(
+        EmbeddingRequest::parse(
             body.as_bytes(),
             &ParseRules {
                 models: &models,
                 max_text_chars: 70,
             },
         )
-        .unwrap();
-        cache_key(scope, None, &req)
+        .unwrap()
+    }
+
+    fn key_with(scope: KeyScope<'_>, body: &str) -> CacheKey {
+        cache_key(scope, None, &parse(body), &ForwardedHeaders::default())
+    }
+
+    /// The key of `BASE` sent with these client headers.
+    fn key_with_headers(pairs: &[(&str, &str)]) -> CacheKey {
+        let mut h = http::HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(
+                http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                http::HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        let headers = ForwardedHeaders::from_client(&h).unwrap();
+        cache_key(KeyScope::Tenant("search"), None, &parse(BASE), &headers)
     }
 
     fn key(body: &str) -> CacheKey {
@@ -249,18 +295,62 @@ mod tests {
 
     #[test]
     fn workspace_separates_entries() {
-        let models = vec!["multimodal-embedding-one-peace-v1".to_string()];
-        let req = EmbeddingRequest::parse(
-            BASE.as_bytes(),
-            &ParseRules {
-                models: &models,
-                max_text_chars: 70,
-            },
-        )
-        .unwrap();
+        let req = parse(BASE);
+        let none = ForwardedHeaders::default();
         assert_ne!(
-            cache_key(KeyScope::Shared, Some("ws-1"), &req),
-            cache_key(KeyScope::Shared, None, &req)
+            cache_key(KeyScope::Shared, Some("ws-1"), &req, &none),
+            cache_key(KeyScope::Shared, None, &req, &none)
+        );
+    }
+
+    #[test]
+    fn answer_changing_headers_separate_entries() {
+        let k = key(BASE);
+        assert_eq!(key_with_headers(&[]), k);
+        for name in [
+            "x-dashscope-datainspection",
+            "x-dashscope-ossresourceresolve",
+        ] {
+            let on = key_with_headers(&[(name, "enable")]);
+            assert_ne!(on, k, "{name}");
+            assert_ne!(key_with_headers(&[(name, "disable")]), on, "{name}");
+            // Normalised: case and surrounding whitespace do not matter,
+            // and a blank value is no header.
+            assert_eq!(key_with_headers(&[(name, " Enable ")]), on, "{name}");
+            assert_eq!(key_with_headers(&[(name, "ENABLE")]), on, "{name}");
+            assert_eq!(key_with_headers(&[(name, " ")]), k, "{name}");
+        }
+        // One header's value is not the other's.
+        assert_ne!(
+            key_with_headers(&[("x-dashscope-datainspection", "enable")]),
+            key_with_headers(&[("x-dashscope-ossresourceresolve", "enable")]),
+        );
+        assert_ne!(
+            key_with_headers(&[
+                ("x-dashscope-datainspection", "enable"),
+                ("x-dashscope-ossresourceresolve", "enable"),
+            ]),
+            key_with_headers(&[("x-dashscope-datainspection", "enable")]),
+        );
+    }
+
+    #[test]
+    fn identification_headers_share_entries() {
+        let k = key(BASE);
+        assert_eq!(
+            key_with_headers(&[
+                ("user-agent", "dashscope/2.0.2; python/3.11.7"),
+                ("x-dashscope-sdk-client", "python-sdk/2.0.2/embeddings"),
+                (
+                    "x-dashscope-sdk-session-id",
+                    "ca0cbd9c802e41629a50e9f74d3a8371"
+                ),
+                ("accept-language", "zh-CN"),
+                // Not forwarded at all.
+                ("x-dashscope-async", "enable"),
+                ("cookie", "a=b"),
+            ]),
+            k
         );
     }
 }

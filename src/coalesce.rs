@@ -132,7 +132,12 @@ mod tests {
             },
         )
         .unwrap_or_else(|e| panic!("{e}"));
-        crate::cache_key::cache_key(crate::cache_key::KeyScope::Shared, None, &req)
+        crate::cache_key::cache_key(
+            crate::cache_key::KeyScope::Shared,
+            None,
+            &req,
+            &crate::forwarded::ForwardedHeaders::default(),
+        )
     }
 
     #[tokio::test]

@@ -1,10 +1,13 @@
 //! The embedding service: what happens to an authenticated, admitted
 //! request on `POST …/multimodal-embedding`, in the order it happens:
 //!
-//! 1. **body and parse**: read under the stack's size limit (413) and read
-//!    timeout (408), parsed into a typed request (400 naming the field);
-//! 2. **cache key and lookup**: a hit is answered here, with the gateway's
-//!    own [`Usage`];
+//! 1. **headers, body and parse**: the allow-listed headers to forward
+//!    ([`ForwardedHeaders`]; 400 naming one too long or repeated), the body
+//!    read under the stack's size limit (413) and read timeout (408),
+//!    parsed into a typed request (400 naming the field);
+//! 2. **cache key and lookup**: the body and the forwarded headers that
+//!    change the answer; a hit is answered here, with the gateway's own
+//!    [`Usage`];
 //! 3. **coalescing**: an identical miss in flight answers followers;
 //! 4. **quota**: the request's units reserved before upstream (429);
 //! 5. **upstream**: with retries; only a real success is accepted;
@@ -31,6 +34,7 @@ use crate::cache_key::{cache_key, CacheKey, KeyScope};
 use crate::coalesce::{self, Outcome, Role};
 use crate::config::CacheScope;
 use crate::error::{Fault, GatewayError};
+use crate::forwarded::ForwardedHeaders;
 use crate::metering::{self, CacheStatus, Usage};
 use crate::request::{EmbeddingRequest, ParseRules};
 use crate::request_id;
@@ -129,8 +133,9 @@ async fn answer(
     request_id: &str,
     seen: &mut Seen,
 ) -> Result<Answer, GatewayError> {
-    // 1. body and parse
+    // 1. headers, body and parse
     let (parts, body) = req.into_parts();
+    let forwarded = ForwardedHeaders::from_client(&parts.headers)?;
     let body = read_body(body, app.config.server.max_body_bytes).await?;
     let parsed = EmbeddingRequest::parse(
         &body,
@@ -145,7 +150,7 @@ async fn answer(
         CacheScope::Tenant => KeyScope::Tenant(&tenant.name),
         CacheScope::Shared => KeyScope::Shared,
     };
-    let key = cache_key(scope, tenant.workspace.as_deref(), &parsed);
+    let key = cache_key(scope, tenant.workspace.as_deref(), &parsed, &forwarded);
     let usage = Usage::of(parsed.counts(), &app.config.metering.weights);
     let dimension = parsed.expected_dimension(app.config.upstream.embedding_dimension);
     let cc = cache_control(&parts.headers);
@@ -202,7 +207,7 @@ async fn answer(
             usage,
             dimension,
             no_store: cc.no_store,
-            headers: parts.headers.clone(),
+            forwarded: forwarded.clone(),
             body: parsed.upstream_body(),
             guard,
             _slot: slot,
@@ -262,7 +267,8 @@ struct Miss {
     usage: Usage,
     dimension: usize,
     no_store: bool,
-    headers: HeaderMap,
+    /// Sent as they were keyed.
+    forwarded: ForwardedHeaders,
     body: Bytes,
     guard: Option<coalesce::LeaderGuard>,
     _slot: OwnedSemaphorePermit,
@@ -349,7 +355,7 @@ impl Miss {
             .send(
                 Method::POST,
                 EMBEDDING_PATH,
-                &self.headers,
+                &self.forwarded,
                 self.tenant.workspace.as_deref(),
                 self.body.clone(),
             )

@@ -18,6 +18,8 @@
 //!   - [`rate_limit`]: the tenant's request rate ([`limits`]).
 //! - [`embeddings`]: the embedding service, phase by phase:
 //!   - [`request`]: the body parsed into a type that cannot be invalid;
+//!   - [`forwarded`]: the client headers that go upstream, and which of
+//!     them change the answer;
 //!   - [`cache_key`]: the versioned, prefix-free cache key;
 //!   - [`cache`]: memory and Redis caches of embeddings;
 //!   - [`coalesce`]: identical misses in flight share one upstream call;
@@ -27,7 +29,8 @@
 //!   - [`metering`]: the [`Usage`](metering::Usage) of an answer, recorded
 //!     in [`metrics`] and the [`ledger`];
 //!   - [`response`]: answers rendered as JSON or SSE, with their headers.
-//! - [`uploads`]: the SDK's upload-policy call, passed through.
+//! - [`uploads`]: the SDK's upload-policy call: only `getPolicy` for a
+//!   served model is forwarded, at the tenant's own uploads rate.
 //! - [`admin`]: usage reports.
 //!
 //! Support: [`config`] (TOML, validated), [`reload`] (SIGHUP, file watch),
@@ -53,6 +56,7 @@ mod date;
 mod embeddings;
 mod error;
 mod fair_share;
+mod forwarded;
 mod ledger;
 mod limits;
 mod metering;

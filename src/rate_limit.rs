@@ -1,7 +1,9 @@
-//! Rate limit layer: one token from the authenticated tenant's rate
-//! ([`Limits::check_rate`](crate::limits::Limits::check_rate)), or 429
-//! `Throttling.RateQuota` with `Retry-After`. Every answer past this layer,
-//! the refusal included, carries `RateLimit-Limit/Remaining/Reset`.
+//! Rate limit layer: one token from the authenticated tenant's rate for the
+//! route's [`RateBucket`] ([`Limits::check_rate`](crate::limits::Limits::check_rate)):
+//! `rate` on the embedding route (none configured: unlimited),
+//! `uploads_rate` on the uploads route; or 429 `Throttling.RateQuota` with
+//! `Retry-After`. Every answer past this layer, the refusal included,
+//! carries `RateLimit-Limit/Remaining/Reset` of that bucket.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -13,6 +15,7 @@ use tower::{Layer, Service};
 use crate::app::App;
 use crate::auth::tenant_of;
 use crate::body::{Body, BoxFuture, ReqBody};
+use crate::limits::RateBucket;
 use crate::request_id;
 use crate::response::{set_rate_headers, Framing};
 
@@ -20,11 +23,16 @@ use crate::response::{set_rate_headers, Framing};
 pub(crate) struct RateLimitLayer {
     app: Arc<App>,
     framing: Framing,
+    bucket: RateBucket,
 }
 
 impl RateLimitLayer {
-    pub(crate) fn new(app: Arc<App>, framing: Framing) -> RateLimitLayer {
-        RateLimitLayer { app, framing }
+    pub(crate) fn new(app: Arc<App>, framing: Framing, bucket: RateBucket) -> RateLimitLayer {
+        RateLimitLayer {
+            app,
+            framing,
+            bucket,
+        }
     }
 }
 
@@ -35,6 +43,7 @@ impl<S> Layer<S> for RateLimitLayer {
         RateLimit {
             app: self.app.clone(),
             framing: self.framing,
+            bucket: self.bucket,
             inner,
         }
     }
@@ -44,6 +53,7 @@ impl<S> Layer<S> for RateLimitLayer {
 pub(crate) struct RateLimit<S> {
     app: Arc<App>,
     framing: Framing,
+    bucket: RateBucket,
     inner: S,
 }
 
@@ -68,16 +78,21 @@ where
         let ready = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, ready);
         let app = self.app.clone();
+        let bucket = self.bucket;
         let sse = self.framing.sse(req.headers());
         Box::pin(async move {
             let tenant = match tenant_of(&req) {
                 Ok(t) => t,
                 Err(e) => return Ok(e.into_response(&request_id::of(&req), sse)),
             };
-            let Some(cfg) = tenant.rate else {
+            let cfg = match bucket {
+                RateBucket::Embeddings => tenant.rate,
+                RateBucket::Uploads => Some(tenant.uploads_rate),
+            };
+            let Some(cfg) = cfg else {
                 return inner.call(req).await;
             };
-            match app.limits.check_rate(&tenant.name, cfg).await {
+            match app.limits.check_rate(bucket, &tenant.name, cfg).await {
                 Ok(state) => {
                     let mut r = inner.call(req).await?;
                     set_rate_headers(r.headers_mut(), &state);

@@ -42,9 +42,11 @@
 //!    `max_in_flight` requests at once (429 `Throttling`), so one team at
 //!    its bound leaves the rest of the gateway to the others;
 //! c. **rate limit** ([`RateLimitLayer`]): one token from the tenant's
-//!    rate (429), `RateLimit-*` headers;
-//! d. the route's service: [`embeddings::serve`] (parse → cache key →
-//!    cache → coalesce → quota → upstream → metering) or [`uploads::serve`].
+//!    rate for the route (429), `RateLimit-*` headers: `rate` for
+//!    embeddings, `uploads_rate` (a bucket of its own) for uploads;
+//! d. the route's service: [`embeddings::serve`] (forwarded headers and
+//!    parse → cache key → cache → coalesce → quota → upstream → metering) or
+//!    [`uploads::serve`] (only `getPolicy` for a served model is forwarded).
 //!
 //! `/admin/` routes go to [`admin::serve`], which checks the admin token
 //! itself.
@@ -77,6 +79,7 @@ use crate::body::{self, Body, BoxError, BoxFuture, ReqBody};
 use crate::body_deadline::DeadlineBody;
 use crate::error::GatewayError;
 use crate::fair_share::FairShareLayer;
+use crate::limits::RateBucket;
 use crate::rate_limit::RateLimitLayer;
 use crate::request_id::{self, MakeUuid};
 use crate::rescue::{self, RescueLayer};
@@ -163,8 +166,8 @@ where
     BoxCloneSyncService::new(stack)
 }
 
-/// a–c around a tenant route's service `svc`.
-fn tenant_route<S>(app: &Arc<App>, framing: Framing, svc: S) -> Route
+/// a–c around a tenant route's service `svc`, whose rate is `bucket`.
+fn tenant_route<S>(app: &Arc<App>, framing: Framing, bucket: RateBucket, svc: S) -> Route
 where
     S: Service<Request<ReqBody>, Response = Response<Body>, Error = Infallible>
         + Clone
@@ -185,7 +188,7 @@ where
         // b2.
         .layer(FairShareLayer::new(app.tenant_slots.clone(), framing))
         // c.
-        .layer(RateLimitLayer::new(app.clone(), framing))
+        .layer(RateLimitLayer::new(app.clone(), framing, bucket))
         // d.
         .service(svc);
     BoxCloneSyncService::new(route)
@@ -211,11 +214,13 @@ impl Router {
             embeddings: tenant_route(
                 app,
                 Framing::SseIfAsked,
+                RateBucket::Embeddings,
                 Handler::new(app, |app, req| Box::pin(embeddings::serve(app, req))),
             ),
             uploads: tenant_route(
                 app,
                 Framing::Json,
+                RateBucket::Uploads,
                 Handler::new(app, |app, req| Box::pin(uploads::serve(app, req))),
             ),
             admin: BoxCloneSyncService::new(Handler::new(app, |app, req| {

@@ -16,6 +16,8 @@ pub(crate) struct Tenant {
     /// Sent upstream as `X-DashScope-WorkSpace`.
     pub(crate) workspace: Option<String>,
     pub(crate) rate: Option<RateConfig>,
+    /// Upload policies' own rate, never unlimited.
+    pub(crate) uploads_rate: RateConfig,
     pub(crate) quota: Option<QuotaConfig>,
     /// Requests in flight at once (the fair-share layer).
     pub(crate) max_in_flight: usize,
@@ -39,6 +41,7 @@ impl TenantTable {
             keys,
             workspace,
             rate,
+            uploads_rate,
             quota,
             max_in_flight,
         } in &config.tenants
@@ -47,6 +50,7 @@ impl TenantTable {
                 name: Arc::from(name.as_str()),
                 workspace: workspace.clone(),
                 rate: *rate,
+                uploads_rate: *uploads_rate,
                 quota: *quota,
                 max_in_flight: server.tenant_max_in_flight(*max_in_flight),
             });

@@ -1,11 +1,12 @@
 //! Calls to DashScope: a pooled hyper client (rustls for https, plain http
-//! for tests), the company key, header forwarding, and bounded retries with
-//! backoff and jitter inside the request deadline.
+//! for tests), the company key, the client's allow-listed headers
+//! ([`crate::forwarded`]), and bounded retries with backoff and jitter
+//! inside the request deadline.
 
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::header::{HeaderMap, HeaderName, HeaderValue, AUTHORIZATION, CONTENT_TYPE, HOST};
+use http::header::{HeaderMap, HeaderValue, AUTHORIZATION, CONTENT_TYPE, HOST};
 use http::{Method, Request, StatusCode, Uri};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -19,6 +20,7 @@ use serde_json::value::RawValue;
 use crate::cache::valid_embedding;
 use crate::config::UpstreamConfig;
 use crate::error::GatewayError;
+use crate::forwarded::ForwardedHeaders;
 use crate::metering::Usage;
 use crate::metrics::Metrics;
 use crate::request::{Counts, Modality};
@@ -38,19 +40,6 @@ pub(crate) const EMBEDDING_PATH: &str =
     "/api/v1/services/embeddings/multimodal-embedding/multimodal-embedding";
 /// The SDK's upload-certificate endpoint.
 pub(crate) const UPLOADS_PATH: &str = "/api/v1/uploads";
-
-/// Client headers that reach upstream. Everything else (the tenant's
-/// `Authorization`, cookies, hop-by-hop headers, `X-DashScope-SSE`, which
-/// the gateway answers itself, and `X-DashScope-WorkSpace`, which comes from
-/// the tenant's config) stays here.
-fn forwardable(name: &HeaderName) -> bool {
-    let n = name.as_str();
-    match n {
-        "user-agent" | "accept-language" => true,
-        "x-dashscope-sse" | "x-dashscope-workspace" => false,
-        _ => n.starts_with("x-dashscope-"),
-    }
-}
 
 pub(crate) struct UpstreamResponse {
     pub(crate) status: StatusCode,
@@ -111,12 +100,12 @@ impl Upstream {
         &self,
         method: Method,
         path_and_query: &str,
-        client_headers: &HeaderMap,
+        forwarded: &ForwardedHeaders,
         workspace: Option<&str>,
         body: Bytes,
     ) -> Result<UpstreamResponse, GatewayError> {
         let uri = self.uri(path_and_query)?;
-        let headers = self.headers(client_headers, workspace, !body.is_empty());
+        let headers = self.headers(forwarded, workspace, !body.is_empty());
         let deadline = Instant::now() + self.timeout;
         let mut attempt = 0u32;
         loop {
@@ -220,13 +209,16 @@ impl Upstream {
         Uri::from_parts(parts).map_err(|e| GatewayError::Internal(format!("upstream uri: {e}")))
     }
 
-    fn headers(&self, client: &HeaderMap, workspace: Option<&str>, json_body: bool) -> HeaderMap {
+    /// The client's allow-listed headers, then the gateway's own: the
+    /// company key, the tenant's workspace, the content type.
+    fn headers(
+        &self,
+        forwarded: &ForwardedHeaders,
+        workspace: Option<&str>,
+        json_body: bool,
+    ) -> HeaderMap {
         let mut h = HeaderMap::with_capacity(12);
-        for (name, value) in client {
-            if forwardable(name) {
-                h.append(name.clone(), value.clone());
-            }
-        }
+        forwarded.write_to(&mut h);
         h.insert(HOST, self.host.clone());
         if let Some(key) = &self.key {
             if let Ok(v) = HeaderValue::from_str(&format!("Bearer {}", key.expose())) {
@@ -469,25 +461,6 @@ mod tests {
             parse_success(none, 3),
             Err(GatewayError::BadGateway(_))
         ));
-    }
-
-    #[test]
-    fn forwards_only_dashscope_and_sdk_headers() {
-        for (name, want) in [
-            ("x-dashscope-ossresourceresolve", true),
-            ("x-dashscope-datainspection", true),
-            ("x-dashscope-sdk-client", true),
-            ("x-dashscope-sdk-session-id", true),
-            ("user-agent", true),
-            ("x-dashscope-sse", false),
-            ("x-dashscope-workspace", false),
-            ("authorization", false),
-            ("cookie", false),
-            ("connection", false),
-            ("transfer-encoding", false),
-        ] {
-            assert_eq!(forwardable(&HeaderName::from_static(name)), want, "{name}");
-        }
     }
 
     #[test]

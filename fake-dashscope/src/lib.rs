@@ -59,6 +59,10 @@ pub struct FakeState {
     pub headers: Mutex<Vec<HeaderMap>>,
     /// Bodies of every embedding call, in order.
     pub bodies: Mutex<Vec<Value>>,
+    /// Query strings of every upload-policy call, in order.
+    pub upload_queries: Mutex<Vec<String>>,
+    /// Headers of every upload-policy call, in order.
+    pub upload_headers: Mutex<Vec<HeaderMap>>,
     /// `Authorization` value accepted; `None` accepts any.
     api_key: Option<String>,
     addr: Mutex<Option<SocketAddr>>,
@@ -170,6 +174,14 @@ async fn handle(
         }
         (Method::GET, "/api/v1/uploads") => {
             s.upload_policy_calls.fetch_add(1, Ordering::SeqCst);
+            s.upload_queries
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(req.uri().query().unwrap_or("").to_string());
+            s.upload_headers
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(req.headers().clone());
             if !authorized(&s, req.headers()) {
                 return error(401, "InvalidApiKey", "Invalid API-key provided.");
             }

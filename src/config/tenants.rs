@@ -11,6 +11,14 @@ use crate::secret::Digest;
 
 /// Tenant names are metric labels and Redis key tags: short keeps both cheap.
 const MAX_TENANT_NAME_LEN: usize = 64;
+/// The SDK fetches one upload policy per call that has local files, so one
+/// a second with five at once covers a team uploading in a loop; the
+/// certificate API allows the whole company account 100 a second per model,
+/// so no one team can use it up, and only about a hundred at once could.
+const DEFAULT_UPLOADS_RATE: RateConfig = RateConfig {
+    per_second: 1.0,
+    burst: 5,
+};
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct RateConfig {
@@ -45,6 +53,8 @@ pub struct TenantConfig {
     pub keys: Vec<Digest>,
     pub workspace: Option<String>,
     pub rate: Option<RateConfig>,
+    /// Upload policies (`GET /api/v1/uploads`): a bucket of its own, always set.
+    pub uploads_rate: RateConfig,
     pub quota: Option<QuotaConfig>,
     /// Requests of this tenant in flight at once; `None`: its share of
     /// `server.max_in_flight` (`server.tenant_in_flight_share`).
@@ -60,11 +70,12 @@ pub(crate) struct RawTenant {
     key_sha256: Option<Vec<String>>,
     workspace: Option<String>,
     rate: Option<RawRate>,
+    uploads_rate: Option<RawRate>,
     quota: Option<RawQuota>,
     max_in_flight: Option<i64>,
 }
 
-/// `rate = { per_second, burst }` as written.
+/// `rate = { per_second, burst }` (and `uploads_rate`) as written.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawRate {
@@ -138,7 +149,11 @@ pub(crate) fn load(raw: Vec<RawTenant>, c: &mut Check<'_>) -> Vec<TenantConfig> 
                 }
             }
         }
-        let rate = t.rate.and_then(|r| r.load(&at, c));
+        let rate = t.rate.and_then(|r| r.load(&format!("{at}.rate"), c));
+        let uploads_rate = t
+            .uploads_rate
+            .and_then(|r| r.load(&format!("{at}.uploads_rate"), c))
+            .unwrap_or(DEFAULT_UPLOADS_RATE);
         let quota = t.quota.and_then(|q| q.load(&at, c));
         let max_in_flight = t
             .max_in_flight
@@ -157,6 +172,7 @@ pub(crate) fn load(raw: Vec<RawTenant>, c: &mut Check<'_>) -> Vec<TenantConfig> 
             keys,
             workspace,
             rate,
+            uploads_rate,
             quota,
             max_in_flight,
         });
@@ -165,23 +181,28 @@ pub(crate) fn load(raw: Vec<RawTenant>, c: &mut Check<'_>) -> Vec<TenantConfig> 
 }
 
 impl RawRate {
+    /// `at` is the table's dotted key, e.g. `tenants[0].rate`.
     fn load(self, at: &str, c: &mut Check<'_>) -> Option<RateConfig> {
         let per_second = match self.per_second {
             Some(v) if v.is_finite() && v > 0.0 => v,
             Some(v) => {
                 c.err(
-                    &format!("{at}.rate.per_second"),
+                    &format!("{at}.per_second"),
                     format!("must be a number > 0, got {v}"),
                 );
                 return None;
             }
             None => {
-                c.err(&format!("{at}.rate.per_second"), "is required in rate");
+                let table = at.rsplit('.').next().unwrap_or(at);
+                c.err(
+                    &format!("{at}.per_second"),
+                    format!("is required in {table}"),
+                );
                 return None;
             }
         };
         let burst = c.positive(
-            &format!("{at}.rate.burst"),
+            &format!("{at}.burst"),
             self.burst,
             default_burst(per_second),
         );

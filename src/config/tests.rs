@@ -311,6 +311,52 @@ fn reference_file_examples_are_valid() {
     let t = &c.tenants[0];
     assert_eq!(t.keys.len(), 2);
     assert!(t.workspace.is_some() && t.rate.is_some() && t.quota.is_some());
+    // The example shows the default.
+    let plain = parse(&format!(
+        "[[tenants]]\nname = \"a\"\nkey_sha256 = [\"{DIGEST}\"]\n"
+    ))
+    .unwrap();
+    assert_eq!(t.uploads_rate, plain.tenants[0].uploads_rate);
+}
+
+#[test]
+fn uploads_rate_defaults_for_every_tenant_and_is_checked_like_rate() {
+    let src = format!(
+        "[[tenants]]\nname = \"a\"\nkey_sha256 = [\"{DIGEST}\"]\n[[tenants]]\nname = \"b\"\nkey_sha256 = [\"{}\"]\nrate = {{ per_second = 50 }}\nuploads_rate = {{ per_second = 0.5, burst = 2 }}\n",
+        "f".repeat(64)
+    );
+    let c = parse(&src).unwrap();
+    let default = RateConfig {
+        per_second: 1.0,
+        burst: 5,
+    };
+    assert_eq!(c.tenants[0].uploads_rate, default);
+    assert_eq!(c.tenants[0].rate, None);
+    assert_eq!(
+        c.tenants[1].uploads_rate,
+        RateConfig {
+            per_second: 0.5,
+            burst: 2
+        }
+    );
+    let bad = format!(
+        "[[tenants]]\nname = \"a\"\nkey_sha256 = [\"{DIGEST}\"]\nuploads_rate = {{ burst = 2 }}\n[[tenants]]\nname = \"b\"\nkey_sha256 = [\"{}\"]\nuploads_rate = {{ per_second = 0, burst = 0 }}\n",
+        "f".repeat(64)
+    );
+    let shown: Vec<String> = parse(&bad)
+        .unwrap_err()
+        .0
+        .iter()
+        .map(|e| e.to_string())
+        .collect();
+    assert_eq!(
+        shown,
+        vec![
+            "line 4: tenants[0].uploads_rate.per_second: is required in uploads_rate",
+            "line 8: tenants[1].uploads_rate.per_second: must be a number > 0, got 0",
+        ],
+        "{shown:#?}"
+    );
 }
 
 /// Adding a key to a raw struct without documenting it in the reference
@@ -319,7 +365,7 @@ fn reference_file_examples_are_valid() {
 fn reference_file_documents_every_key() {
     let src = reference_with_examples();
     let doc: toml_edit::DocumentMut = src.parse().unwrap();
-    let sections: [(&str, &[&str]); 11] = [
+    let sections: [(&str, &[&str]); 12] = [
         ("", keys_of::<RawConfig>()),
         ("server", keys_of::<server::RawServer>()),
         ("upstream", keys_of::<upstream::RawUpstream>()),
@@ -330,6 +376,7 @@ fn reference_file_documents_every_key() {
         ("admin", keys_of::<admin::RawAdmin>()),
         ("tenants[0]", keys_of::<tenants::RawTenant>()),
         ("tenants[0].rate", keys_of::<tenants::RawRate>()),
+        ("tenants[0].uploads_rate", keys_of::<tenants::RawRate>()),
         ("tenants[0].quota", keys_of::<tenants::RawQuota>()),
     ];
     let mut missing = Vec::new();

@@ -1,5 +1,6 @@
 //! Per-tenant rate limits ([`rate`]) and unit quotas ([`quota`]), in Redis
 //! when it is configured (shared by every replica), else in this process.
+//! A tenant has two rates, one per [`RateBucket`], each its own bucket.
 //!
 //! State is keyed by tenant name and takes the tenant's limits as
 //! arguments, so this module knows nothing of authentication and a reload
@@ -18,8 +19,29 @@ use crate::error::GatewayError;
 use crate::metrics::Metrics;
 use crate::redis_store::RedisStore;
 
+/// Which of a tenant's rates a request spends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum RateBucket {
+    /// `rate`: embedding requests.
+    Embeddings,
+    /// `uploads_rate`: upload policies, which spend the company account's
+    /// certificate rate rather than embedding capacity.
+    Uploads,
+}
+
+impl RateBucket {
+    /// The bucket's Redis key after the tenant's hash tag.
+    fn redis_suffix(self) -> &'static str {
+        match self {
+            RateBucket::Embeddings => "rate",
+            RateBucket::Uploads => "uploads-rate",
+        }
+    }
+}
+
 pub(crate) struct Limits {
     rates: rate::Rates,
+    upload_rates: rate::Rates,
     quotas: Arc<quota::Quotas>,
 }
 
@@ -36,18 +58,23 @@ impl Limits {
             tokio::spawn(quotas.clone().repay_loop());
         }
         Limits {
-            rates: rate::Rates::new(redis),
+            rates: rate::Rates::new(redis.clone(), RateBucket::Embeddings.redis_suffix()),
+            upload_rates: rate::Rates::new(redis, RateBucket::Uploads.redis_suffix()),
             quotas,
         }
     }
 
-    /// Takes one request from the tenant's rate.
+    /// Takes one request from the tenant's rate `cfg` in `bucket`.
     pub(crate) async fn check_rate(
         &self,
+        bucket: RateBucket,
         tenant: &Arc<str>,
         cfg: RateConfig,
     ) -> Result<RateState, RateRefusal> {
-        self.rates.check(tenant, cfg).await
+        match bucket {
+            RateBucket::Embeddings => self.rates.check(tenant, cfg).await,
+            RateBucket::Uploads => self.upload_rates.check(tenant, cfg).await,
+        }
     }
 
     /// Reserves `units` of the tenant's quota before an upstream call.
@@ -77,6 +104,50 @@ impl Limits {
 
     /// After a reload: forgets the rate state of tenants no longer configured.
     pub(crate) fn retain(&self, keep: impl Fn(&str) -> bool) {
-        self.rates.retain(keep)
+        self.rates.retain(&keep);
+        self.upload_rates.retain(&keep);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::StoreErrorPolicy;
+
+    #[tokio::test]
+    async fn a_tenants_two_buckets_are_spent_apart() {
+        let limits = Limits::new(
+            None,
+            StoreErrorPolicy::Allow,
+            Arc::new(Metrics::new().unwrap()),
+        );
+        let t: Arc<str> = Arc::from("t");
+        let one = RateConfig {
+            per_second: 0.001,
+            burst: 1,
+        };
+        assert!(limits
+            .check_rate(RateBucket::Uploads, &t, one)
+            .await
+            .is_ok());
+        assert!(limits
+            .check_rate(RateBucket::Uploads, &t, one)
+            .await
+            .is_err());
+        // The embedding bucket is untouched by the uploads spent.
+        assert!(limits
+            .check_rate(RateBucket::Embeddings, &t, one)
+            .await
+            .is_ok());
+        assert!(limits
+            .check_rate(RateBucket::Embeddings, &t, one)
+            .await
+            .is_err());
+        // Another tenant's uploads bucket is its own.
+        let u: Arc<str> = Arc::from("u");
+        assert!(limits
+            .check_rate(RateBucket::Uploads, &u, one)
+            .await
+            .is_ok());
     }
 }

@@ -157,7 +157,8 @@ struct Lease {
 /// tenant's rate is unchanged.
 pub(crate) struct TenantRate {
     cfg: RateConfig,
-    /// The shared bucket's Redis key, built once.
+    /// The shared bucket's Redis key, built once: `{eg:<tenant>}:<suffix>`,
+    /// in the tenant's Cluster slot.
     key: String,
     /// The whole limit without Redis, the fallback while Redis is down.
     pub(crate) local: LocalRate,
@@ -165,10 +166,10 @@ pub(crate) struct TenantRate {
 }
 
 impl TenantRate {
-    fn new(tenant: &str, cfg: RateConfig) -> TenantRate {
+    fn new(tenant: &str, suffix: &str, cfg: RateConfig) -> TenantRate {
         TenantRate {
             cfg,
-            key: format!("{}:rate", tenant_tag(tenant)),
+            key: format!("{}:{suffix}", tenant_tag(tenant)),
             local: LocalRate::new(cfg),
             lease: Mutex::new(Lease::default()),
         }
@@ -204,17 +205,20 @@ impl TenantRate {
     }
 }
 
-/// Every tenant's rate state in this process, by tenant name.
+/// Every tenant's state of one kind of rate in this process, by tenant name.
 pub(crate) struct Rates {
     redis: Option<Arc<RedisStore>>,
+    /// Names this kind's Redis keys, apart from the tenant's other rates.
+    suffix: &'static str,
     by_tenant: RwLock<HashMap<Arc<str>, Arc<TenantRate>>>,
     script: redis::Script,
 }
 
 impl Rates {
-    pub(crate) fn new(redis: Option<Arc<RedisStore>>) -> Rates {
+    pub(crate) fn new(redis: Option<Arc<RedisStore>>, suffix: &'static str) -> Rates {
         Rates {
             redis,
+            suffix,
             by_tenant: RwLock::new(HashMap::new()),
             script: redis::Script::new(RATE_SCRIPT),
         }
@@ -232,9 +236,9 @@ impl Rates {
         let mut map = self.by_tenant.write().unwrap_or_else(|p| p.into_inner());
         let s = map
             .entry(tenant.clone())
-            .or_insert_with(|| Arc::new(TenantRate::new(tenant, cfg)));
+            .or_insert_with(|| Arc::new(TenantRate::new(tenant, self.suffix, cfg)));
         if s.cfg != cfg {
-            *s = Arc::new(TenantRate::new(tenant, cfg));
+            *s = Arc::new(TenantRate::new(tenant, self.suffix, cfg));
         }
         s.clone()
     }
@@ -375,7 +379,7 @@ mod tests {
 
     #[test]
     fn reload_keeps_unchanged_limiters() {
-        let rates = Rates::new(None);
+        let rates = Rates::new(None, "rate");
         let a: Arc<str> = Arc::from("a");
         let cfg = RateConfig {
             per_second: 1.0,

@@ -74,7 +74,8 @@ impl GatewayBuilder {
         self
     }
 
-    /// Adds a tenant; `rate`, `quota` and `tenant_toml` apply to the last one added.
+    /// Adds a tenant; `rate`, `uploads_rate`, `quota` and `tenant_toml`
+    /// apply to the last one added.
     pub fn tenant(mut self, name: &str, key: &str) -> Self {
         self.tenants.push(TenantSpec {
             name: name.to_string(),
@@ -88,6 +89,13 @@ impl GatewayBuilder {
     pub fn rate(self, per_second: f64, burst: u64) -> Self {
         self.tenant_toml(format!(
             "rate = {{ per_second = {per_second}, burst = {burst} }}"
+        ))
+    }
+
+    /// `uploads_rate = { per_second, burst }` for the last tenant.
+    pub fn uploads_rate(self, per_second: f64, burst: u64) -> Self {
+        self.tenant_toml(format!(
+            "uploads_rate = {{ per_second = {per_second}, burst = {burst} }}"
         ))
     }
 

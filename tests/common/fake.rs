@@ -54,6 +54,16 @@ impl Fake {
         self.state.upload_policy_calls.load(Ordering::SeqCst)
     }
 
+    /// Query strings of every upload-policy call, in order.
+    pub fn upload_queries(&self) -> Vec<String> {
+        self.state.upload_queries.lock().unwrap().clone()
+    }
+
+    /// Headers of every upload-policy call, in order.
+    pub fn upload_headers(&self) -> Vec<HeaderMap> {
+        self.state.upload_headers.lock().unwrap().clone()
+    }
+
     pub fn oss_uploads(&self) -> u64 {
         self.state.oss_uploads.load(Ordering::SeqCst)
     }

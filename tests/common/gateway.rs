@@ -98,9 +98,16 @@ impl TestGateway {
     }
 
     pub async fn get(&self, path: &str, key: Option<&str>) -> Reply {
+        self.get_with(path, key, &[]).await
+    }
+
+    pub async fn get_with(&self, path: &str, key: Option<&str>, headers: &[(&str, &str)]) -> Reply {
         let mut req = self.client.get(self.url(path));
         if let Some(k) = key {
             req = req.header("authorization", format!("Bearer {k}"));
+        }
+        for (k, v) in headers {
+            req = req.header(*k, *v);
         }
         Reply::from(req.send().await.unwrap()).await
     }

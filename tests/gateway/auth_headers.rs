@@ -52,6 +52,9 @@ async fn headers_to_and_from_upstream() {
                 ("x-dashscope-sdk-client", "python-sdk/2.0.2/embeddings"),
                 ("X-DashScope-SSE", "enable"),
                 ("X-DashScope-WorkSpace", "ws-client-chosen"),
+                ("X-DashScope-Async", "enable"),
+                ("X-DashScope-Plugin", "{\"x\":1}"),
+                ("accept-language", "zh-CN"),
                 ("cookie", "session=secret-cookie"),
             ],
         )
@@ -80,6 +83,13 @@ async fn headers_to_and_from_upstream() {
         "SSE is the gateway's business"
     );
     assert_eq!(get("cookie"), None, "cookies never go upstream");
+    assert_eq!(get("accept-language").as_deref(), Some("zh-CN"));
+    assert_eq!(
+        get("x-dashscope-async"),
+        None,
+        "only allow-listed X-DashScope-* headers go upstream"
+    );
+    assert_eq!(get("x-dashscope-plugin"), None);
     for (name, value) in &h {
         let v = value.to_str().unwrap_or("");
         assert!(!v.contains(K1), "tenant key leaked upstream in {name}");

@@ -13,6 +13,7 @@ mod cache_control;
 mod cache_key;
 mod client_hangup;
 mod coalescing;
+mod forwarded_headers;
 mod hit_miss;
 mod operational_routes;
 mod overload;

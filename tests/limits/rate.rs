@@ -63,3 +63,39 @@ async fn rate_refusal_carries_rate_headers() {
         r.headers
     );
 }
+
+/// The uploads rate is a bucket of its own in Redis, shared by replicas
+/// like the embedding rate, under the tenant's hash tag.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uploads_rate_is_shared_by_replicas_on_redis() {
+    let redis = Redis::start();
+    let fake = Fake::start().await;
+    let cfg = TestGateway::builder()
+        .fake(&fake)
+        .redis(&redis)
+        .tenant("up", "k-up")
+        .rate(SLOW, 1)
+        .uploads_rate(SLOW, 3);
+    let a = cfg.start().await;
+    let b = cfg.start().await;
+    wait_redis(&a, "up").await;
+    wait_redis(&b, "up").await;
+    let path = format!("/api/v1/uploads?action=getPolicy&model={MODEL}");
+    let mut replies = Vec::new();
+    for gw in [&a, &b, &a, &b, &a] {
+        replies.push(gw.get(&path, Some("k-up")).await);
+    }
+    assert_eq!(statuses(&replies), vec![200, 200, 200, 429, 429]);
+    for r in &replies[3..] {
+        assert_rate_refusal(r);
+    }
+    assert_eq!(fake.upload_policy_calls(), 3);
+    assert!(redis_get(&redis, "{eg:up}:uploads-rate").is_some());
+    // The embedding bucket is another key, untouched by the uploads.
+    assert_eq!(redis_get(&redis, "{eg:up}:rate"), None);
+    assert_eq!(
+        b.embed("k-up", &text_body("after uploads")).await.status,
+        200
+    );
+    assert_rate_refusal(&a.embed("k-up", &text_body("after uploads 2")).await);
+}
