@@ -34,6 +34,7 @@ use crate::cache_key::{cache_key, CacheKey, KeyScope};
 use crate::coalesce::{self, Outcome, Role};
 use crate::config::CacheScope;
 use crate::error::{Fault, GatewayError};
+use crate::fault;
 use crate::forwarded::ForwardedHeaders;
 use crate::metering::{self, CacheStatus, Usage};
 use crate::request::{EmbeddingRequest, ParseRules};
@@ -209,6 +210,7 @@ async fn answer(
             no_store: cc.no_store,
             forwarded: forwarded.clone(),
             body: parsed.upstream_body(),
+            panic_after_reserve: fault::wanted(&parsed),
             guard,
             _slot: slot,
         };
@@ -272,6 +274,8 @@ struct Miss {
     body: Bytes,
     guard: Option<coalesce::LeaderGuard>,
     _slot: OwnedSemaphorePermit,
+    /// An injected fault (debug builds, tests only): see [`fault`].
+    panic_after_reserve: bool,
 }
 
 impl Miss {
@@ -287,6 +291,9 @@ impl Miss {
             },
         };
         let mut remaining = reservation.as_ref().map(|r| r.remaining);
+        if self.panic_after_reserve {
+            fault::panic_now();
+        }
         // 5. upstream
         match self.call_upstream().await {
             Ok(success) => {

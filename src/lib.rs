@@ -36,7 +36,8 @@
 //! Support: [`config`] (TOML, validated), [`reload`] (SIGHUP, file watch),
 //! [`redis_store`] (the shared Redis connection), [`error`] (the one error
 //! type and its wire mapping), [`body`] (the stack's body types),
-//! [`secret`], [`date`], [`app`] (shared state).
+//! [`secret`], [`date`], [`app`] (shared state), [`fault`] (injected
+//! faults for tests, debug builds only).
 //!
 //! The library's API is what the `embedgate` command needs: [`run`],
 //! [`Config`], [`Digest`] and [`usage_report`].
@@ -56,6 +57,7 @@ mod date;
 mod embeddings;
 mod error;
 mod fair_share;
+mod fault;
 mod forwarded;
 mod ledger;
 mod limits;

@@ -196,7 +196,10 @@ impl Upstream {
     fn backoff_for(&self, attempt: u32) -> Duration {
         let base = self.backoff.saturating_mul(1u32 << attempt.min(10));
         let jitter = rand::thread_rng().gen_range(0.5..1.5);
-        base.mul_f64(jitter).min(MAX_BACKOFF)
+        // Fallible: a configured backoff of years must not overflow here.
+        Duration::try_from_secs_f64(base.min(MAX_BACKOFF).as_secs_f64() * jitter)
+            .unwrap_or(MAX_BACKOFF)
+            .min(MAX_BACKOFF)
     }
 
     fn uri(&self, path_and_query: &str) -> Result<Uri, GatewayError> {

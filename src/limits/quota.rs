@@ -30,7 +30,6 @@ return {1, used}
 "#;
 
 /// Units reserved for one request; settle or release it exactly once.
-#[derive(Debug)]
 pub(crate) struct Reservation {
     tenant: Arc<str>,
     period: String,
@@ -40,6 +39,28 @@ pub(crate) struct Reservation {
     /// Reserved in Redis (else in local accounting).
     in_redis: bool,
     pub(crate) remaining: u64,
+    /// Set until settled or released: a reservation dropped while still
+    /// open (its task panicked or was cancelled) releases itself.
+    open: Option<Arc<Quotas>>,
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        let Some(quotas) = self.open.take() else {
+            return;
+        };
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let r = Reservation {
+            tenant: self.tenant.clone(),
+            period: std::mem::take(&mut self.period),
+            open: None,
+            ..*self
+        };
+        tracing::warn!(tenant = %r.tenant, units = r.units, "a quota reservation was abandoned; releasing it");
+        rt.spawn(async move { quotas.release(r).await });
+    }
 }
 
 #[derive(Default, Clone, Copy)]
@@ -90,7 +111,7 @@ impl Quotas {
 
     /// Reserves `units` of the tenant's quota.
     pub(crate) async fn reserve(
-        &self,
+        self: &Arc<Self>,
         tenant: &Arc<str>,
         quota: QuotaConfig,
         units: u64,
@@ -126,6 +147,7 @@ impl Quotas {
                             ttl,
                             in_redis: true,
                             remaining,
+                            open: Some(self.clone()),
                         })
                     } else {
                         Err(GatewayError::QuotaExceeded)
@@ -161,12 +183,14 @@ impl Quotas {
             ttl,
             in_redis: false,
             remaining,
+            open: Some(self.clone()),
         })
     }
 
     /// The request succeeded and upstream billed `actual` units: adjust the
     /// reservation to upstream's figure.
-    pub(crate) async fn settle(&self, r: Reservation, actual: u64) {
+    pub(crate) async fn settle(&self, mut r: Reservation, actual: u64) {
+        r.open = None;
         let delta = actual as i64 - r.units as i64;
         if delta != 0 {
             self.adjust(&r, delta).await;
@@ -174,7 +198,8 @@ impl Quotas {
     }
 
     /// The request failed: give the units back.
-    pub(crate) async fn release(&self, r: Reservation) {
+    pub(crate) async fn release(&self, mut r: Reservation) {
+        r.open = None;
         let delta = -(r.units as i64);
         self.adjust(&r, delta).await;
     }

@@ -64,8 +64,19 @@ pub(crate) struct LocalRate<C: Clock = DefaultClock> {
     cfg: RateConfig,
 }
 
+/// Seconds as a duration, saturating: a rate of 1e-300 per second is valid
+/// config and must not panic on overflow.
+fn secs(s: f64) -> Duration {
+    Duration::try_from_secs_f64(s).unwrap_or(Duration::MAX)
+}
+
 fn governor_quota(cfg: RateConfig) -> Quota {
-    let period = Duration::from_secs_f64(1.0 / cfg.per_second).max(Duration::from_nanos(1));
+    // governor counts in u64 nanoseconds (584 years): one request a
+    // century is as good as never.
+    let period = secs(1.0 / cfg.per_second).clamp(
+        Duration::from_nanos(1),
+        Duration::from_secs(100 * 365 * 86_400),
+    );
     let burst = NonZeroU32::new(cfg.burst.max(1)).unwrap_or(NonZeroU32::MIN);
     Quota::with_period(period)
         .unwrap_or_else(|| Quota::per_second(NonZeroU32::MIN))
@@ -91,15 +102,17 @@ impl<C: Clock + Clone> LocalRate<C> {
 
     /// Takes one token, or says how long until one is free.
     pub(crate) fn check(&self) -> Result<RateState, Duration> {
-        let interval = Duration::from_secs_f64(1.0 / self.cfg.per_second);
+        let interval = secs(1.0 / self.cfg.per_second);
         match self.limiter.check() {
             Ok(snapshot) => {
                 let remaining = snapshot.remaining_burst_capacity();
                 Ok(RateState {
                     limit: self.cfg.burst,
                     remaining: u64::from(remaining),
-                    reset: interval
-                        .mul_f64(f64::from(self.cfg.burst - remaining.min(self.cfg.burst))),
+                    reset: secs(
+                        interval.as_secs_f64()
+                            * f64::from(self.cfg.burst - remaining.min(self.cfg.burst)),
+                    ),
                 })
             }
             Err(not_until) => Err(not_until.wait_time_from(self.clock.now())),
@@ -352,6 +365,20 @@ mod tests {
         clock.advance(Duration::from_secs(60));
         let admitted = (0..10).filter(|_| l.check().is_ok()).count();
         assert_eq!(admitted, 3);
+    }
+
+    #[test]
+    fn extreme_rates_do_not_panic() {
+        for per_second in [1e-300, 1e-9, 1e9, f64::MAX] {
+            let l = LocalRate::with_clock(
+                RateConfig {
+                    per_second,
+                    burst: 2,
+                },
+                FakeRelativeClock::default(),
+            );
+            assert!(l.check().is_ok(), "{per_second}");
+        }
     }
 
     #[test]

@@ -41,6 +41,8 @@ pub struct GatewayBuilder {
     /// Top-level tables in order, each with its `key = value` lines in order.
     sections: Vec<(String, Vec<(String, String)>)>,
     tenants: Vec<TenantSpec>,
+    /// Extra environment variables for the gateway process.
+    env: Vec<(String, String)>,
 }
 
 impl GatewayBuilder {
@@ -50,6 +52,7 @@ impl GatewayBuilder {
             upstream_url: None,
             sections: Vec::new(),
             tenants: Vec::new(),
+            env: Vec::new(),
         }
         .set("server", "listen = \"127.0.0.1:0\"")
         .set("server", "shutdown_grace = \"10s\"")
@@ -148,6 +151,12 @@ impl GatewayBuilder {
         self
     }
 
+    /// Sets an environment variable of the gateway process.
+    pub fn env(mut self, key: &str, value: &str) -> Self {
+        self.env.push((key.to_string(), value.to_string()));
+        self
+    }
+
     /// No `[admin]` table: the admin routes are off.
     pub fn no_admin(mut self) -> Self {
         self.sections.retain(|(s, _)| s != "admin");
@@ -204,6 +213,11 @@ impl GatewayBuilder {
             None => Fake::start().await,
         };
         let config = self.render(&fake);
-        TestGateway::spawn(&config, fake, self.has("server", "metrics_listen"))
+        TestGateway::spawn(
+            &config,
+            fake,
+            self.has("server", "metrics_listen"),
+            &self.env,
+        )
     }
 }

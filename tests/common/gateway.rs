@@ -27,7 +27,12 @@ impl TestGateway {
         GatewayBuilder::new()
     }
 
-    pub(super) fn spawn(config: &str, fake: Fake, metrics_line: bool) -> TestGateway {
+    pub(super) fn spawn(
+        config: &str,
+        fake: Fake,
+        metrics_line: bool,
+        env: &[(String, String)],
+    ) -> TestGateway {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("embedgate.toml");
         std::fs::write(&path, config).unwrap();
@@ -38,6 +43,7 @@ impl TestGateway {
             .arg(&path)
             .env("EG_TEST_UPSTREAM_KEY", UPSTREAM_KEY)
             .env("EMBEDGATE_LOG", "info")
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::piped())
             .stderr(stderr)
             .spawn()

@@ -275,3 +275,40 @@ async fn http2_prior_knowledge_is_served_and_shares_the_same_bounds() {
     assert!(r.text().await.unwrap().contains("\"code\":\"Throttling\""));
     assert_eq!(slow.await.unwrap().unwrap().status(), 200);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panic_in_a_request_leaks_no_quota_no_coalescing_slot_and_no_slot() {
+    // Debug builds only: a miss whose text is "boom" panics right after its
+    // quota is reserved (src/fault.rs).
+    let gw = TestGateway::builder()
+        .tenant("a", KA)
+        .quota(3, Per::Day)
+        .tenant_toml("max_in_flight = 1")
+        .env("EMBEDGATE_TEST_PANIC_ON_TEXT", "boom")
+        .start()
+        .await;
+    for _ in 0..3 {
+        let r = gw.embed(KA, &text_body("boom")).await;
+        assert_error(&r, 500, "InternalError");
+        assert!(!r.text.contains("injected"), "{}", r.text);
+    }
+    // Nothing reached upstream, and the gateway is whole: the quota (3 units)
+    // was released each time, the tenant's one in-flight slot is free, and
+    // the coalescing slot of "boom" did not stay taken (each answered).
+    assert_eq!(gw.fake.calls(), 0);
+    let remaining = eventually(10, "quota released after the panics", async || {
+        let r = gw.embed(KA, &text_body("fine 0")).await;
+        (r.status == 200).then(|| r.header("x-quota-remaining").map(str::to_string))
+    })
+    .await;
+    assert_eq!(remaining.as_deref(), Some("2"));
+    for i in 1..3 {
+        assert_success(&gw.embed(KA, &text_body(&format!("fine {i}"))).await);
+    }
+    let over = gw.embed(KA, &text_body("fine 3")).await;
+    assert_error(&over, 429, "Throttling.AllocationQuota");
+    assert_eq!(gw.fake.calls(), 3);
+    let m = gw.metrics().await;
+    assert_eq!(metric(&m, "embedgate_in_flight_requests", &[]), 0.0);
+    assert!(gw.logs().contains("a quota reservation was abandoned"));
+}
