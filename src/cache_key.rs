@@ -158,14 +158,8 @@ mod tests {
 
     fn key_with(scope: KeyScope<'_>, body: &str) -> CacheKey {
         let models = vec!["multimodal-embedding-one-peace-v1".to_string()];
-        let req = EmbeddingRequest::parse(
-            body.as_bytes(),
-            &ParseRules {
-                models: &models,
-                max_text_chars: 70,
-            },
-        )
-        .unwrap();
+        let req =
+            EmbeddingRequest::parse(body.as_bytes(), &ParseRules::for_tests(&models)).unwrap();
         cache_key(scope, None, &req)
     }
 
@@ -250,14 +244,8 @@ mod tests {
     #[test]
     fn workspace_separates_entries() {
         let models = vec!["multimodal-embedding-one-peace-v1".to_string()];
-        let req = EmbeddingRequest::parse(
-            BASE.as_bytes(),
-            &ParseRules {
-                models: &models,
-                max_text_chars: 70,
-            },
-        )
-        .unwrap();
+        let req =
+            EmbeddingRequest::parse(BASE.as_bytes(), &ParseRules::for_tests(&models)).unwrap();
         assert_ne!(
             cache_key(KeyScope::Shared, Some("ws-1"), &req),
             cache_key(KeyScope::Shared, None, &req)
