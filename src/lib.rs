@@ -4,7 +4,8 @@
 //! Modules, in the order a request meets them:
 //!
 //! - [`server`]: listeners, the open routes (health, readiness, metrics),
-//!   graceful shutdown.
+//!   graceful shutdown; [`drain`]: a request body left unread by an early
+//!   answer is read and discarded, so the client reads the answer.
 //! - [`stack`]: the API request path as one `tower` stack; its doc comment
 //!   lists every layer in order. Its generic layers come from `tower` and
 //!   `tower-http`; the gateway's own are:
@@ -45,6 +46,7 @@ mod cache_key;
 mod coalesce;
 pub mod config;
 mod date;
+mod drain;
 mod embeddings;
 mod error;
 mod ledger;

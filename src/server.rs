@@ -1,5 +1,7 @@
 //! Listeners, the open routes, and graceful shutdown. Every other request
-//! goes through the API stack ([`crate::stack`]).
+//! goes through the API stack ([`crate::stack`]), its body wrapped so that
+//! what an early answer leaves unread is drained ([`crate::drain`]): a
+//! client still sending reads the answer instead of a reset.
 //!
 //! Routes (everything else is a DashScope-style 404 and never forwarded):
 //!
@@ -29,6 +31,7 @@ use tower::ServiceExt;
 
 use crate::app::App;
 use crate::body::{self, Body};
+use crate::drain::Lingering;
 use crate::error::GatewayError;
 use crate::request_id;
 use crate::stack::{self, Api};
@@ -63,7 +66,7 @@ pub(crate) async fn serve(
     let main_kind = Listener::Main {
         metrics: metrics_listener.is_none(),
     };
-    let api: Api<Incoming> = stack::api(&app);
+    let api: Api<Lingering<Incoming>> = stack::api(&app);
     let mut loops = Vec::new();
     loops.push(tokio::spawn(accept_loop(
         app.clone(),
@@ -114,7 +117,7 @@ pub(crate) async fn serve(
 
 async fn accept_loop(
     app: Arc<App>,
-    api: Api<Incoming>,
+    api: Api<Lingering<Incoming>>,
     listener: TcpListener,
     kind: Listener,
     draining: Arc<AtomicBool>,
@@ -164,7 +167,7 @@ async fn accept_loop(
 /// The open routes here; the API through its stack.
 async fn route(
     app: &App,
-    api: Api<Incoming>,
+    api: Api<Lingering<Incoming>>,
     req: Request<Incoming>,
     kind: Listener,
     draining: &AtomicBool,
@@ -181,7 +184,7 @@ async fn route(
                 app.metrics.render(),
             )
         }
-        (Listener::Main { .. }, _, _) => match api.oneshot(req).await {
+        (Listener::Main { .. }, _, _) => match api.oneshot(Lingering::wrap(req)).await {
             Ok(r) => r,
             Err(never) => match never {},
         },

@@ -26,7 +26,9 @@
 //! 9. **body read timeout** (`tower-http` `RequestBodyTimeout`): a body
 //!    that stalls between chunks for [`BODY_READ_TIMEOUT`] ends in 408.
 //! 10. **body size limit** (`tower-http` `RequestBodyLimit`):
-//!     `server.max_body_bytes`, from `Content-Length` or while reading (413).
+//!     `server.max_body_bytes`, from `Content-Length` or while reading (413);
+//!     the rest of a refused body is drained ([`crate::drain`], wrapped
+//!     around the body by the server) so the client reads the 413.
 //! 11. **router** ([`Router`]): method and path pick the route; anything
 //!     else is 404 (405 for a known path), never forwarded.
 //!
