@@ -323,10 +323,7 @@ mod tests {
         let models = vec!["m".to_string()];
         let req = crate::request::EmbeddingRequest::parse(
             br#"{"model":"m","input":{"contents":[{"text":"a"}]}}"#,
-            &crate::request::ParseRules {
-                models: &models,
-                max_text_chars: 70,
-            },
+            &crate::request::ParseRules::for_tests(&models),
         );
         let Ok(req) = req else { return };
         let key = crate::cache_key::cache_key(

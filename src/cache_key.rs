@@ -188,14 +188,7 @@ mod tests {
 
     fn parse(body: &str) -> EmbeddingRequest {
         let models = vec!["multimodal-embedding-one-peace-v1".to_string()];
-        EmbeddingRequest::parse(
-            body.as_bytes(),
-            &ParseRules {
-                models: &models,
-                max_text_chars: 70,
-            },
-        )
-        .unwrap()
+        EmbeddingRequest::parse(body.as_bytes(), &ParseRules::for_tests(&models)).unwrap()
     }
 
     fn key_with(scope: KeyScope<'_>, body: &str) -> CacheKey {

@@ -126,10 +126,7 @@ mod tests {
         let body = format!(r#"{{"model":"m","input":{{"contents":[{{"text":"{n}"}}]}}}}"#);
         let req = crate::request::EmbeddingRequest::parse(
             body.as_bytes(),
-            &crate::request::ParseRules {
-                models: &models,
-                max_text_chars: 70,
-            },
+            &crate::request::ParseRules::for_tests(&models),
         )
         .unwrap_or_else(|e| panic!("{e}"));
         crate::cache_key::cache_key(

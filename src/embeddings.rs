@@ -20,9 +20,10 @@
 use std::convert::Infallible;
 use std::sync::Arc;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http::header::HeaderMap;
 use http::{Method, Request, Response, StatusCode};
+use http_body::Body as _;
 use http_body_util::BodyExt;
 use tokio::sync::OwnedSemaphorePermit;
 
@@ -112,19 +113,33 @@ fn cache_control(h: &HeaderMap) -> CacheControl {
     cc
 }
 
-/// 1. Reads the body: the stack's size limit and read deadline show up as
-///    the body's errors.
-async fn read_body(body: ReqBody, limit: usize) -> Result<Bytes, GatewayError> {
-    match body.collect().await {
-        Ok(c) => Ok(c.to_bytes()),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
-            Err(GatewayError::BodyTooLarge { limit })
+/// 1. Reads the body into one buffer sized from its length, so a large
+///    body is never held twice; the stack's size limit and read deadline
+///    show up as the body's errors.
+async fn read_body(mut body: ReqBody, limit: usize) -> Result<Bytes, GatewayError> {
+    let hint = usize::try_from(body.size_hint().lower()).unwrap_or(limit);
+    let mut buf = BytesMut::with_capacity(hint.min(limit));
+    while let Some(frame) = body.frame().await {
+        match frame {
+            Ok(f) => {
+                if let Some(d) = f.data_ref() {
+                    buf.extend_from_slice(d);
+                }
+            }
+            Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+                return Err(GatewayError::BodyTooLarge { limit })
+            }
+            Err(e) if e.is::<crate::body_deadline::BodyTimeout>() => {
+                return Err(GatewayError::RequestTimeout)
+            }
+            Err(e) => {
+                return Err(GatewayError::InvalidParameter(format!(
+                    "could not read the request body: {e}"
+                )))
+            }
         }
-        Err(e) if e.is::<crate::body_deadline::BodyTimeout>() => Err(GatewayError::RequestTimeout),
-        Err(e) => Err(GatewayError::InvalidParameter(format!(
-            "could not read the request body: {e}"
-        ))),
     }
+    Ok(buf.freeze())
 }
 
 async fn answer(
@@ -138,13 +153,9 @@ async fn answer(
     let (parts, body) = req.into_parts();
     let forwarded = ForwardedHeaders::from_client(&parts.headers)?;
     let body = read_body(body, app.config.server.max_body_bytes).await?;
-    let parsed = EmbeddingRequest::parse(
-        &body,
-        &ParseRules {
-            models: &app.config.upstream.models,
-            max_text_chars: app.config.upstream.max_text_chars,
-        },
-    )?;
+    let parsed = EmbeddingRequest::parse(&body, &ParseRules::of(&app.config.upstream))?;
+    // What is kept from here on is the parsed request.
+    drop(body);
 
     // 2. cache key and lookup
     let scope = match app.config.cache.scope {
@@ -193,6 +204,7 @@ async fn answer(
                 },
             }
         };
+        let body = parsed.upstream_body()?;
         // 4–6 in their own task, which holds an upstream slot so shutdown
         // waits for it and hung-up clients cannot pile up detached calls.
         let slot = app
@@ -209,7 +221,7 @@ async fn answer(
             dimension,
             no_store: cc.no_store,
             forwarded: forwarded.clone(),
-            body: parsed.upstream_body(),
+            body,
             panic_after_reserve: fault::wanted(&parsed),
             guard,
             _slot: slot,

@@ -5,7 +5,9 @@
 //!
 //! - [`server`]: listeners, the open routes (health, readiness, metrics),
 //!   graceful shutdown; [`connection`]: one client connection (cap, idle
-//!   and head timeouts, graceful close).
+//!   and head timeouts, graceful close); [`drain`]: a request body left
+//!   unread by an early answer is read and discarded, so the client reads
+//!   the answer.
 //! - [`stack`]: the API request path as one `tower` stack; its doc comment
 //!   lists every layer in order. Its generic layers come from `tower` and
 //!   `tower-http`; the gateway's own are:
@@ -54,6 +56,7 @@ mod coalesce;
 pub mod config;
 mod connection;
 mod date;
+mod drain;
 mod embeddings;
 mod error;
 mod fair_share;

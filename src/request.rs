@@ -1,13 +1,27 @@
 //! Parses an embedding request body into a type that cannot be invalid.
 //!
 //! Every refusal names the offending field (`input.contents[2].factor must
-//! be > 0`). Parsing works on JSON values, never raw bytes, so the SDKs'
-//! different key orders, spacing and escapes give the same request.
+//! be > 0`), and a limit's refusal the limit too (`input.contents has 100000
+//! items, over the limit of 32`). Parsing works on JSON values, never raw
+//! bytes, so the SDKs' different key orders, spacing and escapes give the
+//! same request.
+//!
+//! Bounded: nothing is built from the body before it is known to be within
+//! the limits. Nesting depth is checked in one pass over the bytes; then
+//! each level is read as borrowed, unparsed slices of the body
+//! (`RawValue`), and the members of a list or object past its limit are
+//! counted, not kept. What a request keeps is at most its body's size again.
+
+use std::borrow::Cow;
+use std::fmt;
 
 use bytes::Bytes;
+use serde::de::{self, Deserialize, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde::ser::{Serialize, SerializeMap, Serializer};
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
-use crate::config::Weights;
+use crate::config::{UpstreamConfig, Weights};
 use crate::error::GatewayError;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -106,11 +120,56 @@ pub(crate) struct EmbeddingRequest {
     pub(crate) input_extra: Map<String, Value>,
 }
 
-/// What the parser needs from config.
+/// A request ONE-PEACE accepts nests 4 deep (body, input, contents, item);
+/// `parameters` and forwarded extras may nest a little more. serde_json's
+/// own recursion limit is 128 and its error names no field.
+const MAX_JSON_DEPTH: usize = 32;
+/// Fields in one object (the body, `input`, an item): the protocol has 3,
+/// 1 and 2; the rest is room for fields forwarded as they are, without
+/// letting an object of a hundred thousand keys through.
+const MAX_FIELDS: usize = 16;
+/// DashScope's model names are under 50 bytes; the name is echoed in the
+/// refusal of a model not served, which must stay small.
+const MAX_MODEL_BYTES: usize = 128;
+/// `parameters` and each forwarded extra field, as JSON text: a few scalars
+/// (`auto_truncation`, `dimension`, SDK keywords) fit many times over.
+const MAX_FIELD_JSON_BYTES: usize = 4096;
+/// A client's string echoed in a refusal (an unknown key, a bad factor) is
+/// cut to this many characters, so a refusal is never large.
+const MAX_ECHO_CHARS: usize = 64;
+
+/// What the parser needs from config: the models served and the limits.
 #[derive(Debug, Clone)]
 pub(crate) struct ParseRules<'a> {
     pub(crate) models: &'a [String],
+    pub(crate) max_items: usize,
     pub(crate) max_text_chars: usize,
+    pub(crate) max_text_bytes: usize,
+    pub(crate) max_url_bytes: usize,
+}
+
+impl<'a> ParseRules<'a> {
+    pub(crate) fn of(upstream: &'a UpstreamConfig) -> ParseRules<'a> {
+        ParseRules {
+            models: &upstream.models,
+            max_items: upstream.max_items,
+            max_text_chars: upstream.max_text_chars,
+            max_text_bytes: upstream.max_text_bytes,
+            max_url_bytes: upstream.max_url_bytes,
+        }
+    }
+
+    /// `models` with the default limits, for other modules' tests.
+    #[cfg(test)]
+    pub(crate) fn for_tests(models: &'a [String]) -> ParseRules<'a> {
+        ParseRules {
+            models,
+            max_items: 32,
+            max_text_chars: 70,
+            max_text_bytes: 16 * 1024,
+            max_url_bytes: 8 * 1024,
+        }
+    }
 }
 
 fn bad(msg: impl Into<String>) -> GatewayError {
@@ -128,68 +187,317 @@ fn type_name(v: &Value) -> &'static str {
     }
 }
 
+/// The JSON type of a value not parsed yet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Null,
+    Boolean,
+    Number,
+    String,
+    List,
+    Object,
+}
+
+impl Kind {
+    /// From the first byte: a `RawValue` that parsed starts at its value.
+    fn of(v: &RawValue) -> Kind {
+        match v.get().as_bytes().first() {
+            Some(b'{') => Kind::Object,
+            Some(b'[') => Kind::List,
+            Some(b'"') => Kind::String,
+            Some(b't' | b'f') => Kind::Boolean,
+            Some(b'n') => Kind::Null,
+            _ => Kind::Number,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Null => "null",
+            Kind::Boolean => "a boolean",
+            Kind::Number => "a number",
+            Kind::String => "a string",
+            Kind::List => "a list",
+            Kind::Object => "an object",
+        }
+    }
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A client's string as a refusal echoes it: at most [`MAX_ECHO_CHARS`].
+fn shown(s: &str) -> Cow<'_, str> {
+    match s.char_indices().nth(MAX_ECHO_CHARS) {
+        None => Cow::Borrowed(s),
+        Some((cut, _)) => Cow::Owned(format!("{}…", &s[..cut])),
+    }
+}
+
+/// Refuses a body nested deeper than [`MAX_JSON_DEPTH`], in one pass over
+/// its bytes before any parsing. Only brackets outside strings count; what
+/// is not JSON at all is left to the parser to name.
+fn check_depth(body: &[u8]) -> Result<(), GatewayError> {
+    let mut depth = 0usize;
+    let mut in_string = false;
+    let mut escaped = false;
+    for (at, &b) in body.iter().enumerate() {
+        if in_string {
+            if escaped {
+                escaped = false;
+            } else if b == b'\\' {
+                escaped = true;
+            } else if b == b'"' {
+                in_string = false;
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'{' | b'[' => {
+                depth += 1;
+                if depth > MAX_JSON_DEPTH {
+                    return Err(bad(format!(
+                        "request body nests deeper than the limit of {MAX_JSON_DEPTH} levels (at byte {at})"
+                    )));
+                }
+            }
+            b'}' | b']' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// An object's fields in order, borrowed from the body, each value still
+/// unparsed: the first `cap` distinct keys are kept (a repeated key's last
+/// value wins, as in a parsed object), the rest only counted.
+struct Fields<'a> {
+    kept: Vec<(Cow<'a, str>, &'a RawValue)>,
+    count: usize,
+}
+
+/// A list's elements, borrowed and unparsed: the first `cap` kept, all counted.
+struct Elements<'a> {
+    kept: Vec<&'a RawValue>,
+    count: usize,
+}
+
+/// An object key, borrowed from the body unless it has escapes.
+struct Key<'a>(Cow<'a, str>);
+
+impl<'de> Deserialize<'de> for Key<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Key<'de>, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Key<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_borrowed_str<E: de::Error>(self, s: &'de str) -> Result<Key<'de>, E> {
+                Ok(Key(Cow::Borrowed(s)))
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<Key<'de>, E> {
+                Ok(Key(Cow::Owned(s.to_string())))
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
+struct FieldsVisitor(usize);
+
+impl<'de> Visitor<'de> for FieldsVisitor {
+    type Value = Fields<'de>;
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("an object")
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Fields<'de>, A::Error> {
+        let mut kept: Vec<(Cow<'de, str>, &'de RawValue)> = Vec::new();
+        let mut count = 0;
+        while let Some(Key(key)) = map.next_key()? {
+            count += 1;
+            if let Some(slot) = kept.iter_mut().find(|(k, _)| *k == key) {
+                slot.1 = map.next_value()?;
+            } else if kept.len() < self.0 {
+                kept.push((key, map.next_value()?));
+            } else {
+                map.next_value::<IgnoredAny>()?;
+            }
+        }
+        Ok(Fields { kept, count })
+    }
+}
+
+struct ElementsVisitor(usize);
+
+impl<'de> Visitor<'de> for ElementsVisitor {
+    type Value = Elements<'de>;
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a list")
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Elements<'de>, A::Error> {
+        let mut kept = Vec::new();
+        while kept.len() < self.0 {
+            match seq.next_element()? {
+                Some(v) => kept.push(v),
+                None => {
+                    let count = kept.len();
+                    return Ok(Elements { kept, count });
+                }
+            }
+        }
+        let mut count = kept.len();
+        while seq.next_element::<IgnoredAny>()?.is_some() {
+            count += 1;
+        }
+        Ok(Elements { kept, count })
+    }
+}
+
+/// Cannot fail on a value that parsed as JSON already, but is not trusted to.
+fn not_json(e: serde_json::Error) -> GatewayError {
+    bad(format!("request body is not valid JSON: {e}"))
+}
+
+/// The fields of `v`, an object that `at` names.
+fn fields<'a>(
+    v: &'a RawValue,
+    at: &str,
+) -> Result<Vec<(Cow<'a, str>, &'a RawValue)>, GatewayError> {
+    let mut de = serde_json::Deserializer::from_str(v.get());
+    let f = de
+        .deserialize_map(FieldsVisitor(MAX_FIELDS))
+        .map_err(not_json)?;
+    if f.count > MAX_FIELDS {
+        return Err(bad(format!(
+            "{at} has {} fields, over the limit of {MAX_FIELDS}",
+            f.count
+        )));
+    }
+    Ok(f.kept)
+}
+
+/// `v` unless absent or null; refused unless of the kind `want`.
+fn optional<'a>(
+    v: Option<&'a RawValue>,
+    at: &str,
+    want: Kind,
+) -> Result<Option<&'a RawValue>, GatewayError> {
+    let Some(v) = v else { return Ok(None) };
+    match Kind::of(v) {
+        Kind::Null => Ok(None),
+        k if k == want => Ok(Some(v)),
+        k => Err(bad(format!("{at} must be {want}, got {k}"))),
+    }
+}
+
+/// `v`, which must be present, not null, and of the kind `want`.
+fn required<'a>(
+    v: Option<&'a RawValue>,
+    at: &str,
+    want: Kind,
+) -> Result<&'a RawValue, GatewayError> {
+    optional(v, at, want)?.ok_or_else(|| bad(format!("{at} is required")))
+}
+
+/// A string value, decoded.
+fn string(v: &RawValue) -> Result<String, GatewayError> {
+    serde_json::from_str(v.get()).map_err(not_json)
+}
+
+/// A field forwarded as sent (`parameters`, extras), bounded as JSON text.
+fn forwarded(v: &RawValue, at: &str) -> Result<Value, GatewayError> {
+    let n = v.get().len();
+    if n > MAX_FIELD_JSON_BYTES {
+        return Err(bad(format!(
+            "{at} is {n} bytes of JSON, over the limit of {MAX_FIELD_JSON_BYTES}"
+        )));
+    }
+    serde_json::from_str(v.get()).map_err(not_json)
+}
+
 impl EmbeddingRequest {
+    /// Parses `body` within `rules`' limits. Nothing is built from the body
+    /// before its size is known to be within them: the depth is checked
+    /// over the bytes, then each level is read as borrowed slices of the
+    /// body, whose members past a limit are counted, never kept.
     pub(crate) fn parse(
         body: &[u8],
         rules: &ParseRules<'_>,
     ) -> Result<EmbeddingRequest, GatewayError> {
-        let root: Value = serde_json::from_slice(body)
-            .map_err(|e| bad(format!("request body is not valid JSON: {e}")))?;
-        let Value::Object(mut root) = root else {
+        check_depth(body)?;
+        let root: &RawValue = serde_json::from_slice(body).map_err(not_json)?;
+        if Kind::of(root) != Kind::Object {
             return Err(bad(format!(
                 "request body must be a JSON object, got {}",
-                type_name(&root)
+                Kind::of(root)
             )));
-        };
-
-        let model = match root.remove("model") {
-            None | Some(Value::Null) => return Err(bad("model is required")),
-            Some(Value::String(m)) if m.is_empty() => return Err(bad("model must not be empty")),
-            Some(Value::String(m)) => m,
-            Some(other) => {
-                return Err(bad(format!(
-                    "model must be a string, got {}",
-                    type_name(&other)
-                )))
+        }
+        let (mut model, mut input, mut parameters) = (None, None, None);
+        let mut extra_raw = Vec::new();
+        for (key, v) in fields(root, "request body")? {
+            match &*key {
+                "model" => model = Some(v),
+                "input" => input = Some(v),
+                "parameters" => parameters = Some(v),
+                _ => extra_raw.push((key, v)),
             }
-        };
+        }
+
+        let model = string(required(model, "model", Kind::String)?)?;
+        if model.is_empty() {
+            return Err(bad("model must not be empty"));
+        }
+        if model.len() > MAX_MODEL_BYTES {
+            return Err(bad(format!(
+                "model is {} bytes, over the limit of {MAX_MODEL_BYTES}",
+                model.len()
+            )));
+        }
         if !rules.models.contains(&model) {
             return Err(GatewayError::ModelNotFound(model));
         }
 
-        let mut input = match root.remove("input") {
-            None | Some(Value::Null) => return Err(bad("input is required")),
-            Some(Value::Object(i)) => i,
-            Some(other) => {
-                return Err(bad(format!(
-                    "input must be an object, got {}",
-                    type_name(&other)
-                )))
+        let input = required(input, "input", Kind::Object)?;
+        let mut contents = None;
+        let mut input_extra_raw = Vec::new();
+        for (key, v) in fields(input, "input")? {
+            if key == "contents" {
+                contents = Some(v);
+            } else {
+                input_extra_raw.push((key, v));
             }
-        };
-        let contents = match input.remove("contents") {
-            None | Some(Value::Null) => return Err(bad("input.contents is required")),
-            Some(Value::Array(c)) => c,
-            Some(other) => {
-                return Err(bad(format!(
-                    "input.contents must be a list, got {}",
-                    type_name(&other)
-                )))
-            }
-        };
-        if contents.is_empty() {
+        }
+        let contents = required(contents, "input.contents", Kind::List)?;
+        let mut de = serde_json::Deserializer::from_str(contents.get());
+        let contents = de
+            .deserialize_seq(ElementsVisitor(rules.max_items))
+            .map_err(not_json)?;
+        if contents.count == 0 {
             return Err(bad("input.contents must not be empty"));
         }
+        if contents.count > rules.max_items {
+            return Err(bad(format!(
+                "input.contents has {} items, over the limit of {}",
+                contents.count, rules.max_items
+            )));
+        }
 
-        let parameters = match root.remove("parameters") {
-            None | Some(Value::Null) => Map::new(),
-            Some(Value::Object(p)) => p,
-            Some(other) => {
-                return Err(bad(format!(
-                    "parameters must be an object, got {}",
-                    type_name(&other)
-                )))
-            }
+        let parameters = match optional(parameters, "parameters", Kind::Object)? {
+            None => Map::new(),
+            Some(v) => match forwarded(v, "parameters")? {
+                Value::Object(p) => p,
+                other => {
+                    return Err(bad(format!(
+                        "parameters must be an object, got {}",
+                        type_name(&other)
+                    )))
+                }
+            },
         };
         let auto_truncation = match parameters.get("auto_truncation") {
             None | Some(Value::Null) => false,
@@ -202,8 +510,19 @@ impl EmbeddingRequest {
             }
         };
 
-        let mut items = Vec::with_capacity(contents.len());
-        for (i, raw) in contents.into_iter().enumerate() {
+        let mut extra = Map::new();
+        for (key, v) in extra_raw {
+            let value = forwarded(v, &shown(&key))?;
+            extra.insert(key.into_owned(), value);
+        }
+        let mut input_extra = Map::new();
+        for (key, v) in input_extra_raw {
+            let value = forwarded(v, &format!("input.{}", shown(&key)))?;
+            input_extra.insert(key.into_owned(), value);
+        }
+
+        let mut items = Vec::with_capacity(contents.kept.len());
+        for (i, raw) in contents.kept.into_iter().enumerate() {
             items.push(parse_item(i, raw, auto_truncation, rules)?);
         }
 
@@ -212,8 +531,8 @@ impl EmbeddingRequest {
             items,
             parameters,
             auto_truncation,
-            extra: root,
-            input_extra: input,
+            extra,
+            input_extra,
         })
     }
 
@@ -238,31 +557,61 @@ impl EmbeddingRequest {
 
     /// The body sent upstream: the parsed request written back, with each
     /// factor as the number it was normalised to, so upstream sees exactly
-    /// what the cache key describes.
-    pub(crate) fn upstream_body(&self) -> Bytes {
-        let contents: Vec<Value> = self
-            .items
-            .iter()
-            .map(|it| {
-                let mut o = Map::new();
-                o.insert(
-                    it.modality.as_str().to_string(),
-                    Value::String(it.content.clone()),
-                );
-                o.insert("factor".to_string(), factor_value(it.factor));
-                Value::Object(o)
-            })
-            .collect();
-        let mut input = self.input_extra.clone();
-        input.insert("contents".to_string(), Value::Array(contents));
-        let mut root = self.extra.clone();
-        root.insert("model".to_string(), Value::String(self.model.clone()));
-        root.insert("input".to_string(), Value::Object(input));
-        root.insert(
-            "parameters".to_string(),
-            Value::Object(self.parameters.clone()),
-        );
-        Bytes::from(Value::Object(root).to_string())
+    /// what the cache key describes. Written straight from the request, with
+    /// no copy of its contents in between.
+    pub(crate) fn upstream_body(&self) -> Result<Bytes, GatewayError> {
+        serde_json::to_vec(&Wire(self))
+            .map(Bytes::from)
+            .map_err(|e| GatewayError::Internal(format!("cannot write the upstream body: {e}")))
+    }
+}
+
+/// [`EmbeddingRequest::upstream_body`]'s JSON: `model`, `input` (its
+/// `contents`, then its other fields), `parameters`, then the other fields.
+struct Wire<'a>(&'a EmbeddingRequest);
+struct WireInput<'a>(&'a EmbeddingRequest);
+struct WireContents<'a>(&'a [Item]);
+struct WireItem<'a>(&'a Item);
+
+impl Serialize for Wire<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let r = self.0;
+        let mut m = s.serialize_map(Some(3 + r.extra.len()))?;
+        m.serialize_entry("model", &r.model)?;
+        m.serialize_entry("input", &WireInput(r))?;
+        m.serialize_entry("parameters", &r.parameters)?;
+        for (k, v) in &r.extra {
+            m.serialize_entry(k, v)?;
+        }
+        m.end()
+    }
+}
+
+impl Serialize for WireInput<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let r = self.0;
+        let mut m = s.serialize_map(Some(1 + r.input_extra.len()))?;
+        m.serialize_entry("contents", &WireContents(&r.items))?;
+        for (k, v) in &r.input_extra {
+            m.serialize_entry(k, v)?;
+        }
+        m.end()
+    }
+}
+
+impl Serialize for WireContents<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(self.0.iter().map(WireItem))
+    }
+}
+
+impl Serialize for WireItem<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let it = self.0;
+        let mut m = s.serialize_map(Some(2))?;
+        m.serialize_entry(it.modality.as_str(), &it.content)?;
+        m.serialize_entry("factor", &factor_value(it.factor))?;
+        m.end()
     }
 }
 
@@ -279,27 +628,28 @@ fn factor_value(f: f64) -> Value {
 
 fn parse_item(
     i: usize,
-    raw: Value,
+    raw: &RawValue,
     auto_truncation: bool,
     rules: &ParseRules<'_>,
 ) -> Result<Item, GatewayError> {
     let at = format!("input.contents[{i}]");
-    let Value::Object(obj) = raw else {
+    if Kind::of(raw) != Kind::Object {
         return Err(bad(format!(
             "{at} must be an object with one of text, image, audio; got {}",
-            type_name(&raw)
+            Kind::of(raw)
         )));
-    };
+    }
     let mut found: Option<(Modality, String)> = None;
     let mut factor = 1.0;
-    for (key, value) in obj {
+    for (key, value) in fields(raw, &at)? {
         if key == "factor" {
-            factor = parse_factor(&at, &value)?;
+            factor = parse_factor(&at, value)?;
             continue;
         }
         let Some(modality) = Modality::from_name(&key) else {
             return Err(bad(format!(
-                "{at}.{key} is not supported; an item has one of text, image, audio and an optional factor"
+                "{at}.{} is not supported; an item has one of text, image, audio and an optional factor",
+                shown(&key)
             )));
         };
         if let Some((first, _)) = &found {
@@ -308,30 +658,49 @@ fn parse_item(
                 first.as_str()
             )));
         }
-        let content = match value {
-            Value::String(s) if s.is_empty() => {
-                return Err(bad(format!("{at}.{key} must not be empty")))
-            }
-            Value::String(s) => s,
-            other => {
-                return Err(bad(format!(
-                    "{at}.{key} must be a string, got {}",
-                    type_name(&other)
-                )))
-            }
-        };
+        if Kind::of(value) != Kind::String {
+            return Err(bad(format!(
+                "{at}.{key} must be a string, got {}",
+                Kind::of(value)
+            )));
+        }
+        let content = string(value)?;
+        if content.is_empty() {
+            return Err(bad(format!("{at}.{key} must not be empty")));
+        }
         found = Some((modality, content));
     }
     let Some((modality, content)) = found else {
         return Err(bad(format!("{at} must have one of text, image, audio")));
     };
-    if modality == Modality::Text && !auto_truncation {
-        let n = content.chars().count();
-        if n > rules.max_text_chars {
-            return Err(bad(format!(
-                "{at}.text is {n} characters, over the limit of {}; shorten it or set parameters.auto_truncation to true",
-                rules.max_text_chars
-            )));
+    let at = format!("{at}.{}", modality.as_str());
+    match modality {
+        Modality::Text => {
+            if !auto_truncation {
+                let n = content.chars().count();
+                if n > rules.max_text_chars {
+                    return Err(bad(format!(
+                        "{at} is {n} characters, over the limit of {}; shorten it or set parameters.auto_truncation to true",
+                        rules.max_text_chars
+                    )));
+                }
+            }
+            if content.len() > rules.max_text_bytes {
+                return Err(bad(format!(
+                    "{at} is {} bytes, over the limit of {} (also with parameters.auto_truncation)",
+                    content.len(),
+                    rules.max_text_bytes
+                )));
+            }
+        }
+        Modality::Image | Modality::Audio => {
+            if content.len() > rules.max_url_bytes {
+                return Err(bad(format!(
+                    "{at} is {} bytes, over the limit of {} for a URL",
+                    content.len(),
+                    rules.max_url_bytes
+                )));
+            }
         }
     }
     Ok(Item {
@@ -341,21 +710,24 @@ fn parse_item(
     })
 }
 
-fn parse_factor(at: &str, v: &Value) -> Result<f64, GatewayError> {
-    let f = match v {
-        Value::Null => return Ok(1.0),
-        Value::Number(n) => n
-            .as_f64()
-            .ok_or_else(|| bad(format!("{at}.factor must be a finite number")))?,
-        Value::String(s) => s.trim().parse::<f64>().map_err(|_| {
-            bad(format!(
-                "{at}.factor must be a number or numeric string, got \"{s}\""
-            ))
-        })?,
-        other => {
+fn parse_factor(at: &str, v: &RawValue) -> Result<f64, GatewayError> {
+    let f = match Kind::of(v) {
+        Kind::Null => return Ok(1.0),
+        // Out of f64's range is the one way a JSON number fails to parse.
+        Kind::Number => serde_json::from_str::<f64>(v.get())
+            .map_err(|_| bad(format!("{at}.factor must be a finite number")))?,
+        Kind::String => {
+            let s = string(v)?;
+            s.trim().parse::<f64>().map_err(|_| {
+                bad(format!(
+                    "{at}.factor must be a number or numeric string, got \"{}\"",
+                    shown(&s)
+                ))
+            })?
+        }
+        other @ (Kind::Boolean | Kind::List | Kind::Object) => {
             return Err(bad(format!(
-                "{at}.factor must be a number or numeric string, got {}",
-                type_name(other)
+                "{at}.factor must be a number or numeric string, got {other}"
             )))
         }
     };
@@ -372,19 +744,12 @@ fn parse_factor(at: &str, v: &Value) -> Result<f64, GatewayError> {
 mod tests {
     use super::*;
 
-    fn rules() -> (Vec<String>, usize) {
-        (vec!["multimodal-embedding-one-peace-v1".to_string()], 70)
+    fn models() -> Vec<String> {
+        vec!["multimodal-embedding-one-peace-v1".to_string()]
     }
 
     fn parse(body: &str) -> Result<EmbeddingRequest, GatewayError> {
-        let (models, max) = rules();
-        EmbeddingRequest::parse(
-            body.as_bytes(),
-            &ParseRules {
-                models: &models,
-                max_text_chars: max,
-            },
-        )
+        EmbeddingRequest::parse(body.as_bytes(), &ParseRules::for_tests(&models()))
     }
 
     fn message(body: &str) -> String {
@@ -485,7 +850,7 @@ mod tests {
             "{{{M},\"input\":{{\"contents\":[{{\"factor\":\"2\",\"image\":\"u\"}},{{\"text\":\"t\",\"factor\":0.5}}],\"extra_in\":1}},\"parameters\":{{\"dimension\":512,\"auto_truncation\":true}},\"resources\":[\"r\"]}}"
         ))
         .unwrap();
-        let v: Value = serde_json::from_slice(&r.upstream_body()).unwrap();
+        let v: Value = serde_json::from_slice(&r.upstream_body().unwrap()).unwrap();
         assert_eq!(v["input"]["contents"][0]["factor"], 2);
         assert_eq!(v["input"]["contents"][0]["image"], "u");
         assert_eq!(v["input"]["contents"][1]["factor"], 0.5);
@@ -494,5 +859,199 @@ mod tests {
         assert_eq!(v["parameters"]["dimension"], 512);
         assert_eq!(v["resources"][0], "r");
         assert_eq!(r.expected_dimension(1536), 512);
+    }
+
+    /// A body with `items` (JSON text of each item) and `rest` after `input`.
+    fn with_items(items: &[String], rest: &str) -> String {
+        format!(
+            "{{{M},\"input\":{{\"contents\":[{}]}}{rest}}}",
+            items.join(",")
+        )
+    }
+
+    #[test]
+    fn item_count_is_limited_and_counted_exactly() {
+        let item = "{\"text\":\"a\"}".to_string();
+        assert_eq!(
+            parse(&with_items(&vec![item.clone(); 32], ""))
+                .unwrap()
+                .items
+                .len(),
+            32
+        );
+        assert_eq!(
+            message(&with_items(&vec![item.clone(); 33], "")),
+            "input.contents has 33 items, over the limit of 32"
+        );
+        // Counted to the end, however many; items past the limit are not
+        // looked at, so a bad one there does not change the message.
+        let mut many = vec![item; 100_000];
+        many[50_000] = "{\"video\":1}".to_string();
+        assert_eq!(
+            message(&with_items(&many, "")),
+            "input.contents has 100000 items, over the limit of 32"
+        );
+    }
+
+    #[test]
+    fn nesting_depth_is_checked_before_parsing() {
+        let nested = |depth: usize| {
+            // body (1), parameters (2), then `depth - 2` lists.
+            let lists = depth - 2;
+            format!(
+                "{{{M},\"input\":{{\"contents\":[{{\"text\":\"a\"}}]}},\"parameters\":{{\"x\":{}1{}}}}}",
+                "[".repeat(lists),
+                "]".repeat(lists)
+            )
+        };
+        assert!(parse(&nested(32)).is_ok());
+        let m = message(&nested(33));
+        assert!(
+            m.starts_with("request body nests deeper than the limit of 32 levels (at byte "),
+            "{m}"
+        );
+        // Deeper than serde_json's own limit (128): still this message.
+        let m = message(&format!("{}{}", "[".repeat(100_000), "]".repeat(100_000)));
+        assert!(
+            m.starts_with("request body nests deeper than the limit of 32"),
+            "{m}"
+        );
+        // Brackets inside strings, escaped quotes included, are text.
+        let text = format!("{}\\\"{}", "[".repeat(40), "{".repeat(20));
+        let r = parse(&with_items(
+            &[format!("{{\"text\":\"{text}\"}}")],
+            ",\"parameters\":{\"auto_truncation\":true}",
+        ))
+        .unwrap();
+        assert_eq!(
+            r.items[0].content,
+            format!("{}\"{}", "[".repeat(40), "{".repeat(20))
+        );
+    }
+
+    #[test]
+    fn strings_are_bounded_per_modality() {
+        let text = |n: usize, trunc: bool| {
+            with_items(
+                &[format!("{{\"text\":\"{}\"}}", "x".repeat(n))],
+                &format!(",\"parameters\":{{\"auto_truncation\":{trunc}}}"),
+            )
+        };
+        assert!(parse(&text(16 * 1024, true)).is_ok());
+        assert_eq!(
+            message(&text(16 * 1024 + 1, true)),
+            "input.contents[0].text is 16385 bytes, over the limit of 16384 (also with parameters.auto_truncation)"
+        );
+        // Without truncation the character limit speaks first.
+        assert!(message(&text(16 * 1024 + 1, false))
+            .starts_with("input.contents[0].text is 16385 characters, over the limit of 70"));
+        for modality in ["image", "audio"] {
+            let url = |n: usize| {
+                with_items(
+                    &[
+                        "{\"text\":\"a\"}".to_string(),
+                        format!("{{\"{modality}\":\"https://x/{}\"}}", "u".repeat(n - 10)),
+                    ],
+                    "",
+                )
+            };
+            assert!(parse(&url(8192)).is_ok());
+            assert_eq!(
+                message(&url(8193)),
+                format!(
+                    "input.contents[1].{modality} is 8193 bytes, over the limit of 8192 for a URL"
+                )
+            );
+        }
+    }
+
+    #[test]
+    fn model_parameters_and_extra_fields_are_bounded() {
+        let item = ["{\"text\":\"a\"}".to_string()];
+        let long_model = "m".repeat(129);
+        assert_eq!(
+            message(&format!(
+                "{{\"model\":\"{long_model}\",\"input\":{{\"contents\":[{}]}}}}",
+                item[0]
+            )),
+            "model is 129 bytes, over the limit of 128"
+        );
+        let big = format!("\"{}\"", "p".repeat(4096));
+        assert_eq!(
+            message(&with_items(
+                &item,
+                &format!(",\"parameters\":{{\"p\":{big}}}")
+            )),
+            "parameters is 4104 bytes of JSON, over the limit of 4096"
+        );
+        assert_eq!(
+            message(&with_items(&item, &format!(",\"resources\":{big}"))),
+            "resources is 4098 bytes of JSON, over the limit of 4096"
+        );
+        let m = message(&format!(
+            "{{{M},\"input\":{{\"contents\":[{}],\"hint\":{big}}}}}",
+            item[0]
+        ));
+        assert_eq!(
+            m,
+            "input.hint is 4098 bytes of JSON, over the limit of 4096"
+        );
+        let small = format!("\"{}\"", "p".repeat(4094));
+        assert!(parse(&with_items(&item, &format!(",\"resources\":{small}"))).is_ok());
+    }
+
+    #[test]
+    fn objects_have_a_bounded_number_of_fields() {
+        let item = "{\"text\":\"a\"}".to_string();
+        let extras: String = (0..14).map(|i| format!(",\"x{i}\":0")).collect();
+        // model, input and 14 extras: 16 fields.
+        assert!(parse(&with_items(std::slice::from_ref(&item), &extras)).is_ok());
+        assert_eq!(
+            message(&with_items(
+                std::slice::from_ref(&item),
+                &format!("{extras},\"y\":0")
+            )),
+            "request body has 17 fields, over the limit of 16"
+        );
+        let wide: String = (0..100_000).map(|i| format!(",\"f{i}\":1")).collect();
+        assert_eq!(
+            message(&with_items(&[format!("{{\"text\":\"a\"{wide}}}")], "")),
+            "input.contents[0] has 100001 fields, over the limit of 16"
+        );
+        assert_eq!(
+            message(&format!(
+                "{{{M},\"input\":{{\"contents\":[{item}]{wide}}}}}"
+            )),
+            "input has 100001 fields, over the limit of 16"
+        );
+    }
+
+    #[test]
+    fn repeated_keys_keep_the_last_value_and_escaped_keys_are_decoded() {
+        let r = parse(&format!(
+            "{{\"model\":\"other\",{M},\"input\":{{\"contents\":[{{\"text\":\"a\",\"text\":\"b\"}}]}}}}"
+        ))
+        .unwrap();
+        assert_eq!(r.items[0].content, "b");
+        let r = parse(&with_items(&["{\"te\\u0078t\":\"a\"}".to_string()], "")).unwrap();
+        assert_eq!(r.items[0].modality, Modality::Text);
+    }
+
+    #[test]
+    fn echoed_client_strings_are_cut_short() {
+        let key = "k".repeat(100_000);
+        let m = message(&with_items(&[format!("{{\"{key}\":\"a\"}}")], ""));
+        assert!(m.starts_with("input.contents[0].kkkk"), "{m}");
+        assert!(m.len() < 300, "{} bytes", m.len());
+        let m = message(&with_items(
+            &[format!("{{\"image\":\"u\",\"factor\":\"{key}\"}}")],
+            "",
+        ));
+        assert!(m.len() < 300, "{} bytes", m.len());
+        let m = message(&with_items(
+            &["{\"image\":\"u\",\"factor\":1e400}".to_string()],
+            "",
+        ));
+        assert_eq!(m, "input.contents[0].factor must be a finite number");
     }
 }

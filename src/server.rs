@@ -1,5 +1,7 @@
 //! Listeners, the open routes, and graceful shutdown. Every other request
-//! goes through the API stack ([`crate::stack`]).
+//! goes through the API stack ([`crate::stack`]), its body wrapped so that
+//! what an early answer leaves unread is drained ([`crate::drain`]): a
+//! client still sending reads the answer instead of a reset.
 //!
 //! Routes (everything else is a DashScope-style 404 and never forwarded):
 //!
@@ -28,6 +30,7 @@ use tower::ServiceExt;
 use crate::app::App;
 use crate::body::{self, Body};
 use crate::connection::ConnectionConfig;
+use crate::drain::Lingering;
 use crate::error::GatewayError;
 use crate::request_id;
 use crate::stack::{self, Api};
@@ -47,7 +50,7 @@ enum Listener {
 /// What every accept loop shares.
 struct Shared {
     app: Arc<App>,
-    api: Api<Incoming>,
+    api: Api<Lingering<Incoming>>,
     connections: ConnectionConfig,
     /// `server.max_connections`, over both listeners; shutdown waits for
     /// every slot to come back.
@@ -174,10 +177,12 @@ async fn route(shared: &Shared, req: Request<Incoming>, kind: Listener) -> Respo
                 app.metrics.render(),
             )
         }
-        (Listener::Main { .. }, _, _) => match shared.api.clone().oneshot(req).await {
-            Ok(r) => r,
-            Err(never) => match never {},
-        },
+        (Listener::Main { .. }, _, _) => {
+            match shared.api.clone().oneshot(Lingering::wrap(req)).await {
+                Ok(r) => r,
+                Err(never) => match never {},
+            }
+        }
         (Listener::Metrics, _, _) => {
             GatewayError::NotFound.into_response(&request_id::fresh(), false)
         }

@@ -24,7 +24,9 @@
 //!    than twice the upstream timeout plus a margin (504); an upstream call
 //!    it interrupts still finishes, is cached and metered in its own task.
 //! 9. **body size limit** (`tower-http` `RequestBodyLimit`):
-//!    `server.max_body_bytes`, from `Content-Length` or while reading (413).
+//!    `server.max_body_bytes`, from `Content-Length` or while reading (413);
+//!    the rest of a refused body is drained ([`crate::drain`], wrapped
+//!    around the body by the server) so the client reads the 413.
 //! 10. **body read deadline** ([`DeadlineBody`]): the whole body within
 //!     `server.body_read_timeout` plus its size at
 //!     `server.body_min_bytes_per_second`, else 408.

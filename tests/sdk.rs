@@ -294,3 +294,30 @@ async fn official_sdk_through_gateway() {
     }
     assert_eq!(oss, 2);
 }
+
+/// A body over `server.max_body_bytes` is answered 413 while the client is
+/// still sending it; real Python clients must read that answer, not a broken
+/// pipe or a connection reset (the gateway drains the rest of the body).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_clients_read_the_413_while_still_sending() {
+    let setup = tokio::task::spawn_blocking(sdk_python).await.unwrap();
+    let Some(py) = setup.unwrap_or_else(|e| panic!("{e}")) else {
+        return;
+    };
+    let gw = TestGateway::builder()
+        .tenant("sdk", TENANT_KEY)
+        .start()
+        .await;
+    let tmp = tempfile::tempdir().unwrap();
+    let cases = [
+        "too_large_requests",
+        "too_large_http_client",
+        "too_large_sdk",
+    ];
+    let lines = drive(&py, &gw, tmp.path(), &cases).await;
+    for l in &lines {
+        assert_eq!(l["errors"], json!([]), "{l}");
+        assert_eq!(l["got_413"], l["tries"], "{l}");
+    }
+    assert_eq!(gw.fake.calls(), 0);
+}

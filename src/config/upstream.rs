@@ -35,6 +35,19 @@ const DEFAULT_MODELS: &[&str] = &[ONE_PEACE_MODEL];
 const DEFAULT_EMBEDDING_DIMENSION: usize = 1536;
 /// The SDK docstring's limit for one text item ("70 words", measured in characters).
 const DEFAULT_MAX_TEXT_CHARS: usize = 70;
+/// ONE-PEACE's docs give no item limit; its siblings allow 1 to 25 items
+/// (tongyi-embedding-vision: 8, text-embedding-v1/v2: 25). 32 covers every
+/// documented batch, and bounds a request at 64 units (32 audio items).
+const DEFAULT_MAX_ITEMS: usize = 32;
+/// With `auto_truncation` upstream reads the first 70 characters (at most
+/// 280 bytes) and drops the rest; 16 KiB is a few pages of text, so anything
+/// longer is a document sent by mistake, and every byte of it would be
+/// forwarded and hashed. 32 items of it fill half the default body limit.
+const DEFAULT_MAX_TEXT_BYTES: usize = 16 * 1024;
+/// Image and audio items are URLs (http(s) or `oss://`); a signed OSS URL is
+/// about 1 KB, and 8 KiB is the request-line limit of common HTTP servers
+/// (nginx), past which no fetcher would accept the URL anyway.
+const DEFAULT_MAX_URL_BYTES: usize = 8 * 1024;
 
 #[derive(Debug, Clone)]
 pub struct UpstreamConfig {
@@ -51,6 +64,12 @@ pub struct UpstreamConfig {
     pub models: Vec<String>,
     pub embedding_dimension: usize,
     pub max_text_chars: usize,
+    /// Items per request (`input.contents`).
+    pub max_items: usize,
+    /// Bytes per text item, also with `auto_truncation`.
+    pub max_text_bytes: usize,
+    /// Bytes per image or audio item (a URL).
+    pub max_url_bytes: usize,
 }
 
 /// `[upstream]` as written.
@@ -67,6 +86,9 @@ pub(crate) struct RawUpstream {
     models: Option<Vec<String>>,
     embedding_dimension: Option<i64>,
     max_text_chars: Option<i64>,
+    max_items: Option<i64>,
+    max_text_bytes: Option<i64>,
+    max_url_bytes: Option<i64>,
 }
 
 impl RawUpstream {
@@ -133,6 +155,17 @@ impl RawUpstream {
                 "upstream.max_text_chars",
                 self.max_text_chars,
                 DEFAULT_MAX_TEXT_CHARS,
+            ),
+            max_items: c.positive("upstream.max_items", self.max_items, DEFAULT_MAX_ITEMS),
+            max_text_bytes: c.positive(
+                "upstream.max_text_bytes",
+                self.max_text_bytes,
+                DEFAULT_MAX_TEXT_BYTES,
+            ),
+            max_url_bytes: c.positive(
+                "upstream.max_url_bytes",
+                self.max_url_bytes,
+                DEFAULT_MAX_URL_BYTES,
             ),
         }
     }

@@ -9,6 +9,7 @@ use serde_json::json;
 
 mod auth_headers;
 mod bad_inputs;
+mod bounded_input;
 mod cache_control;
 mod cache_key;
 mod client_hangup;

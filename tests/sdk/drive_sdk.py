@@ -1,7 +1,8 @@
 """Drives the official `dashscope` Python SDK against embedgate (tests/sdk.rs).
 
 Usage: python drive_sdk.py CASE...   (cases: a b c c_mixed d e f g_text
-g_c g_factor0 g_badkey g_file h). Env: GATEWAY (http://127.0.0.1:PORT/api/v1), TENANT_KEY,
+g_c g_factor0 g_badkey g_file h too_large_requests too_large_http_client
+too_large_sdk). Env: GATEWAY (http://127.0.0.1:PORT/api/v1), TENANT_KEY,
 SDK_TMPDIR (a writable directory for the file:// cases).
 
 Prints one JSON line per case: {"case", "ok", "status_code", "code",
@@ -10,6 +11,7 @@ that raises unexpectedly prints {"case", "ok": false, "error": traceback}.
 """
 
 import asyncio
+import http.client
 import json
 import os
 import sys
@@ -205,6 +207,79 @@ def case_h():
             await dashscope.close_shared_aio_session()
 
     return v1(asyncio.run(run()))
+
+
+# Bodies over the gateway's 1 MiB limit: the client is still sending when
+# the 413 is answered, and must read it rather than a broken pipe or reset.
+EMBED_PATH = "/services/embeddings/multimodal-embedding/multimodal-embedding"
+HEADERS = {"Authorization": "Bearer " + KEY, "Content-Type": "application/json"}
+
+
+def too_large_body(size):
+    return json.dumps(
+        {"model": MODEL, "input": {"contents": [{"text": "x" * size}]}}
+    ).encode()
+
+
+def tally(tries, send):
+    """Calls send() -> (status, code) `tries` times; counts the 413
+    BadRequest.TooLarge answers and lists anything else (connection errors
+    included)."""
+    got, errors = 0, []
+    for _ in range(tries):
+        try:
+            status, code = send()
+            if status == 413 and code == "BadRequest.TooLarge":
+                got += 1
+            else:
+                errors.append("HTTP %s %s" % (status, code))
+        except Exception as e:  # a reset or broken pipe is what is counted
+            errors.append("%s: %s" % (type(e).__name__, e))
+    return {"tries": tries, "got_413": got, "errors": errors}
+
+
+def case_too_large_requests():
+    # `requests`, as the 1.x SDK sends: a 2 MB body in one piece.
+    import requests
+
+    body = too_large_body(2 * 1024 * 1024)
+
+    def send():
+        r = requests.post(GATEWAY + EMBED_PATH, data=body, headers=HEADERS, timeout=30)
+        return r.status_code, r.json().get("code")
+
+    return tally(20, send)
+
+
+def case_too_large_http_client():
+    # The standard library's client does not read past a failed send, so it
+    # shows a reset that `requests` may hide; 8 MB keeps it sending long after
+    # the answer.
+    from urllib.parse import urlsplit
+
+    u = urlsplit(GATEWAY)
+    body = too_large_body(8 * 1024 * 1024)
+
+    def send():
+        c = http.client.HTTPConnection(u.hostname, u.port, timeout=30)
+        try:
+            c.request("POST", u.path + EMBED_PATH, body=body, headers=HEADERS)
+            r = c.getresponse()
+            return r.status, json.loads(r.read()).get("code")
+        finally:
+            c.close()
+
+    return tally(20, send)
+
+
+def case_too_large_sdk():
+    def send():
+        r = MultiModalEmbedding.call(
+            model=MODEL, input=[{"text": "x" * (2 * 1024 * 1024)}], api_key=KEY
+        )
+        return int(r.status_code), r.code
+
+    return tally(5, send)
 
 
 def main():
