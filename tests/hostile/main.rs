@@ -240,3 +240,26 @@ async fn pipelined_requests_are_answered_in_order() {
     assert_eq!(caches, ["MISS", "HIT"], "{resp}");
     assert_eq!(gw.fake.calls(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hundred_thousand_items_are_refused_unread_and_unmetered() {
+    let gw = TestGateway::builder()
+        .tenant("h", K)
+        .set("server", "max_body_bytes = 4194304")
+        .start()
+        .await;
+    let items: Vec<Value> = (0..100_000).map(|_| json!({"text": "a"})).collect();
+    let r = gw.embed(K, &with_items(Value::Array(items))).await;
+    assert_error(&r, 400, "InvalidParameter");
+    assert!(
+        r.json()["message"]
+            .as_str()
+            .unwrap()
+            .contains("input.contents has 100000 items, over the limit of 32"),
+        "{}",
+        r.text
+    );
+    assert_eq!(gw.fake.calls(), 0);
+    assert_eq!(metered(&gw).await, 0.0);
+    still_serving(&gw).await;
+}
