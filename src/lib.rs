@@ -30,10 +30,11 @@
 //! Support: [`config`] (TOML, validated), [`reload`] (SIGHUP, file watch),
 //! [`redis_store`] (the shared Redis connection), [`error`] (the one error
 //! type and its wire mapping), [`body`] (the stack's body types),
-//! [`secret`], [`date`], [`app`] (shared state).
+//! [`secret`], [`date`], [`app`] (shared state), [`log_writer`] (the
+//! bounded, lossy log queue and its writer thread).
 //!
 //! The library's API is what the `embedgate` command needs: [`run`],
-//! [`Config`], [`Digest`] and [`usage_report`].
+//! [`Config`], [`Digest`], [`usage_report`] and [`LogQueue`].
 
 mod access_log;
 mod admin;
@@ -49,6 +50,7 @@ mod embeddings;
 mod error;
 mod ledger;
 mod limits;
+mod log_writer;
 mod metering;
 mod metrics;
 mod rate_limit;
@@ -70,6 +72,7 @@ use tokio::net::TcpListener;
 
 pub use admin::usage_report;
 pub use config::Config;
+pub use log_writer::{LogGuard, LogQueue, DEFAULT_QUEUE_LINES};
 pub use secret::Digest;
 
 /// Runs the gateway on already-bound listeners until `shutdown` resolves.
