@@ -6,6 +6,7 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use tokio::sync::Semaphore;
 
+use crate::access_log::RefusalLines;
 use crate::cache::Cache;
 use crate::coalesce::Coalescer;
 use crate::config::Config;
@@ -36,6 +37,8 @@ pub(crate) struct App {
     /// cached and metered: bounds calls whose clients hung up, and shutdown
     /// waits for every slot to come back.
     pub(crate) upstream_slots: Arc<Semaphore>,
+    /// The per-second budget of refusals' access lines.
+    pub(crate) refusal_lines: RefusalLines,
 }
 
 impl App {
@@ -79,6 +82,7 @@ impl App {
             redis,
             in_flight,
             upstream_slots,
+            refusal_lines: RefusalLines::default(),
         }))
     }
 

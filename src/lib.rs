@@ -85,7 +85,11 @@ pub async fn run(
 ) -> Result<(), String> {
     let app = app::App::new(config)?;
     let watcher = tokio::spawn(reload::watch(app.clone()));
+    let summaries = tokio::spawn(access_log::summarise_refusals(app.clone()));
     server::serve(app.clone(), listener, metrics_listener, shutdown).await;
     watcher.abort();
+    summaries.abort();
+    // The refusals suppressed since the last summary.
+    app.refusal_lines.summarise();
     Ok(())
 }
