@@ -41,6 +41,10 @@ pub struct GatewayBuilder {
     /// Top-level tables in order, each with its `key = value` lines in order.
     sections: Vec<(String, Vec<(String, String)>)>,
     tenants: Vec<TenantSpec>,
+    /// Environment variables for the binary, besides the harness's own.
+    env: Vec<(String, String)>,
+    /// stderr to a pipe that nobody reads (see `stderr_unread`).
+    stderr_unread: bool,
 }
 
 impl GatewayBuilder {
@@ -50,6 +54,8 @@ impl GatewayBuilder {
             upstream_url: None,
             sections: Vec::new(),
             tenants: Vec::new(),
+            env: Vec::new(),
+            stderr_unread: false,
         }
         .set("server", "listen = \"127.0.0.1:0\"")
         .set("server", "shutdown_grace = \"10s\"")
@@ -140,6 +146,21 @@ impl GatewayBuilder {
         self
     }
 
+    /// Sets an environment variable for the binary (e.g. `EMBEDGATE_LOG_QUEUE`).
+    pub fn env(mut self, key: &str, value: &str) -> Self {
+        self.env.push((key.to_string(), value.to_string()));
+        self
+    }
+
+    /// The binary's stderr goes to a pipe that the test holds open and
+    /// never reads: once the pipe's buffer is full, every write to it
+    /// blocks, like a log collector that stopped reading. `logs()` is then
+    /// empty.
+    pub fn stderr_unread(mut self) -> Self {
+        self.stderr_unread = true;
+        self
+    }
+
     /// No `[admin]` table: the admin routes are off.
     pub fn no_admin(mut self) -> Self {
         self.sections.retain(|(s, _)| s != "admin");
@@ -196,6 +217,12 @@ impl GatewayBuilder {
             None => Fake::start().await,
         };
         let config = self.render(&fake);
-        TestGateway::spawn(&config, fake, self.has("server", "metrics_listen"))
+        TestGateway::spawn(
+            &config,
+            fake,
+            self.has("server", "metrics_listen"),
+            &self.env,
+            self.stderr_unread,
+        )
     }
 }

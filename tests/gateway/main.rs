@@ -14,6 +14,7 @@ mod cache_key;
 mod client_hangup;
 mod coalescing;
 mod hit_miss;
+mod logs;
 mod operational_routes;
 mod overload;
 mod persistence;
