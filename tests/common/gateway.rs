@@ -17,7 +17,7 @@ pub struct TestGateway {
     pub config_path: PathBuf,
     _dir: tempfile::TempDir,
     pub stderr_path: PathBuf,
-    /// The write end's reader, held open and never read (`stderr_unread`).
+    /// The read end of the stderr pipe, held open and never read (`stderr_unread`).
     _stderr_unread: Option<ChildStderr>,
     pub client: reqwest::Client,
     /// The upstream this gateway calls.
