@@ -6,6 +6,7 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use tokio::sync::Semaphore;
 
+use crate::access_log::RefusalLines;
 use crate::cache::Cache;
 use crate::coalesce::Coalescer;
 use crate::config::Config;
@@ -39,6 +40,8 @@ pub(crate) struct App {
     pub(crate) upstream_slots: Arc<Semaphore>,
     /// Each tenant's share of the in-flight bound.
     pub(crate) tenant_slots: Arc<TenantSlots>,
+    /// The per-second budget of refusals' access lines.
+    pub(crate) refusal_lines: RefusalLines,
 }
 
 impl App {
@@ -83,6 +86,7 @@ impl App {
             in_flight,
             upstream_slots,
             tenant_slots: Arc::new(TenantSlots::default()),
+            refusal_lines: RefusalLines::default(),
         }))
     }
 

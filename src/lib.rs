@@ -39,10 +39,11 @@
 //! [`redis_store`] (the shared Redis connection), [`error`] (the one error
 //! type and its wire mapping), [`body`] (the stack's body types),
 //! [`secret`], [`date`], [`app`] (shared state), [`fault`] (injected
-//! faults for tests, debug builds only).
+//! faults for tests, debug builds only), [`log_writer`] (the bounded,
+//! lossy log queue and its writer thread).
 //!
 //! The library's API is what the `embedgate` command needs: [`run`],
-//! [`Config`], [`Digest`] and [`usage_report`].
+//! [`Config`], [`Digest`], [`usage_report`] and [`LogQueue`].
 
 mod access_log;
 mod admin;
@@ -64,6 +65,7 @@ mod fault;
 mod forwarded;
 mod ledger;
 mod limits;
+mod log_writer;
 mod metering;
 mod metrics;
 mod rate_limit;
@@ -85,6 +87,7 @@ use tokio::net::TcpListener;
 
 pub use admin::usage_report;
 pub use config::Config;
+pub use log_writer::{LogGuard, LogQueue, DEFAULT_QUEUE_LINES};
 pub use secret::Digest;
 
 /// Runs the gateway on already-bound listeners until `shutdown` resolves.
@@ -97,7 +100,11 @@ pub async fn run(
 ) -> Result<(), String> {
     let app = app::App::new(config)?;
     let watcher = tokio::spawn(reload::watch(app.clone()));
+    let summaries = tokio::spawn(access_log::summarise_refusals(app.clone()));
     server::serve(app.clone(), listener, metrics_listener, shutdown).await;
     watcher.abort();
+    summaries.abort();
+    // The refusals suppressed since the last summary.
+    app.refusal_lines.summarise();
     Ok(())
 }

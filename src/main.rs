@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use tokio::net::TcpListener;
 
-use embedgate::{Config, Digest};
+use embedgate::{Config, Digest, LogGuard, LogQueue, DEFAULT_QUEUE_LINES};
 
 #[derive(Parser)]
 #[command(
@@ -121,15 +121,28 @@ fn load(path: Option<PathBuf>) -> Result<Config, ExitCode> {
     }
 }
 
-/// Logs go to stderr through a background writer, so a request never waits
-/// on a log write; the returned guard flushes it at exit.
-fn init_logs() -> tracing_appender::non_blocking::WorkerGuard {
+/// Logs go to stderr through a bounded queue and a writer thread
+/// ([`LogQueue`]): a request never waits on a log line; when stderr is too
+/// slow, lines are dropped and counted in
+/// `embedgate_log_lines_dropped_total`. The returned guard writes what is
+/// queued at exit (waiting at most a second).
+fn init_logs() -> Result<LogGuard, ExitCode> {
     let filter = tracing_subscriber::EnvFilter::try_from_env("EMBEDGATE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let text = std::env::var("EMBEDGATE_LOG_FORMAT").is_ok_and(|v| v == "text");
-    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
-        .lossy(false)
-        .finish(std::io::stderr());
+    let queue = std::env::var("EMBEDGATE_LOG_QUEUE").ok();
+    let lines = queue
+        .as_deref()
+        .and_then(|v| v.parse::<usize>().ok())
+        .filter(|&n| n > 0);
+    let (writer, guard) =
+        match LogQueue::start(std::io::stderr(), lines.unwrap_or(DEFAULT_QUEUE_LINES)) {
+            Ok(w) => w,
+            Err(e) => {
+                eprintln!("embedgate: cannot start the log writer: {e}");
+                return Err(ExitCode::FAILURE);
+            }
+        };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(writer);
@@ -138,11 +151,21 @@ fn init_logs() -> tracing_appender::non_blocking::WorkerGuard {
     } else {
         builder.json().flatten_event(true).init();
     }
-    guard
+    if let (Some(v), None) = (&queue, lines) {
+        tracing::warn!(
+            value = %v,
+            using = DEFAULT_QUEUE_LINES,
+            "EMBEDGATE_LOG_QUEUE is not a positive number of lines; using the default"
+        );
+    }
+    Ok(guard)
 }
 
 async fn run(path: Option<PathBuf>) -> ExitCode {
-    let _log_guard = init_logs();
+    let _log_guard = match init_logs() {
+        Ok(g) => g,
+        Err(code) => return code,
+    };
     let config = match load(path) {
         Ok(c) => c,
         Err(code) => return code,

@@ -2,10 +2,17 @@
 //! (the README's metrics table); label values come from config (tenant names) or closed sets,
 //! never from request data.
 
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use prometheus::core::{Collector, Desc};
+use prometheus::proto::{Counter, Metric, MetricFamily, MetricType};
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
+
+use crate::log_writer::LOG_LINES_DROPPED;
 
 use crate::metering::{CacheStatus, Usage};
 use crate::request::Modality;
@@ -182,6 +189,12 @@ impl Metrics {
             ),
         )?;
         build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        // Counted by the log writer, which exists before any `Metrics`.
+        r.register(Box::new(StaticCounter::new(
+            "embedgate_log_lines_dropped_total",
+            "Log lines dropped because the log queue was full or the log sink failed.",
+            &LOG_LINES_DROPPED,
+        )?))?;
 
         Ok(Metrics {
             registry: r,
@@ -228,6 +241,43 @@ impl Metrics {
     }
 }
 
+/// A counter kept in a static atomic by code outside the registry, read
+/// at every scrape.
+struct StaticCounter {
+    desc: Desc,
+    value: &'static AtomicU64,
+}
+
+impl StaticCounter {
+    fn new(
+        name: &str,
+        help: &str,
+        value: &'static AtomicU64,
+    ) -> Result<StaticCounter, prometheus::Error> {
+        let desc = Desc::new(name.into(), help.into(), Vec::new(), HashMap::new())?;
+        Ok(StaticCounter { desc, value })
+    }
+}
+
+impl Collector for StaticCounter {
+    fn desc(&self) -> Vec<&Desc> {
+        vec![&self.desc]
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        let mut counter = Counter::default();
+        counter.set_value(self.value.load(Ordering::Relaxed) as f64);
+        let mut metric = Metric::default();
+        metric.set_counter(counter);
+        let mut family = MetricFamily::default();
+        family.set_name(self.desc.fq_name.clone());
+        family.set_help(self.desc.help.clone());
+        family.set_field_type(MetricType::COUNTER);
+        family.set_metric(vec![metric]);
+        vec![family]
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -237,5 +287,25 @@ mod tests {
         let m = Metrics::new().unwrap();
         let text = String::from_utf8(m.render()).unwrap();
         assert!(text.contains("embedgate_build_info"));
+    }
+
+    #[test]
+    fn dropped_log_lines_are_a_counter_read_at_each_scrape() {
+        let m = Metrics::new().unwrap();
+        let before = LOG_LINES_DROPPED.load(Ordering::SeqCst);
+        LOG_LINES_DROPPED.fetch_add(3, Ordering::SeqCst);
+        let text = String::from_utf8(m.render()).unwrap();
+        assert!(
+            text.contains("# TYPE embedgate_log_lines_dropped_total counter"),
+            "{text}"
+        );
+        let value: u64 = text
+            .lines()
+            .find_map(|l| l.strip_prefix("embedgate_log_lines_dropped_total "))
+            .unwrap()
+            .parse()
+            .unwrap();
+        // Other tests in this process may drop lines too; never fewer.
+        assert!(value >= before + 3, "{value} < {before} + 3");
     }
 }

@@ -13,7 +13,8 @@
 //! 4. **access log and request metrics** (`tower-http` `Trace` with
 //!    [`AccessLog`]): one `embedgate::access` line and one
 //!    `embedgate_requests_total` / `…_duration_seconds` sample per answer,
-//!    labelled from what the inner layers put on the response.
+//!    labelled from what the inner layers put on the response; refusals'
+//!    lines (503, 429) are limited to a few a second plus a summary.
 //! 5. **propagate request id** (`tower-http`): `x-request-id` on every
 //!    answer (the body's `request_id` where the answer has one).
 //! 6. **rescue** ([`RescueLayer`]): the one place where the errors and bare
@@ -146,7 +147,7 @@ where
             TraceLayer::new_for_http()
                 .make_span_with(RequestSpan)
                 .on_request(())
-                .on_response(AccessLog::new(app.metrics.clone()))
+                .on_response(AccessLog::new(app.clone()))
                 .on_failure(()),
         )
         // 5.

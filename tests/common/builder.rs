@@ -41,8 +41,10 @@ pub struct GatewayBuilder {
     /// Top-level tables in order, each with its `key = value` lines in order.
     sections: Vec<(String, Vec<(String, String)>)>,
     tenants: Vec<TenantSpec>,
-    /// Extra environment variables for the gateway process.
+    /// Environment variables for the binary, besides the harness's own.
     env: Vec<(String, String)>,
+    /// stderr to a pipe that nobody reads (see `stderr_unread`).
+    stderr_unread: bool,
 }
 
 impl GatewayBuilder {
@@ -53,6 +55,7 @@ impl GatewayBuilder {
             sections: Vec::new(),
             tenants: Vec::new(),
             env: Vec::new(),
+            stderr_unread: false,
         }
         .set("server", "listen = \"127.0.0.1:0\"")
         .set("server", "shutdown_grace = \"10s\"")
@@ -151,9 +154,18 @@ impl GatewayBuilder {
         self
     }
 
-    /// Sets an environment variable of the gateway process.
+    /// Sets an environment variable for the binary (e.g. `EMBEDGATE_LOG_QUEUE`).
     pub fn env(mut self, key: &str, value: &str) -> Self {
         self.env.push((key.to_string(), value.to_string()));
+        self
+    }
+
+    /// The binary's stderr goes to a pipe that the test holds open and
+    /// never reads: once the pipe's buffer is full, every write to it
+    /// blocks, like a log collector that stopped reading. `logs()` is then
+    /// empty.
+    pub fn stderr_unread(mut self) -> Self {
+        self.stderr_unread = true;
         self
     }
 
@@ -218,6 +230,7 @@ impl GatewayBuilder {
             fake,
             self.has("server", "metrics_listen"),
             &self.env,
+            self.stderr_unread,
         )
     }
 }

@@ -3,7 +3,7 @@
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, ChildStderr, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use super::{Fake, GatewayBuilder, Reply, EMBED_PATH, UPSTREAM_KEY};
@@ -17,6 +17,8 @@ pub struct TestGateway {
     pub config_path: PathBuf,
     _dir: tempfile::TempDir,
     pub stderr_path: PathBuf,
+    /// The read end of the stderr pipe, held open and never read (`stderr_unread`).
+    _stderr_unread: Option<ChildStderr>,
     pub client: reqwest::Client,
     /// The upstream this gateway calls.
     pub fake: Fake,
@@ -32,12 +34,17 @@ impl TestGateway {
         fake: Fake,
         metrics_line: bool,
         env: &[(String, String)],
+        stderr_unread: bool,
     ) -> TestGateway {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("embedgate.toml");
         std::fs::write(&path, config).unwrap();
         let stderr_path = dir.path().join("stderr.log");
-        let stderr = std::fs::File::create(&stderr_path).unwrap();
+        let stderr = if stderr_unread {
+            Stdio::piped()
+        } else {
+            std::fs::File::create(&stderr_path).unwrap().into()
+        };
         let mut child = Command::new(env!("CARGO_BIN_EXE_embedgate"))
             .arg("--config")
             .arg(&path)
@@ -48,6 +55,7 @@ impl TestGateway {
             .stderr(stderr)
             .spawn()
             .unwrap();
+        let stderr_unread = child.stderr.take();
         let mut stdout = BufReader::new(child.stdout.take().unwrap());
         // The bound addresses, printed on stdout once listening.
         let mut read = |prefix: &str, suffix: &str| -> SocketAddr {
@@ -72,6 +80,7 @@ impl TestGateway {
             config_path: path,
             _dir: dir,
             stderr_path,
+            _stderr_unread: stderr_unread,
             client: reqwest::Client::builder().no_proxy().build().unwrap(),
             fake,
         }

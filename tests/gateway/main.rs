@@ -16,6 +16,7 @@ mod client_hangup;
 mod coalescing;
 mod forwarded_headers;
 mod hit_miss;
+mod logs;
 mod operational_routes;
 mod overload;
 mod persistence;
