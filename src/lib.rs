@@ -40,7 +40,8 @@
 //! type and its wire mapping), [`body`] (the stack's body types),
 //! [`secret`], [`date`], [`app`] (shared state), [`fault`] (injected
 //! faults for tests, debug builds only), [`log_writer`] (the bounded,
-//! lossy log queue and its writer thread).
+//! lossy log queue and its writer thread), `fuzzing` (entry points for the
+//! `cargo fuzz` targets in `fuzz/`; hidden, not part of the API).
 //!
 //! The library's API is what the `embedgate` command needs: [`run`],
 //! [`Config`], [`Digest`], [`usage_report`] and [`LogQueue`].
@@ -63,6 +64,10 @@ mod error;
 mod fair_share;
 mod fault;
 mod forwarded;
+/// Entry points for the `cargo fuzz` targets in `fuzz/`: not part of the
+/// library's API, only public because the targets are another crate.
+#[doc(hidden)]
+pub mod fuzzing;
 mod ledger;
 mod limits;
 mod log_writer;
