@@ -1054,4 +1054,34 @@ mod tests {
         ));
         assert_eq!(m, "input.contents[0].factor must be a finite number");
     }
+
+    /// Found by the `request` fuzz target: serde_json's default float
+    /// parsing is not correctly rounded, so `1e56` was read as
+    /// `9.999999999999999e55`, forwarded so, and keyed apart from the same
+    /// number written out in full.
+    #[test]
+    fn numbers_are_forwarded_as_sent() {
+        let body = |x: &str| {
+            format!(
+                "{{{M},\"input\":{{\"contents\":[{{\"text\":\"a\",\"factor\":{x}}}],\"x\":{x}}},\"parameters\":{{\"x\":{x}}}}}"
+            )
+        };
+        for x in [
+            "1e56",
+            "0.3",
+            "2.2250738585072014e-308",
+            "5e-324",
+            "1.7976931348623157e308",
+        ] {
+            let r = parse(&body(x)).unwrap();
+            let want: f64 = x.parse().unwrap();
+            assert_eq!(r.items[0].factor, want, "{x}");
+            assert_eq!(r.parameters["x"].as_f64(), Some(want), "{x}");
+            assert_eq!(r.input_extra["x"].as_f64(), Some(want), "{x}");
+            let again = parse(std::str::from_utf8(&r.upstream_body().unwrap()).unwrap()).unwrap();
+            assert_eq!(again, r, "{x}");
+        }
+        let full = format!("1{}", "0".repeat(56));
+        assert_eq!(parse(&body(&full)).unwrap(), parse(&body("1e56")).unwrap());
+    }
 }
