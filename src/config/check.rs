@@ -67,7 +67,7 @@ impl<'a> Check<'a> {
             Err(e) => Err(ConfigError {
                 key: String::new(),
                 line: e.span().map(|s| line_at(src, s.start)),
-                message: e.message().trim().to_string(),
+                message: syntax_message(e.message(), src, e.span()),
             }),
         }
     }
@@ -237,6 +237,28 @@ fn covers(key: &str, existing: &str) -> bool {
     existing
         .strip_prefix(key)
         .is_some_and(|rest| rest.is_empty() || rest.starts_with('.') || rest.starts_with('['))
+}
+
+/// A syntax error in words. The TOML parser has none for some errors (a
+/// control character in a comment): those get the column and what is
+/// there.
+fn syntax_message(message: &str, src: &str, span: Option<Range<usize>>) -> String {
+    let message = message.trim();
+    if !message.is_empty() {
+        return message.to_string();
+    }
+    let Some(at) = span.map(|s| s.start.min(src.len())) else {
+        return "not valid TOML".to_string();
+    };
+    let line_start = src
+        .get(..at)
+        .and_then(|before| before.rfind('\n'))
+        .map_or(0, |i| i + 1);
+    let column = src.get(line_start..at).map_or(0, |s| s.chars().count()) + 1;
+    match src.get(at..).and_then(|rest| rest.chars().next()) {
+        Some(c) => format!("not valid TOML at column {column}: unexpected {c:?}"),
+        None => format!("not valid TOML at column {column}"),
+    }
 }
 
 /// The 1-based line of a byte offset.
