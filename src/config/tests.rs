@@ -259,6 +259,25 @@ fn a_syntax_error_always_says_what() {
     );
 }
 
+/// Found while writing the `config` fuzz target's invariants (the fuzzer
+/// itself did not reach it in its bounded runs): humantime reads durations
+/// up to 584 billion years, and `Instant::now() + ttl` panics past 292
+/// billion, on every cache insert.
+#[test]
+fn durations_are_at_most_100_years() {
+    let c = parse("[cache]\nttl = \"100y\"\n").unwrap();
+    assert_eq!(c.cache.ttl, Duration::from_secs(3_155_760_000));
+    assert!(std::time::Instant::now().checked_add(c.cache.ttl).is_some());
+    let err =
+        parse("[server]\nidle_timeout = \"30s\"\n[cache]\nttl = \"300000000000y\"\n").unwrap_err();
+    assert_eq!(err.0.len(), 1, "{err}");
+    assert_eq!(
+        err.0[0].to_string(),
+        "line 4: cache.ttl: `300000000000y` is too long; the longest is 100 years (\"100y\")"
+    );
+    assert!(parse("[upstream]\ntimeout = \"100y 1s\"\n").is_err());
+}
+
 // ---- the shipped files ----
 
 const REFERENCE: &str = include_str!("../../config/embedgate.toml");

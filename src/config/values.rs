@@ -12,9 +12,16 @@ use std::time::Duration;
 
 use serde::de::{self, Deserialize, Deserializer, SeqAccess, Visitor};
 
-/// A humantime duration greater than zero: `"250ms"`, `"30s"`, `"30d"`.
+/// A humantime duration greater than zero and at most [`MAX_DURATION`]:
+/// `"250ms"`, `"30s"`, `"30d"`.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct HumanDuration(pub(crate) Duration);
+
+/// The longest duration a config may give: 100 years (humantime's, of
+/// 365.25 days), more than any timeout or TTL needs. The gateway adds
+/// durations to the clock (`Instant::now() + ttl`), which panics past
+/// about 292 billion years; humantime reads up to 584 billion.
+pub(crate) const MAX_DURATION: Duration = Duration::from_secs(100 * 31_557_600);
 
 impl<'de> Deserialize<'de> for HumanDuration {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -26,8 +33,11 @@ impl<'de> Deserialize<'de> for HumanDuration {
             }
             fn visit_str<E: de::Error>(self, s: &str) -> Result<HumanDuration, E> {
                 match humantime::parse_duration(s) {
-                    Ok(d) if !d.is_zero() => Ok(HumanDuration(d)),
-                    Ok(_) => Err(E::custom("must be greater than zero")),
+                    Ok(d) if d.is_zero() => Err(E::custom("must be greater than zero")),
+                    Ok(d) if d > MAX_DURATION => Err(E::custom(format!(
+                        "`{s}` is too long; the longest is 100 years (\"100y\")"
+                    ))),
+                    Ok(d) => Ok(HumanDuration(d)),
                     Err(e) => Err(E::custom(format!(
                         "`{s}` is not a duration ({e}); use e.g. \"30s\", \"5m\", \"30d\""
                     ))),
