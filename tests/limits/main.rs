@@ -17,6 +17,7 @@ mod quota;
 mod quota_hits;
 mod quota_release;
 mod rate;
+mod rate_concurrency;
 mod redis_outage;
 mod reload;
 mod replicas;
