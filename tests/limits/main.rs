@@ -14,6 +14,7 @@ use std::sync::Arc;
 
 mod concurrent_misses;
 mod quota;
+mod quota_faults;
 mod quota_hits;
 mod quota_release;
 mod rate;
