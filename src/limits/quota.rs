@@ -294,6 +294,27 @@ impl Drop for Asking<'_> {
     }
 }
 
+/// Runs a closure when dropped, unless disarmed first.
+struct Defer<F: FnOnce()>(Option<F>);
+
+impl<F: FnOnce()> Defer<F> {
+    fn new(f: F) -> Defer<F> {
+        Defer(Some(f))
+    }
+
+    fn disarm(mut self) {
+        self.0 = None;
+    }
+}
+
+impl<F: FnOnce()> Drop for Defer<F> {
+    fn drop(&mut self) {
+        if let Some(f) = self.0.take() {
+            f();
+        }
+    }
+}
+
 /// Every tenant's quota accounting in this process.
 pub(crate) struct Quotas {
     redis: Option<Arc<RedisStore>>,
@@ -381,12 +402,18 @@ impl Quotas {
             open: None,
         };
         let Some(redis) = &self.redis else {
-            return self.reserve_here(r).map_err(|(e, _)| e);
+            return self
+                .reserve_here(r)
+                .map_err(|_| GatewayError::QuotaExceeded);
         };
         let (counter, records) = keys(tenant, &r.period);
         let script = &self.reserve_script;
         let id = &r.id;
         let (asking, unseen) = Asking::start(self, tenant, &r.period, units);
+        // A request dropped while its reserve is in flight (the client went
+        // away) may still get it applied: resolved by its id like any
+        // unanswered reserve.
+        let unanswered = Defer::new(|| self.queue(&r, Target::Release, false, 0));
         let answer = redis
             .call("quota", false, |mut c| async move {
                 script
@@ -401,6 +428,7 @@ impl Quotas {
                     .await
             })
             .await;
+        unanswered.disarm();
         match answer {
             Ok((granted, used, version)) => {
                 let seen = asking.end(|q| {
@@ -433,22 +461,20 @@ impl Quotas {
                 }
                 r.held = Held::Fallback { sent };
                 asking.forget();
-                self.reserve_here(r).map_err(|(e, r)| {
+                self.reserve_here(r).map_err(|r| {
                     if sent {
                         self.queue(&r, Target::Release, false, 0);
                     }
-                    e
+                    GatewayError::QuotaExceeded
                 })
             }
         }
     }
 
     /// Grants `r` from this process's accounting (`r.held` says whether it
-    /// is the whole quota or the fallback while Redis does not answer).
-    fn reserve_here(
-        self: &Arc<Self>,
-        mut r: Reservation,
-    ) -> Result<Reservation, (GatewayError, Reservation)> {
+    /// is the whole quota or the fallback while Redis does not answer);
+    /// gives it back when it does not fit.
+    fn reserve_here(self: &Arc<Self>, mut r: Reservation) -> Result<Reservation, Reservation> {
         let memory = r.held == Held::Memory;
         let (units, limit) = (r.units, r.limit);
         let used = self.with_local(&r.tenant, &r.period, |q| {
@@ -468,7 +494,7 @@ impl Quotas {
             Some(q.used())
         });
         let Some(used) = used else {
-            return Err((GatewayError::QuotaExceeded, r));
+            return Err(r);
         };
         r.remaining = limit.saturating_sub(used);
         self.publish_remaining(&r.tenant, r.remaining);
@@ -520,12 +546,19 @@ impl Quotas {
                 let Some(redis) = &self.redis else {
                     return;
                 };
+                // Units it gives back count only once Redis confirms (it may
+                // have run already: counting them now could count them
+                // twice); units it adds count at once.
+                let delta = billed.saturating_sub(r.units);
+                // Also sent again if this request is dropped meanwhile.
+                let unanswered = Defer::new(|| self.queue(&r, target, true, delta));
                 let t = [(r.id.as_str(), r.units, target, true)];
-                match self
+                let answer = self
                     .send_finish(redis, &r.tenant, &r.period, r.ttl, &t)
-                    .await
-                {
+                    .await;
+                match answer {
                     Ok((used, version)) => {
+                        unanswered.disarm();
                         let seen = self.with_local(&r.tenant, &r.period, |q| {
                             q.note(used, version);
                             q.used()
@@ -534,11 +567,7 @@ impl Quotas {
                     }
                     Err(e) => {
                         tracing::debug!(tenant = %r.tenant, id = %r.id, error = %e, "quota settlement unanswered; sent again by id once Redis answers");
-                        // Units it gives back count only once Redis confirms
-                        // (it may have run already: counting them now could
-                        // count them twice); units it adds count at once.
-                        let delta = billed.saturating_sub(r.units);
-                        self.queue(&r, target, true, delta);
+                        drop(unanswered);
                     }
                 }
             }
@@ -710,9 +739,9 @@ impl Quotas {
         let Some(redis) = &self.redis else {
             return true;
         };
-        // Snapshot: (tenant, period) → [(id, units, target, confirmed)], ttl.
-        let mut groups: HashMap<(Arc<str>, String), (u64, Vec<(String, u64, Target, bool)>)> =
-            HashMap::new();
+        // Snapshot: (tenant, period) → TTL, [(id, units, target, confirmed)].
+        type Group = (u64, Vec<(String, u64, Target, bool)>);
+        let mut groups: HashMap<(Arc<str>, String), Group> = HashMap::new();
         {
             let mut unsynced = self.unsynced.lock().unwrap_or_else(|p| p.into_inner());
             if unsynced.by_id.is_empty() {
