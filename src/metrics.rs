@@ -48,6 +48,7 @@ pub(crate) struct Metrics {
     /// tenant.
     pub(crate) usage_mismatch: IntCounterVec,
     pub(crate) ledger_buffered: IntGauge,
+    pub(crate) quota_unsynced: IntGauge,
     pub(crate) ledger_flush_errors: IntCounter,
     pub(crate) in_flight: IntGauge,
     pub(crate) connections_open: IntGauge,
@@ -168,6 +169,10 @@ impl Metrics {
                 "Connections closed at accept because server.max_connections were open.",
             ),
         )?;
+        let quota_unsynced = gauge(
+            "embedgate_quota_unsynced",
+            "Quota settlements and releases waiting for Redis to confirm them.",
+        )?;
         let ledger_flush_errors = register(
             &r,
             IntCounter::new(
@@ -209,6 +214,7 @@ impl Metrics {
             quota_remaining,
             usage_mismatch,
             ledger_buffered,
+            quota_unsynced,
             ledger_flush_errors,
             in_flight,
             connections_open,

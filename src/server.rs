@@ -37,6 +37,8 @@ use crate::stack::{self, Api};
 
 /// Time given to write buffered ledger rows to Redis on shutdown.
 const LEDGER_FLUSH_ON_SHUTDOWN: Duration = Duration::from_secs(5);
+/// Time given to send unconfirmed quota transitions to Redis on shutdown.
+const QUOTA_FLUSH_ON_SHUTDOWN: Duration = Duration::from_secs(2);
 
 /// Which routes a listener serves.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -112,6 +114,9 @@ pub(crate) async fn serve(
     // Upstream calls whose clients hung up still hold slots: wait for them.
     let max = u32::try_from(app.config.server.max_in_flight).unwrap_or(u32::MAX);
     let _ = tokio::time::timeout(grace, app.upstream_slots.acquire_many(max)).await;
+    if !app.limits.flush(QUOTA_FLUSH_ON_SHUTDOWN).await {
+        tracing::error!("quota transitions could not be sent to Redis before exit and are lost");
+    }
     if app.ledger.flush(LEDGER_FLUSH_ON_SHUTDOWN).await {
         tracing::info!("ledger flushed");
     } else {

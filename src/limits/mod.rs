@@ -47,7 +47,7 @@ pub(crate) struct Limits {
 
 impl Limits {
     /// Must run inside a tokio runtime with Redis: it starts the task that
-    /// repays quota used locally during a Redis outage.
+    /// applies to Redis the quota transitions it did not answer in time.
     pub(crate) fn new(
         redis: Option<Arc<RedisStore>>,
         policy: StoreErrorPolicy,
@@ -55,7 +55,7 @@ impl Limits {
     ) -> Limits {
         let quotas = Arc::new(quota::Quotas::new(redis.clone(), policy, metrics));
         if redis.is_some() {
-            tokio::spawn(quotas.clone().repay_loop());
+            tokio::spawn(quotas.clone().sync_loop());
         }
         Limits {
             rates: rate::Rates::new(redis.clone(), RateBucket::Embeddings.redis_suffix()),
@@ -100,6 +100,12 @@ impl Limits {
     /// Units left in the tenant's current period, as last seen here.
     pub(crate) fn remaining(&self, tenant: &Arc<str>, quota: QuotaConfig) -> u64 {
         self.quotas.remaining(tenant, quota)
+    }
+
+    /// Sends quota transitions Redis has not confirmed yet, until none is
+    /// left or `deadline` passes (shutdown). True when none is left.
+    pub(crate) async fn flush(&self, deadline: std::time::Duration) -> bool {
+        self.quotas.flush(deadline).await
     }
 
     /// After a reload: forgets the rate state of tenants no longer configured.

@@ -4,8 +4,13 @@
 //! clock, so all replicas share one bucket; without Redis (or while it is
 //! down) governor in this process. A busy tenant's replica leases a few
 //! tokens per Redis call ([`lease_size`]) so most requests do not wait on
-//! Redis; a replica can hold at most `lease_size − 1` unused tokens, which
-//! bounds the overshoot, and leases expire after [`LEASE_TTL`].
+//! Redis. Leasing loses no tokens: a replica has at most one refill of a
+//! tenant's lease in flight (concurrent requests wait for it and share
+//! what it brings), a refill adds to the lease instead of replacing it, a
+//! refusal leaves leased tokens alone, and tokens still unused after
+//! [`LEASE_TTL`] go back to the shared bucket with the replica's next
+//! refill. A replica holds at most `lease_size − 1` unused tokens, which
+//! bounds what the replicas admit beyond the shared bucket.
 
 use std::collections::HashMap;
 use std::num::NonZeroU32;
@@ -121,7 +126,9 @@ impl<C: Clock + Clone> LocalRate<C> {
 }
 
 /// GCRA over Redis time that grants up to ARGV[3] tokens at once. KEYS[1]
-/// the tenant's rate key; ARGV[1] emission interval in µs, ARGV[2] burst.
+/// the tenant's rate key; ARGV[1] emission interval in µs, ARGV[2] burst,
+/// ARGV[3] tokens wanted, ARGV[4] leased tokens given back unused (their
+/// consumption is undone, never past a full bucket).
 /// Returns {granted, remaining, retry_us, reset_us}.
 const RATE_SCRIPT: &str = r#"
 local t = redis.call('TIME')
@@ -129,10 +136,14 @@ local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local interval = tonumber(ARGV[1])
 local burst = tonumber(ARGV[2])
 local want = tonumber(ARGV[3])
-local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
+local back = tonumber(ARGV[4] or '0')
+local tat = tonumber(redis.call('GET', KEYS[1]) or '0') - back * interval
 if tat < now then tat = now end
 local avail = math.floor((burst * interval - (tat - now)) / interval)
 if avail < 1 then
+  if back > 0 then
+    redis.call('SET', KEYS[1], string.format('%.0f', tat), 'PX', math.ceil((tat - now) / 1000) + 1000)
+  end
   return {0, 0, math.ceil((tat - now) - (burst - 1) * interval), math.ceil(tat - now)}
 end
 local grant = math.min(want, avail)
@@ -141,7 +152,8 @@ redis.call('SET', KEYS[1], string.format('%.0f', new_tat), 'PX', math.ceil((new_
 return {grant, avail - grant, 0, math.ceil(new_tat - now)}
 "#;
 
-/// Leased tokens unused after this are dropped (never used late).
+/// Leased tokens unused after this are not used here any more (never used
+/// late); the next refill gives them back to the shared bucket.
 pub(crate) const LEASE_TTL: Duration = Duration::from_secs(1);
 
 /// Tokens a replica takes per Redis call: 1 (no leasing) for small rates;
@@ -158,6 +170,9 @@ pub(crate) fn lease_size(cfg: RateConfig) -> u64 {
 struct Lease {
     tokens: u64,
     expires: Option<Instant>,
+    /// Tokens to give back with the next refill: leased ones that expired
+    /// unused, or one taken for a request that went away meanwhile.
+    expired: u64,
     /// The shared bucket's remaining tokens when the lease was taken.
     remaining: u64,
     reset: Duration,
@@ -176,6 +191,9 @@ pub(crate) struct TenantRate {
     /// The whole limit without Redis, the fallback while Redis is down.
     pub(crate) local: LocalRate,
     lease: Mutex<Lease>,
+    /// Held while a refill of the lease is in flight: one at a time, so
+    /// concurrent requests share its tokens instead of each taking a lease.
+    refill: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl TenantRate {
@@ -185,6 +203,7 @@ impl TenantRate {
             key: format!("{}:{suffix}", tenant_tag(tenant)),
             local: LocalRate::new(cfg),
             lease: Mutex::new(Lease::default()),
+            refill: Arc::new(tokio::sync::Mutex::new(())),
         }
     }
 
@@ -194,27 +213,55 @@ impl TenantRate {
     fn take_leased(&self) -> Option<Result<RateState, RateRefusal>> {
         let mut lease = self.lease.lock().unwrap_or_else(|p| p.into_inner());
         let now = Instant::now();
+        if lease.tokens > 0 && lease.expires.is_none_or(|e| now >= e) {
+            lease.expired += lease.tokens;
+            lease.tokens = 0;
+        }
+        if lease.tokens > 0 {
+            lease.tokens -= 1;
+            return Some(Ok(RateState {
+                limit: self.cfg.burst,
+                remaining: lease.remaining + lease.tokens,
+                reset: lease.reset,
+            }));
+        }
         if let Some(until) = lease.denied_until {
             if now < until {
                 return Some(Err(RateRefusal::new(self.cfg, until - now)));
             }
             lease.denied_until = None;
         }
-        if lease.tokens == 0 || lease.expires.is_none_or(|e| now >= e) {
-            lease.tokens = 0;
-            return None;
-        }
-        lease.tokens -= 1;
-        Some(Ok(RateState {
-            limit: self.cfg.burst,
-            remaining: lease.remaining + lease.tokens,
-            reset: lease.reset,
-        }))
+        None
     }
 
-    /// Replaces what this replica holds for the tenant.
-    fn keep_lease(&self, lease: Lease) {
-        *self.lease.lock().unwrap_or_else(|p| p.into_inner()) = lease;
+    /// Expired tokens to give back with a refill; taken once, so a refill
+    /// whose answer is lost cannot give them back twice.
+    fn take_expired(&self) -> u64 {
+        let mut lease = self.lease.lock().unwrap_or_else(|p| p.into_inner());
+        std::mem::take(&mut lease.expired)
+    }
+
+    /// Tokens taken but not used: they go back with the next refill.
+    fn give_back(&self, n: u64) {
+        let mut lease = self.lease.lock().unwrap_or_else(|p| p.into_inner());
+        lease.expired += n;
+    }
+
+    /// Adds a refill's spare tokens to the lease.
+    fn add_tokens(&self, spare: u64, remaining: u64, reset: Duration) {
+        let mut lease = self.lease.lock().unwrap_or_else(|p| p.into_inner());
+        lease.tokens += spare;
+        lease.expires = Some(Instant::now() + LEASE_TTL);
+        lease.remaining = remaining;
+        lease.reset = reset;
+        lease.denied_until = None;
+    }
+
+    /// Remembers a refusal of the shared bucket; leased tokens stay.
+    fn denied(&self, until: Instant, reset: Duration) {
+        let mut lease = self.lease.lock().unwrap_or_else(|p| p.into_inner());
+        lease.denied_until = Some(until);
+        lease.reset = reset;
     }
 }
 
@@ -273,7 +320,30 @@ impl Rates {
             if let Some(answer) = state.take_leased() {
                 return answer;
             }
-            if let Some(answer) = self.check_shared(redis, &state).await {
+            let answer = if lease_size(cfg) > 1 {
+                // One refill at a time: a request that waited for another's
+                // refill takes a token from it.
+                let turn = state.refill.clone().lock_owned().await;
+                if let Some(answer) = state.take_leased() {
+                    return answer;
+                }
+                // In a task of its own, so a request cancelled meanwhile
+                // loses no tokens: its token goes back to the shared bucket
+                // with the next refill.
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                let (redis, script, st) = (redis.clone(), self.script.clone(), state.clone());
+                tokio::spawn(async move {
+                    let answer = check_shared(&redis, &script, &st).await;
+                    if let Err(Some(Ok(_))) = tx.send(answer) {
+                        st.give_back(1);
+                    }
+                    drop(turn);
+                });
+                rx.await.ok().flatten()
+            } else {
+                check_shared(redis, &self.script, &state).await
+            };
+            if let Some(answer) = answer {
                 return answer;
             }
             // Redis failed or is down: this process's limiter decides.
@@ -283,57 +353,50 @@ impl Rates {
             .check()
             .map_err(|wait| RateRefusal::new(cfg, wait))
     }
+}
 
-    /// Asks the shared bucket for a lease; `None` when Redis did not answer.
-    async fn check_shared(
-        &self,
-        redis: &RedisStore,
-        state: &TenantRate,
-    ) -> Option<Result<RateState, RateRefusal>> {
-        let cfg = state.cfg;
-        let key = &state.key;
-        let interval_us = (1_000_000.0 / cfg.per_second).max(1.0).round() as u64;
-        let want = lease_size(cfg);
-        let script = &self.script;
-        let (granted, remaining, retry_us, reset_us) = redis
-            .call("rate", false, |mut c| async move {
-                script
-                    .key(key)
-                    .arg(interval_us)
-                    .arg(cfg.burst)
-                    .arg(want)
-                    .invoke_async::<(i64, i64, i64, i64)>(&mut c)
-                    .await
-            })
-            .await
-            .ok()?;
-        let reset = Duration::from_micros(reset_us.max(0) as u64);
-        if granted < 1 {
-            let retry_after = Duration::from_micros(retry_us.max(0) as u64);
-            state.keep_lease(Lease {
-                reset,
-                denied_until: Some(Instant::now() + retry_after),
-                ..Lease::default()
-            });
-            return Some(Err(RateRefusal::new(cfg, retry_after)));
-        }
-        let remaining = remaining.max(0) as u64;
-        let spare = granted as u64 - 1;
-        if spare > 0 {
-            state.keep_lease(Lease {
-                tokens: spare,
-                expires: Some(Instant::now() + LEASE_TTL),
-                remaining,
-                reset,
-                denied_until: None,
-            });
-        }
-        Some(Ok(RateState {
-            limit: cfg.burst,
-            remaining: remaining + spare,
-            reset,
-        }))
+/// Asks the shared bucket for a lease (and gives back expired leased
+/// tokens); takes one token for the caller and adds the rest to the lease.
+/// `None` when Redis did not answer.
+async fn check_shared(
+    redis: &RedisStore,
+    script: &redis::Script,
+    state: &TenantRate,
+) -> Option<Result<RateState, RateRefusal>> {
+    let cfg = state.cfg;
+    let key = &state.key;
+    let interval_us = (1_000_000.0 / cfg.per_second).max(1.0).round() as u64;
+    let want = lease_size(cfg);
+    let back = state.take_expired();
+    let (granted, remaining, retry_us, reset_us) = redis
+        .call("rate", false, |mut c| async move {
+            script
+                .key(key)
+                .arg(interval_us)
+                .arg(cfg.burst)
+                .arg(want)
+                .arg(back)
+                .invoke_async::<(i64, i64, i64, i64)>(&mut c)
+                .await
+        })
+        .await
+        .ok()?;
+    let reset = Duration::from_micros(reset_us.max(0) as u64);
+    if granted < 1 {
+        let retry_after = Duration::from_micros(retry_us.max(0) as u64);
+        state.denied(Instant::now() + retry_after, reset);
+        return Some(Err(RateRefusal::new(cfg, retry_after)));
     }
+    let remaining = remaining.max(0) as u64;
+    let spare = granted as u64 - 1;
+    if spare > 0 {
+        state.add_tokens(spare, remaining, reset);
+    }
+    Some(Ok(RateState {
+        limit: cfg.burst,
+        remaining: remaining + spare,
+        reset,
+    }))
 }
 
 #[cfg(test)]

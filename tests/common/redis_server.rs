@@ -39,6 +39,9 @@ impl Redis {
                 "always",
                 "--dir",
                 self.dir.path().to_str().unwrap(),
+                // DEBUG SLEEP from the test's own connection makes Redis slow.
+                "--enable-debug-command",
+                "local",
             ])
             .stdout(Stdio::null())
             .stderr(Stdio::null())

@@ -14,9 +14,11 @@ use std::sync::Arc;
 
 mod concurrent_misses;
 mod quota;
+mod quota_faults;
 mod quota_hits;
 mod quota_release;
 mod rate;
+mod rate_concurrency;
 mod redis_outage;
 mod reload;
 mod replicas;
