@@ -171,8 +171,13 @@ async fn quota_is_exact_under_a_slow_redis(policy: &str) {
             during.add(r);
         }
         let elapsed = started.elapsed();
-        if (elapsed > Duration::from_secs(4) && during.quota_refused >= 2 * WAVE as u64)
-            || elapsed > Duration::from_secs(20)
+        // Go on until the stalls have caught quota scripts (asserted below),
+        // which on a loaded machine can take more than a few waves.
+        let logs = gw.logs();
+        let caught = logs.contains("quota reservation unanswered")
+            && logs.contains("quota transitions from while Redis did not answer applied");
+        if (elapsed > Duration::from_secs(4) && during.quota_refused >= 2 * WAVE as u64 && caught)
+            || elapsed > Duration::from_secs(40)
         {
             break;
         }
