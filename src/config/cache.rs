@@ -67,18 +67,7 @@ impl RawCache {
         let redis_url = self.redis_url.filter(|u| !u.is_empty());
         let redis_cluster = self.redis_cluster.unwrap_or(DEFAULT_REDIS_CLUSTER);
         if let Some(url) = &redis_url {
-            let urls: Vec<&str> = url.split(',').map(str::trim).collect();
-            if urls.iter().any(|u| redis::parse_redis_url(u).is_none()) {
-                c.err(
-                    "cache.redis_url",
-                    "must be a redis:// or rediss:// URL (with redis_cluster = true, a comma-separated list of them)",
-                );
-            } else if urls.len() > 1 && !redis_cluster {
-                c.err(
-                    "cache.redis_url",
-                    "lists several nodes; set cache.redis_cluster = true for Redis Cluster",
-                );
-            }
+            check_redis_url(c, "cache", url, redis_cluster);
         }
         CacheConfig {
             redis_url: redis_url.map(Secret::new),
@@ -92,5 +81,23 @@ impl RawCache {
             ),
             redis_timeout: self.redis_timeout.map_or(DEFAULT_REDIS_TIMEOUT, |d| d.0),
         }
+    }
+}
+
+/// Records an error when `url` (the `redis_url` of `[section]`) is not one
+/// Redis URL, or with `cluster` a comma-separated list of them.
+pub(super) fn check_redis_url(c: &mut Check<'_>, section: &str, url: &str, cluster: bool) {
+    let key = format!("{section}.redis_url");
+    let urls: Vec<&str> = url.split(',').map(str::trim).collect();
+    if urls.iter().any(|u| redis::parse_redis_url(u).is_none()) {
+        c.err(
+            &key,
+            "must be a redis:// or rediss:// URL (with redis_cluster = true, a comma-separated list of them)",
+        );
+    } else if urls.len() > 1 && !cluster {
+        c.err(
+            &key,
+            format!("lists several nodes; set {section}.redis_cluster = true for Redis Cluster"),
+        );
     }
 }

@@ -22,6 +22,7 @@ mod check;
 mod limits;
 mod metering;
 mod server;
+mod state;
 mod tenants;
 mod upstream;
 mod values;
@@ -39,6 +40,7 @@ pub use cache::{CacheConfig, CacheScope};
 pub use limits::{LimitsConfig, StoreErrorPolicy};
 pub use metering::{MeteringConfig, Weights};
 pub use server::ServerConfig;
+pub use state::StateConfig;
 pub use tenants::{QuotaConfig, QuotaPeriod, RateConfig, TenantConfig};
 pub use upstream::{UpstreamConfig, ONE_PEACE_MODEL};
 
@@ -50,6 +52,8 @@ pub struct Config {
     pub server: ServerConfig,
     pub upstream: UpstreamConfig,
     pub cache: CacheConfig,
+    /// Where quotas, rates and the ledger live (defaults to the cache's Redis).
+    pub state: StateConfig,
     pub limits: LimitsConfig,
     pub metering: MeteringConfig,
     /// `None`: admin routes answer 404.
@@ -112,6 +116,8 @@ struct RawConfig {
     #[serde(default)]
     cache: cache::RawCache,
     #[serde(default)]
+    state: state::RawState,
+    #[serde(default)]
     limits: limits::RawLimits,
     #[serde(default)]
     metering: metering::RawMetering,
@@ -143,10 +149,12 @@ impl Config {
         let Some(raw) = c.deserialize::<RawConfig>() else {
             return Err(ConfigErrors(c.into_errors()));
         };
+        let cache = raw.cache.load(&mut c);
         let config = Config {
             server: raw.server.load(&mut c),
             upstream: raw.upstream.load(&mut c, env),
-            cache: raw.cache.load(&mut c),
+            state: raw.state.load(&cache, &mut c),
+            cache,
             limits: raw.limits.load(raw.quota_on_store_error, &mut c),
             metering: raw.metering.load(&mut c),
             admin: raw.admin.and_then(|a| a.load(&mut c)),

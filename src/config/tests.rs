@@ -146,6 +146,83 @@ quota = {{ units = 100000, per = "day" }}
 }
 
 #[test]
+fn state_redis_defaults_to_the_cache_redis() {
+    let none = parse("").unwrap();
+    assert!(none.state.redis_url.is_none());
+    assert!(none.state.same_as_cache(&none.cache));
+
+    let one = parse(
+        "[cache]\nredis_url = \"redis://c:6379\"\nredis_cluster = false\nredis_timeout = \"300ms\"\n",
+    )
+    .unwrap();
+    assert_eq!(
+        one.state.redis_url.as_ref().map(|u| u.expose()),
+        Some("redis://c:6379")
+    );
+    assert_eq!(one.state.redis_timeout, Duration::from_millis(300));
+    assert!(one.state.same_as_cache(&one.cache));
+
+    let two = parse(
+        "[cache]\nredis_url = \"redis://c:6379\"\n[state]\nredis_url = \"redis://s1:6379,redis://s2:6379\"\nredis_cluster = true\nredis_timeout = \"1s\"\n",
+    )
+    .unwrap();
+    assert_eq!(
+        two.state.redis_url.as_ref().map(|u| u.expose()),
+        Some("redis://s1:6379,redis://s2:6379")
+    );
+    assert!(two.state.redis_cluster && !two.cache.redis_cluster);
+    assert_eq!(two.state.redis_timeout, Duration::from_secs(1));
+    assert_eq!(two.cache.redis_timeout, Duration::from_millis(250));
+    assert!(!two.state.same_as_cache(&two.cache));
+
+    // State in Redis, cache in memory.
+    let state_only = parse("[state]\nredis_url = \"redis://s:6379\"\n").unwrap();
+    assert!(state_only.cache.redis_url.is_none());
+    assert!(state_only.state.redis_url.is_some());
+
+    // A slower timeout for the state alone: another connection to the same Redis.
+    let slow = parse("[cache]\nredis_url = \"redis://c:6379\"\n[state]\nredis_timeout = \"1s\"\n")
+        .unwrap();
+    assert_eq!(slow.state.redis_url, slow.cache.redis_url);
+    assert!(!slow.state.same_as_cache(&slow.cache));
+
+    let shown: Vec<String> = parse(
+        "[cache]\nredis_url = \"redis://c:6379\"\n[state]\nredis_cluster = true\n",
+    )
+    .map(|_| ())
+    .unwrap_err()
+    .0
+    .iter()
+    .map(|e| e.to_string())
+    .collect();
+    assert!(
+        shown.iter().any(|e| e
+            == "line 4: state.redis_cluster: applies to state.redis_url, which is not set (the state then uses cache.redis_url and cache.redis_cluster)"),
+        "{shown:#?}"
+    );
+    let shown: Vec<String> = parse("[state]\nredis_url = \"http://s\"\n")
+        .unwrap_err()
+        .0
+        .iter()
+        .map(|e| e.to_string())
+        .collect();
+    assert_eq!(
+        shown,
+        vec!["line 2: state.redis_url: must be a redis:// or rediss:// URL (with redis_cluster = true, a comma-separated list of them)"]
+    );
+    let shown: Vec<String> = parse("[state]\nredis_url = \"redis://a,redis://b\"\n")
+        .unwrap_err()
+        .0
+        .iter()
+        .map(|e| e.to_string())
+        .collect();
+    assert_eq!(
+        shown,
+        vec!["line 2: state.redis_url: lists several nodes; set state.redis_cluster = true for Redis Cluster"]
+    );
+}
+
+#[test]
 fn quota_on_store_error_at_top_level_or_in_limits() {
     let top = parse("quota_on_store_error = \"deny\"\n").unwrap();
     assert_eq!(top.limits.quota_on_store_error, StoreErrorPolicy::Deny);
@@ -337,6 +414,7 @@ fn reference_file_examples_are_valid() {
     let c = Config::parse(&src, &env).unwrap_or_else(|e| panic!("{e}\n{src}"));
     assert!(c.server.metrics_listen.is_some());
     assert!(c.cache.redis_url.is_some());
+    assert!(c.state.redis_url.is_some() && !c.state.same_as_cache(&c.cache));
     assert!(c.admin.is_some());
     assert_eq!(c.tenants.len(), 1);
     let t = &c.tenants[0];
@@ -396,11 +474,12 @@ fn uploads_rate_defaults_for_every_tenant_and_is_checked_like_rate() {
 fn reference_file_documents_every_key() {
     let src = reference_with_examples();
     let doc: toml_edit::DocumentMut = src.parse().unwrap();
-    let sections: [(&str, &[&str]); 12] = [
+    let sections: [(&str, &[&str]); 13] = [
         ("", keys_of::<RawConfig>()),
         ("server", keys_of::<server::RawServer>()),
         ("upstream", keys_of::<upstream::RawUpstream>()),
         ("cache", keys_of::<cache::RawCache>()),
+        ("state", keys_of::<state::RawState>()),
         ("limits", keys_of::<limits::RawLimits>()),
         ("metering", keys_of::<metering::RawMetering>()),
         ("metering.weights", keys_of::<metering::RawWeights>()),
