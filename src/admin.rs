@@ -158,14 +158,17 @@ pub async fn usage_report(
         query.push_str(&format!("&tenant={t}"));
     }
     let q = UsageQuery::parse(&query).map_err(|e| e.message())?;
-    let Some(url) = &config.cache.redis_url else {
-        return Err("no cache.redis_url in the config; without Redis the ledger lives in the gateway process (GET /admin/usage)".into());
+    // The ledger lives in the state's Redis (state.redis_url, which
+    // defaults to cache.redis_url).
+    let Some(url) = &config.state.redis_url else {
+        return Err("no state.redis_url or cache.redis_url in the config; without Redis the ledger lives in the gateway process (GET /admin/usage)".into());
     };
     let metrics = Arc::new(crate::metrics::Metrics::new().map_err(|e| e.to_string())?);
     let redis = crate::redis_store::RedisStore::start(
         url,
-        config.cache.redis_cluster,
+        config.state.redis_cluster,
         CLI_REDIS_TIMEOUT,
+        crate::redis_store::Holds::State,
         metrics.clone(),
     )?;
     if tokio::time::timeout(CLI_REDIS_WAIT, redis.wait_up())

@@ -15,7 +15,7 @@ use crate::ledger::Ledger;
 use crate::limits::Limits;
 use crate::metering::{CacheStatus, Usage};
 use crate::metrics::Metrics;
-use crate::redis_store::RedisStore;
+use crate::redis_store::{Holds, RedisStore};
 use crate::tenants::TenantTable;
 use crate::upstream::Upstream;
 
@@ -30,7 +30,11 @@ pub(crate) struct App {
     pub(crate) limits: Limits,
     pub(crate) ledger: Arc<Ledger>,
     pub(crate) metrics: Arc<Metrics>,
-    pub(crate) redis: Option<Arc<RedisStore>>,
+    /// The cache's Redis (`cache.redis_url`).
+    pub(crate) cache_redis: Option<Arc<RedisStore>>,
+    /// The Redis of rate buckets, quotas and the ledger (`state.redis_url`);
+    /// the same store as `cache_redis` when the config does not separate them.
+    pub(crate) state_redis: Option<Arc<RedisStore>>,
     /// The global in-flight bound (`server.max_in_flight`), shared by every
     /// API route's concurrency limit.
     pub(crate) in_flight: Arc<Semaphore>,
@@ -49,27 +53,19 @@ impl App {
     /// Redis connector and the ledger writer).
     pub(crate) fn new(config: Config) -> Result<Arc<App>, String> {
         let metrics = Arc::new(Metrics::new().map_err(|e| format!("metrics: {e}"))?);
-        let redis = match &config.cache.redis_url {
-            Some(url) => Some(RedisStore::start(
-                url,
-                config.cache.redis_cluster,
-                config.cache.redis_timeout,
-                metrics.clone(),
-            )?),
-            None => None,
-        };
+        let (cache_redis, state_redis) = stores(&config, &metrics)?;
         let cache = Arc::new(Cache::new(
             config.cache.memory_max_bytes,
-            redis.clone(),
+            cache_redis.clone(),
             config.cache.ttl,
         ));
         let upstream = Upstream::new(&config.upstream, metrics.clone())?;
         let limits = Limits::new(
-            redis.clone(),
+            state_redis.clone(),
             config.limits.quota_on_store_error,
             metrics.clone(),
         );
-        let ledger = Ledger::new(redis.clone(), metrics.clone());
+        let ledger = Ledger::new(state_redis.clone(), metrics.clone());
         let tenants = ArcSwap::from_pointee(TenantTable::build(&config, &config.server));
         let in_flight = Arc::new(Semaphore::new(config.server.max_in_flight));
         let upstream_slots = Arc::new(Semaphore::new(config.server.max_in_flight));
@@ -82,7 +78,8 @@ impl App {
             limits,
             ledger,
             metrics,
-            redis,
+            cache_redis,
+            state_redis,
             in_flight,
             upstream_slots,
             tenant_slots: Arc::new(TenantSlots::default()),
@@ -123,10 +120,15 @@ impl App {
             restart.push("server");
         }
         if c.cache.redis_url != new.cache.redis_url
+            || c.cache.redis_cluster != new.cache.redis_cluster
+            || c.cache.redis_timeout != new.cache.redis_timeout
             || c.cache.scope != new.cache.scope
             || c.cache.ttl != new.cache.ttl
         {
             restart.push("cache");
+        }
+        if c.state != new.state {
+            restart.push("state");
         }
         if c.upstream.base_url != new.upstream.base_url
             || c.upstream.api_key_env != new.upstream.api_key_env
@@ -138,4 +140,45 @@ impl App {
         }
         restart
     }
+}
+
+/// The cache's Redis and the state's: two connections when the config
+/// separates them, one holding both when it does not.
+#[allow(clippy::type_complexity)]
+fn stores(
+    config: &Config,
+    metrics: &Arc<Metrics>,
+) -> Result<(Option<Arc<RedisStore>>, Option<Arc<RedisStore>>), String> {
+    let (cache, state) = (&config.cache, &config.state);
+    if state.same_as_cache(cache) {
+        let both = match &cache.redis_url {
+            Some(url) => Some(RedisStore::start(
+                url,
+                cache.redis_cluster,
+                cache.redis_timeout,
+                Holds::Both,
+                metrics.clone(),
+            )?),
+            None => None,
+        };
+        return Ok((both.clone(), both));
+    }
+    let start = |url: &Option<crate::secret::Secret>, cluster, timeout, holds| match url {
+        Some(url) => RedisStore::start(url, cluster, timeout, holds, metrics.clone()).map(Some),
+        None => Ok(None),
+    };
+    Ok((
+        start(
+            &cache.redis_url,
+            cache.redis_cluster,
+            cache.redis_timeout,
+            Holds::Cache,
+        )?,
+        start(
+            &state.redis_url,
+            state.redis_cluster,
+            state.redis_timeout,
+            Holds::State,
+        )?,
+    ))
 }

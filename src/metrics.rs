@@ -53,7 +53,8 @@ pub(crate) struct Metrics {
     pub(crate) in_flight: IntGauge,
     pub(crate) connections_open: IntGauge,
     pub(crate) connections_refused: IntCounter,
-    pub(crate) redis_up: IntGauge,
+    /// store (`cache`, `state`); one Redis holding both sets both.
+    pub(crate) redis_up: IntGaugeVec,
     pub(crate) config_reloads: IntCounterVec,
 }
 
@@ -160,7 +161,16 @@ impl Metrics {
             "Ledger rows waiting to be written to Redis.",
         )?;
         let in_flight = gauge("embedgate_in_flight_requests", "Requests being served.")?;
-        let redis_up = gauge("embedgate_redis_up", "1 when Redis answers, else 0.")?;
+        let redis_up = register(
+            &r,
+            IntGaugeVec::new(
+                Opts::new(
+                    "embedgate_redis_up",
+                    "1 when the Redis holding the store (cache, state) answers, else 0.",
+                ),
+                &["store"],
+            ),
+        )?;
         let connections_open = gauge("embedgate_connections_open", "Client connections open now.")?;
         let connections_refused = register(
             &r,

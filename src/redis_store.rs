@@ -1,5 +1,7 @@
-//! The shared Redis connection (standalone or Cluster) used by the cache,
-//! the limits and the ledger, with a health flag and per-call timeouts.
+//! A Redis connection (standalone or Cluster) with a health flag and
+//! per-call timeouts. The gateway has one for the cache and one for the
+//! state (limits and ledger), or a single one holding both when
+//! `state.redis_url` is the cache's ([`Holds`]).
 //!
 //! Requests never wait on a Redis that is known to be down: the first failed
 //! call marks it down, hot-path callers then skip it, and a background probe
@@ -26,6 +28,36 @@ const PROBE_INTERVAL: Duration = Duration::from_millis(500);
 const UNKNOWN: u8 = 0;
 const UP: u8 = 1;
 const DOWN: u8 = 2;
+
+/// What one Redis holds: its `store` label(s) in `embedgate_redis_up`, and
+/// the config key its errors name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Holds {
+    /// Cached embeddings only (`cache.redis_url`).
+    Cache,
+    /// Rate buckets, quotas and the ledger only (`state.redis_url`).
+    State,
+    /// Both (`state.redis_url` left to default to `cache.redis_url`).
+    Both,
+}
+
+impl Holds {
+    /// Values of the `store` label this Redis reports under.
+    pub(crate) fn stores(self) -> &'static [&'static str] {
+        match self {
+            Holds::Cache => &["cache"],
+            Holds::State => &["state"],
+            Holds::Both => &["cache", "state"],
+        }
+    }
+
+    fn url_key(self) -> &'static str {
+        match self {
+            Holds::Cache | Holds::Both => "cache.redis_url",
+            Holds::State => "state.redis_url",
+        }
+    }
+}
 
 /// One connection handle, cheap to clone, multiplexed underneath.
 #[derive(Clone)]
@@ -88,6 +120,7 @@ pub(crate) struct RedisStore {
     /// Woken when Redis comes back, so buffered work is flushed at once.
     pub(crate) came_up: Notify,
     timeout: Duration,
+    holds: Holds,
     metrics: Arc<Metrics>,
 }
 
@@ -101,15 +134,21 @@ impl RedisStore {
         url: &Secret,
         cluster: bool,
         timeout: Duration,
+        holds: Holds,
         metrics: Arc<Metrics>,
     ) -> Result<Arc<RedisStore>, String> {
+        for store in holds.stores() {
+            metrics.redis_up.with_label_values(&[store]).set(0);
+        }
         let store = Arc::new(RedisStore {
             conn: OnceCell::new(),
             state: AtomicU8::new(UNKNOWN),
             came_up: Notify::new(),
             timeout,
+            holds,
             metrics,
         });
+        let key = holds.url_key();
         let nodes: Vec<String> = url
             .expose()
             .split(',')
@@ -121,7 +160,7 @@ impl RedisStore {
                 .connection_timeout(timeout * 4)
                 .response_timeout(timeout)
                 .build()
-                .map_err(|e| format!("cache.redis_url: {}", redact(&e.to_string())))?;
+                .map_err(|e| format!("{key}: {}", redact(&e.to_string())))?;
             let s = store.clone();
             tokio::spawn(async move {
                 loop {
@@ -131,7 +170,7 @@ impl RedisStore {
                             break;
                         }
                         Err(e) => {
-                            tracing::warn!(error = %redact(&e.to_string()), "redis cluster not reachable yet");
+                            tracing::warn!(store = ?holds, error = %redact(&e.to_string()), "redis cluster not reachable yet");
                             tokio::time::sleep(PROBE_INTERVAL * 4).await;
                         }
                     }
@@ -140,14 +179,14 @@ impl RedisStore {
         } else {
             let first = nodes.first().cloned().unwrap_or_default();
             let client = redis::Client::open(first)
-                .map_err(|e| format!("cache.redis_url: {}", redact(&e.to_string())))?;
+                .map_err(|e| format!("{key}: {}", redact(&e.to_string())))?;
             let cfg = ConnectionManagerConfig::new()
                 .set_connection_timeout(Some(timeout * 4))
                 .set_response_timeout(Some(timeout))
                 .set_number_of_retries(2)
                 .set_max_delay(Duration::from_secs(1));
             let mgr = ConnectionManager::new_lazy_with_config(client, cfg)
-                .map_err(|e| format!("cache.redis_url: {}", redact(&e.to_string())))?;
+                .map_err(|e| format!("{key}: {}", redact(&e.to_string())))?;
             let _ = store.conn.set(Conn::Single(mgr));
         }
         let s = store.clone();
@@ -171,7 +210,12 @@ impl RedisStore {
         let prev = self
             .state
             .swap(if up { UP } else { DOWN }, Ordering::Relaxed);
-        self.metrics.redis_up.set(i64::from(up));
+        for store in self.holds.stores() {
+            self.metrics
+                .redis_up
+                .with_label_values(&[store])
+                .set(i64::from(up));
+        }
         up && prev != UP
     }
 
@@ -196,10 +240,10 @@ impl RedisStore {
             };
             let was_up = self.is_up();
             if self.set_up(ok) {
-                tracing::info!("redis is reachable");
+                tracing::info!(store = ?self.holds, "redis is reachable");
                 self.came_up.notify_waiters();
             } else if !ok && was_up {
-                tracing::warn!("redis is unreachable; serving without it");
+                tracing::warn!(store = ?self.holds, "redis is unreachable; serving without it");
             }
         }
     }
@@ -242,7 +286,7 @@ impl RedisStore {
                 let outage = !matches!(e, StoreError::Redis(re) if re.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::ResponseError));
                 if outage && self.state.load(Ordering::Relaxed) != DOWN {
                     self.set_up(false);
-                    tracing::warn!(op, error = %e, "redis call failed; serving without it");
+                    tracing::warn!(store = ?self.holds, op, error = %e, "redis call failed; serving without it");
                 }
             }
         }

@@ -195,18 +195,27 @@ async fn route(shared: &Shared, req: Request<Incoming>, kind: Listener) -> Respo
 }
 
 fn readyz(app: &App, draining: &AtomicBool) -> Response<Body> {
-    let redis = match &app.redis {
+    let health = |store: &Option<Arc<crate::redis_store::RedisStore>>| match store {
         None => "not_configured",
         Some(r) if r.is_up() => "up",
         Some(_) => "down",
+    };
+    let (cache, state) = (health(&app.cache_redis), health(&app.state_redis));
+    // `redis`: every configured Redis up, or any of them down.
+    let redis = match (cache, state) {
+        ("down", _) | (_, "down") => "down",
+        ("not_configured", "not_configured") => "not_configured",
+        _ => "up",
     };
     let draining = draining.load(Ordering::SeqCst);
     let v = serde_json::json!({
         "status": if draining { "draining" } else { "ready" },
         "config": "loaded",
         "tenants": app.tenants.load().len(),
-        "cache": if app.redis.is_some() { "redis" } else { "memory" },
+        "cache": if app.cache_redis.is_some() { "redis" } else { "memory" },
         "redis": redis,
+        "redis_cache": cache,
+        "redis_state": state,
         "upstream_key": if app.config.upstream.api_key.is_some() { "set" } else { "missing" },
         "ledger_buffered": app.metrics.ledger_buffered.get(),
     });

@@ -11,7 +11,7 @@
 use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -54,6 +54,10 @@ pub struct FakeState {
     pub billed_units: AtomicU64,
     /// Latency added to every embedding answer, in ms.
     pub latency_ms: AtomicU64,
+    /// Answers carry float32 values of full precision, about 19 characters
+    /// each in JSON (~30 KB per 1536-float vector, like DashScope's own),
+    /// instead of short exact ones (~16 KB); see [`full_precision_embedding_for`].
+    pub full_precision: AtomicBool,
     faults: Mutex<VecDeque<Fault>>,
     /// Headers of every embedding call, in order.
     pub headers: Mutex<Vec<HeaderMap>>,
@@ -143,6 +147,26 @@ pub fn embedding_for(contents: &Value, dimension: usize) -> Vec<f32> {
         // Exact float32 values in [-0.5, 0.5), like DashScope's.
         out.push((f32::from(block[i]) - 128.0) / 256.0);
         i += 1;
+    }
+    out
+}
+
+/// Like [`embedding_for`], with 24 random bits in every value: printed as
+/// JSON they take as many digits as DashScope's float32 vectors do.
+pub fn full_precision_embedding_for(contents: &Value, dimension: usize) -> Vec<f32> {
+    let seed = Sha256::digest(contents.to_string().as_bytes());
+    let mut out = Vec::with_capacity(dimension);
+    let mut block = Sha256::digest(seed);
+    let mut i = 0;
+    while out.len() < dimension {
+        if i + 3 > 32 {
+            block = Sha256::digest(block);
+            i = 0;
+        }
+        let bits = u32::from_be_bytes([0, block[i], block[i + 1], block[i + 2]]);
+        // Exact in float32: 24 significant bits.
+        out.push((bits as f32) / 16_777_216.0 - 0.5);
+        i += 3;
     }
     out
 }
@@ -342,10 +366,16 @@ async fn embed(
         .pointer("/parameters/dimension")
         .and_then(Value::as_u64)
         .unwrap_or(1536) as usize;
+    let contents = Value::Array(contents.clone());
+    let embedding = if s.full_precision.load(Ordering::SeqCst) {
+        full_precision_embedding_for(&contents, dimension)
+    } else {
+        embedding_for(&contents, dimension)
+    };
     reply(
         200,
         json!({
-            "output": {"embedding": embedding_for(&Value::Array(contents.clone()), dimension)},
+            "output": {"embedding": embedding},
             "usage": usage,
             "request_id": rid,
         }),

@@ -131,6 +131,12 @@ impl GatewayBuilder {
         }
     }
 
+    /// `state.redis_url` of this Redis: rate buckets, quotas and the ledger
+    /// there, the cache in `redis(…)`'s (or in memory).
+    pub fn state_redis(self, redis: &Redis) -> Self {
+        self.set("state", format!("redis_url = \"{}\"", redis.url()))
+    }
+
     /// Sets `key = value` (one TOML line) in the top-level table `section`,
     /// replacing the key's value if the table has it already.
     pub fn set(mut self, section: &str, line: impl Into<String>) -> Self {

@@ -45,6 +45,12 @@ impl Fake {
         self.state.latency_ms.store(ms, Ordering::SeqCst);
     }
 
+    /// Answers with full-precision floats (~30 KB per vector, like
+    /// DashScope's) instead of short exact ones (~16 KB).
+    pub fn set_full_precision(&self, on: bool) {
+        self.state.full_precision.store(on, Ordering::SeqCst);
+    }
+
     /// Units billed: Σ total_usage of the 200 answers given.
     pub fn billed_units(&self) -> u64 {
         self.state.billed_units.load(Ordering::SeqCst)

@@ -73,6 +73,13 @@ impl Redis {
             .unwrap()
     }
 
+    /// Every key, sorted (`KEYS *`: test instances are small).
+    pub fn keys(&self) -> Vec<String> {
+        let mut keys: Vec<String> = redis::cmd("KEYS").arg("*").query(&mut self.conn()).unwrap();
+        keys.sort();
+        keys
+    }
+
     /// Kills the server (SIGKILL; the append-only file keeps the data).
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
