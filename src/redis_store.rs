@@ -51,6 +51,15 @@ impl Holds {
         }
     }
 
+    /// For logs: `cache`, `state` or `cache+state`.
+    fn label(self) -> &'static str {
+        match self {
+            Holds::Cache => "cache",
+            Holds::State => "state",
+            Holds::Both => "cache+state",
+        }
+    }
+
     fn url_key(self) -> &'static str {
         match self {
             Holds::Cache | Holds::Both => "cache.redis_url",
@@ -170,7 +179,7 @@ impl RedisStore {
                             break;
                         }
                         Err(e) => {
-                            tracing::warn!(store = ?holds, error = %redact(&e.to_string()), "redis cluster not reachable yet");
+                            tracing::warn!(store = holds.label(), error = %redact(&e.to_string()), "redis cluster not reachable yet");
                             tokio::time::sleep(PROBE_INTERVAL * 4).await;
                         }
                     }
@@ -240,10 +249,10 @@ impl RedisStore {
             };
             let was_up = self.is_up();
             if self.set_up(ok) {
-                tracing::info!(store = ?self.holds, "redis is reachable");
+                tracing::info!(store = self.holds.label(), "redis is reachable");
                 self.came_up.notify_waiters();
             } else if !ok && was_up {
-                tracing::warn!(store = ?self.holds, "redis is unreachable; serving without it");
+                tracing::warn!(store = self.holds.label(), "redis is unreachable; serving without it");
             }
         }
     }
@@ -286,7 +295,7 @@ impl RedisStore {
                 let outage = !matches!(e, StoreError::Redis(re) if re.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::ResponseError));
                 if outage && self.state.load(Ordering::Relaxed) != DOWN {
                     self.set_up(false);
-                    tracing::warn!(store = ?self.holds, op, error = %e, "redis call failed; serving without it");
+                    tracing::warn!(store = self.holds.label(), op, error = %e, "redis call failed; serving without it");
                 }
             }
         }
