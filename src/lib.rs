@@ -4,7 +4,7 @@
 //! Modules, in the order a request meets them:
 //!
 //! - [`server`]: listeners, the open routes (health, readiness, metrics),
-//!   graceful shutdown; [`connection`]: one client connection (cap, idle
+//!   graceful shutdown within one budget ([`shutdown`]); [`connection`]: one client connection (cap, idle
 //!   and head timeouts, graceful close); [`drain`]: a request body left
 //!   unread by an early answer is read and discarded, so the client reads
 //!   the answer.
@@ -44,7 +44,8 @@
 //! `cargo fuzz` targets in `fuzz/`; hidden, not part of the API).
 //!
 //! The library's API is what the `embedgate` command needs: [`run`],
-//! [`Config`], [`Digest`], [`usage_report`] and [`LogQueue`].
+//! [`Config`], [`Digest`], [`usage_report`] and [`LogQueue`]; [`Stopped`]
+//! says how a run ended.
 
 mod access_log;
 mod admin;
@@ -82,6 +83,7 @@ mod rescue;
 mod response;
 mod secret;
 mod server;
+mod shutdown;
 mod stack;
 mod tenants;
 mod uploads;
@@ -95,6 +97,17 @@ pub use config::Config;
 pub use log_writer::{LogGuard, LogQueue, DEFAULT_QUEUE_LINES};
 pub use secret::Digest;
 
+/// How a shutdown ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stopped {
+    /// Everything owed to the state store was confirmed.
+    Clean,
+    /// Something was not: quota transitions or ledger rows Redis did not
+    /// confirm, or upstream calls still running when the budget ran out
+    /// (the log says which). `embedgate` exits with status 3.
+    Unshipped,
+}
+
 /// Runs the gateway on already-bound listeners until `shutdown` resolves.
 /// Tests bind `127.0.0.1:0` and pass the listener in.
 pub async fn run(
@@ -102,14 +115,18 @@ pub async fn run(
     listener: TcpListener,
     metrics_listener: Option<TcpListener>,
     shutdown: impl Future<Output = ()>,
-) -> Result<(), String> {
+) -> Result<Stopped, String> {
     let app = app::App::new(config)?;
     let watcher = tokio::spawn(reload::watch(app.clone()));
     let summaries = tokio::spawn(access_log::summarise_refusals(app.clone()));
-    server::serve(app.clone(), listener, metrics_listener, shutdown).await;
+    let shipped = server::serve(app.clone(), listener, metrics_listener, shutdown).await;
     watcher.abort();
     summaries.abort();
     // The refusals suppressed since the last summary.
     app.refusal_lines.summarise();
-    Ok(())
+    Ok(if shipped {
+        Stopped::Clean
+    } else {
+        Stopped::Unshipped
+    })
 }

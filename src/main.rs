@@ -1,4 +1,10 @@
 //! The `embedgate` command: parse the CLI and config, bind, run.
+//!
+//! Exit status: 0 done; 1 could not start (listen address, runtime, log
+//! writer) or `hash-key` without a key; 2 invalid config (or a bad
+//! `usage` request); 3 the gateway stopped with something unshipped
+//! (quota transitions or ledger rows Redis did not confirm, or upstream
+//! calls cut off by the shutdown budget; the log says which).
 
 use std::io::{Read, Write};
 use std::path::PathBuf;
@@ -7,7 +13,10 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use tokio::net::TcpListener;
 
-use embedgate::{Config, Digest, LogGuard, LogQueue, DEFAULT_QUEUE_LINES};
+use embedgate::{Config, Digest, LogGuard, LogQueue, Stopped, DEFAULT_QUEUE_LINES};
+
+/// Exit status of a run that stopped with something unshipped.
+const EXIT_UNSHIPPED: u8 = 3;
 
 #[derive(Parser)]
 #[command(
@@ -82,7 +91,13 @@ fn with_runtime(f: impl std::future::Future<Output = ExitCode>) -> ExitCode {
         .enable_all()
         .build()
     {
-        Ok(rt) => rt.block_on(f),
+        Ok(rt) => {
+            let code = rt.block_on(f);
+            // Work still running (connections or upstream calls past the
+            // shutdown budget, a DNS lookup) does not hold up the exit.
+            rt.shutdown_timeout(std::time::Duration::from_millis(100));
+            code
+        }
         Err(e) => {
             eprintln!("embedgate: cannot start the runtime: {e}");
             ExitCode::FAILURE
@@ -213,9 +228,16 @@ async fn run(path: Option<PathBuf>) -> ExitCode {
         "embedgate started"
     );
     match embedgate::run(config, listener, metrics_listener, shutdown_signal()).await {
-        Ok(()) => {
+        Ok(Stopped::Clean) => {
             tracing::info!("embedgate stopped");
             ExitCode::SUCCESS
+        }
+        Ok(Stopped::Unshipped) => {
+            tracing::error!(
+                status = EXIT_UNSHIPPED,
+                "embedgate stopped with work unshipped (see above)"
+            );
+            ExitCode::from(EXIT_UNSHIPPED)
         }
         Err(e) => {
             eprintln!("embedgate: {e}");

@@ -33,12 +33,8 @@ use crate::connection::ConnectionConfig;
 use crate::drain::Lingering;
 use crate::error::GatewayError;
 use crate::request_id;
+use crate::shutdown::{self, Budget};
 use crate::stack::{self, Api};
-
-/// Time given to write buffered ledger rows to Redis on shutdown.
-const LEDGER_FLUSH_ON_SHUTDOWN: Duration = Duration::from_secs(5);
-/// Time given to send unconfirmed quota transitions to Redis on shutdown.
-const QUOTA_FLUSH_ON_SHUTDOWN: Duration = Duration::from_secs(2);
 
 /// Which routes a listener serves.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -61,14 +57,15 @@ struct Shared {
 }
 
 /// Serves until `shutdown` resolves, then stops accepting, lets requests in
-/// flight finish (up to `server.shutdown_grace`), flushes the ledger and
-/// returns.
+/// flight finish and flushes quotas and the ledger, all within
+/// `server.shutdown_grace` ([`crate::shutdown`]). Returns whether everything
+/// was shipped.
 pub(crate) async fn serve(
     app: Arc<App>,
     listener: TcpListener,
     metrics_listener: Option<TcpListener>,
     shutdown: impl Future<Output = ()>,
-) {
+) -> bool {
     let (stop_tx, stop_rx) = watch::channel(false);
     let max_connections = app.config.server.max_connections;
     let shared = Arc::new(Shared {
@@ -97,31 +94,16 @@ pub(crate) async fn serve(
     }
 
     shutdown.await;
+    let budget = Budget::starting_now(app.config.server.shutdown_grace);
     tracing::info!("shutting down: no new connections, finishing requests in flight");
     shared.draining.store(true, Ordering::SeqCst);
     let _ = stop_tx.send(true);
     for l in loops {
         let _ = l.await;
     }
-    let grace = app.config.server.shutdown_grace;
-    let all = u32::try_from(max_connections).unwrap_or(u32::MAX);
-    if tokio::time::timeout(grace, shared.slots.acquire_many(all))
-        .await
-        .is_err()
-    {
-        tracing::warn!("shutdown grace period over; closing remaining connections");
-    }
-    // Upstream calls whose clients hung up still hold slots: wait for them.
-    let max = u32::try_from(app.config.server.max_in_flight).unwrap_or(u32::MAX);
-    let _ = tokio::time::timeout(grace, app.upstream_slots.acquire_many(max)).await;
-    if !app.limits.flush(QUOTA_FLUSH_ON_SHUTDOWN).await {
-        tracing::error!("quota transitions could not be sent to Redis before exit and are lost");
-    }
-    if app.ledger.flush(LEDGER_FLUSH_ON_SHUTDOWN).await {
-        tracing::info!("ledger flushed");
-    } else {
-        tracing::error!("ledger could not be flushed to Redis before exit; buffered rows are lost");
-    }
+    let abandoned = shutdown::drain(&app, &shared.slots, max_connections, &budget).await;
+    let flushed = shutdown::final_flush(&app, &budget).await;
+    abandoned == 0 && flushed
 }
 
 async fn accept_loop(

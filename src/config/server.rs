@@ -15,9 +15,12 @@ const DEFAULT_LISTEN: SocketAddr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LO
 const DEFAULT_MAX_BODY_BYTES: usize = 1024 * 1024;
 /// Enough concurrency for a busy team's batch jobs, small enough to shed fast.
 const DEFAULT_MAX_IN_FLIGHT: usize = 1024;
-/// As long as the default upstream timeout, so a miss in flight at SIGTERM
-/// can still finish, be cached and be metered.
-const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+/// The whole shutdown, SIGTERM to exit: the drain gets all but the last 5 s,
+/// i.e. the default upstream timeout (30 s), so a miss in flight at SIGTERM
+/// can still finish, be cached and be metered; the last 5 s flush quotas
+/// and the ledger. Below the shipped pod's 45 s terminationGracePeriodSeconds
+/// minus its 5 s preStop, with 5 s to spare.
+const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(35);
 /// Edits (and Kubernetes ConfigMap updates) apply without anyone sending SIGHUP.
 const DEFAULT_WATCH_CONFIG: bool = true;
 /// Far below the usual 65,536 file descriptors, leaving room for upstream
@@ -45,6 +48,7 @@ pub struct ServerConfig {
     pub metrics_listen: Option<SocketAddr>,
     pub max_body_bytes: usize,
     pub max_in_flight: usize,
+    /// The whole shutdown, from SIGTERM to exit (`src/shutdown.rs`).
     pub shutdown_grace: Duration,
     /// Poll the config file for changes (SIGHUP always works).
     pub watch_config: bool,

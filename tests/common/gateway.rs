@@ -169,6 +169,25 @@ impl TestGateway {
         }
     }
 
+    /// SIGTERM, then waits up to `limit` for the exit; returns the exit
+    /// code, the time from the signal to the exit (panics past `limit`) and
+    /// the logs.
+    pub fn terminate_within(mut self, limit: Duration) -> (Option<i32>, Duration, String) {
+        let sent = Instant::now();
+        self.signal("TERM");
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return (status.code(), sent.elapsed(), self.logs());
+            }
+            assert!(
+                sent.elapsed() < limit,
+                "gateway did not exit within {limit:?} of SIGTERM\n{}",
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Rewrites the config file (picked up by the file watch or SIGHUP).
     pub fn rewrite_config(&self, config: &str) {
         let tmp = self.config_path.with_extension("tmp");

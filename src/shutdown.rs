@@ -1,0 +1,180 @@
+//! Shutdown within one budget: `server.shutdown_grace`, counted from the
+//! signal, is the whole time from SIGTERM to exit. Its phases share it:
+//!
+//! 1. **drain**: no new connections; requests in flight and the upstream
+//!    calls that outlived their clients finish, until the budget minus the
+//!    flush reserve;
+//! 2. **final flush** ([`final_flush`]), in the reserve (and whatever the
+//!    drain left unused): unconfirmed quota transitions first, then the
+//!    ledger, which keeps the last part of the reserve for itself.
+//!
+//! The flush reserve is [`FLUSH_RESERVE`], or a quarter of a budget shorter
+//! than four times that; of it the ledger keeps [`LEDGER_SHARE`]. Every
+//! phase is cut at its deadline, also in the middle of a Redis call, so the
+//! process exits within the budget whatever Redis or upstream do.
+//!
+//! Whether everything was shipped decides the exit code (`main.rs`): an
+//! upstream call still running when the drain ended (DashScope may bill
+//! it; the ledger does not have it, its quota reservation stays counted),
+//! or quota transitions or ledger rows Redis did not confirm, make it
+//! non-zero.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::Semaphore;
+use tokio::time::Instant;
+
+use crate::app::App;
+
+/// The end of the budget kept for the final flush (at most a quarter of it).
+/// A healthy Redis takes milliseconds; 5 s lets a flush ride out a Redis
+/// failover or a few timed-out calls.
+const FLUSH_RESERVE: Duration = Duration::from_secs(5);
+/// The ledger's part of the flush reserve, at its end: the ledger is
+/// flushed last and always gets at least this much of it (quota
+/// transitions get the rest, and the ledger any time they leave).
+const LEDGER_SHARE: f64 = 0.6;
+
+/// The deadlines of one shutdown, fixed when the signal arrives.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Budget {
+    /// Requests and upstream calls stop being waited for.
+    pub(crate) drain_until: Instant,
+    /// Quota transitions stop being sent; the ledger's slice begins.
+    pub(crate) quota_until: Instant,
+    /// The ledger stops being sent; the process exits.
+    pub(crate) end: Instant,
+}
+
+impl Budget {
+    /// The deadlines of a shutdown that starts now and may take `total`.
+    pub(crate) fn starting_now(total: Duration) -> Budget {
+        Budget::from(Instant::now(), total)
+    }
+
+    fn from(start: Instant, total: Duration) -> Budget {
+        let reserve = FLUSH_RESERVE.min(total / 4);
+        // Config durations are at most 100 years, which the clock can add;
+        // were one not, that phase would not wait at all.
+        let at = |d: Duration| start.checked_add(d).unwrap_or(start);
+        Budget {
+            drain_until: at(total - reserve),
+            quota_until: at(total - reserve.mul_f64(LEDGER_SHARE)),
+            end: at(total),
+        }
+    }
+}
+
+/// Waits until every slot of `slots` (`total` of them) is back, or
+/// `until`. Returns how many were still taken.
+pub(crate) async fn wait_for_slots(slots: &Semaphore, total: usize, until: Instant) -> usize {
+    let all = u32::try_from(total).unwrap_or(u32::MAX);
+    match tokio::time::timeout_at(until, slots.acquire_many(all)).await {
+        Ok(_) => 0,
+        Err(_) => total.saturating_sub(slots.available_permits()),
+    }
+}
+
+/// Phase 1: waits for the connections (`connection_slots`, one per open
+/// connection) to close and the upstream calls to finish, until the drain
+/// deadline. Returns the upstream calls still running then: each one is
+/// unshipped (metered by nobody, its reservation left in Redis).
+pub(crate) async fn drain(
+    app: &App,
+    connection_slots: &Arc<Semaphore>,
+    max_connections: usize,
+    budget: &Budget,
+) -> usize {
+    let open = wait_for_slots(connection_slots, max_connections, budget.drain_until).await;
+    if open > 0 {
+        tracing::warn!(
+            connections = open,
+            "shutdown: drain time is over; connections still open are dropped at exit"
+        );
+    }
+    // Upstream calls whose clients hung up still hold slots.
+    let calls = wait_for_slots(
+        &app.upstream_slots,
+        app.config.server.max_in_flight,
+        budget.drain_until,
+    )
+    .await;
+    if calls > 0 {
+        tracing::error!(
+            calls,
+            "shutdown: upstream calls still running at the end of the drain time are abandoned: \
+             DashScope may bill them, the ledger does not have them, their quota reservations stay counted"
+        );
+    }
+    calls
+}
+
+/// Phase 2, the last step of every shutdown: sends what this process still
+/// owes its state store and says whether all of it was confirmed. Quota
+/// transitions go first, until `budget.quota_until`; the ledger goes last,
+/// until `budget.end`. A step added here (the ledger's on-disk journal)
+/// goes last and answers for itself in the result.
+pub(crate) async fn final_flush(app: &App, budget: &Budget) -> bool {
+    let quota = flush_until(budget.quota_until, |left| app.limits.flush(left)).await;
+    if !quota {
+        tracing::error!(
+            unsynced = app.metrics.quota_unsynced.get(),
+            "shutdown: quota transitions were not confirmed by Redis before exit and are lost"
+        );
+    }
+    let ledger = flush_until(budget.end, |left| app.ledger.flush(left)).await;
+    if ledger {
+        tracing::info!("ledger flushed");
+    } else {
+        tracing::error!(
+            buffered = app.metrics.ledger_buffered.get(),
+            "shutdown: ledger rows were not confirmed by Redis before exit and are lost"
+        );
+    }
+    quota && ledger
+}
+
+/// Runs `flush(time left)` and cuts it at `until`, also mid-call.
+async fn flush_until<F, Fut>(until: Instant, flush: F) -> bool
+where
+    F: FnOnce(Duration) -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let left = until.saturating_duration_since(Instant::now());
+    tokio::time::timeout_at(until, flush(left))
+        .await
+        .unwrap_or(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn phases_share_the_budget() {
+        let t0 = Instant::now();
+        let b = Budget::from(t0, Duration::from_secs(35));
+        assert_eq!(b.end - t0, Duration::from_secs(35));
+        assert_eq!(b.drain_until - t0, Duration::from_secs(30));
+        assert_eq!(b.quota_until - t0, Duration::from_secs(32));
+        // A short budget keeps three quarters for the drain.
+        let b = Budget::from(t0, Duration::from_secs(4));
+        assert_eq!(b.drain_until - t0, Duration::from_secs(3));
+        assert_eq!(b.quota_until - t0, Duration::from_millis(3400));
+        assert_eq!(b.end - t0, Duration::from_secs(4));
+    }
+
+    #[tokio::test]
+    async fn a_flush_is_cut_at_its_deadline() {
+        let until = Instant::now() + Duration::from_millis(50);
+        let started = Instant::now();
+        let shipped = flush_until(until, |_| async {
+            tokio::time::sleep(Duration::from_secs(10)).await;
+            true
+        })
+        .await;
+        assert!(!shipped);
+        assert!(started.elapsed() < Duration::from_secs(2));
+    }
+}
