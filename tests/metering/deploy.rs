@@ -1,4 +1,5 @@
-//! Deploy files: the dashboard's metrics exist, the compose config is valid.
+//! Deploy files: the dashboard's metrics exist, the deploy files agree with
+//! each other (deploy/check_deploy.py), the compose config is valid.
 
 use super::*;
 
@@ -95,6 +96,41 @@ async fn dashboard_metrics_exist_and_compose_config_is_valid() {
             present,
             "dashboard metric {name} has no series in /metrics:\n{m}"
         );
+    }
+
+    // The deploy files agree: two Redis (cache evicting, state persistent),
+    // the gateway configs point at them, the shutdown budget fits the
+    // platform's grace period; the ConfigMap's config is valid.
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new("python3")
+        .arg(repo().join("deploy/check_deploy.py"))
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    match out.status.code() {
+        Some(3) => println!(
+            "note: deploy/check_deploy.py skipped: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ),
+        _ => {
+            assert!(
+                out.status.success(),
+                "deploy/check_deploy.py:\n{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let toml = dir.path().join("k8s-embedgate.toml");
+            let out = std::process::Command::new(env!("CARGO_BIN_EXE_embedgate"))
+                .arg("check-config")
+                .arg(&toml)
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "the ConfigMap's embedgate.toml: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
     }
 
     // docker compose config, when a compose tool is installed.
