@@ -142,6 +142,15 @@ async fn cache_entries_and_state_keys_land_in_their_own_redis() {
         assert!(state_keys.contains(&want), "{want} in {state_keys:?}");
     }
     assert_eq!(get_int(&state, &quota_key("t")), Some(3));
+    // For the docs' state sizing: what one tenant's day costs.
+    for k in &state_keys {
+        let bytes: Option<u64> = redis::cmd("MEMORY")
+            .arg("USAGE")
+            .arg(k)
+            .query(&mut state.conn())
+            .unwrap();
+        println!("state key {k}: {bytes:?} bytes");
+    }
 
     assert_eq!(redis_up(&gw, "cache").await, 1.0);
     assert_eq!(redis_up(&gw, "state").await, 1.0);
