@@ -321,6 +321,7 @@ fn check_config(c: &Config) {
         up.retry_backoff,
         c.cache.ttl,
         c.cache.redis_timeout,
+        c.state.redis_timeout,
     ] {
         assert!(!d.is_zero(), "{c:?}");
         // The gateway adds them to the clock (`Instant::now() + ttl`).

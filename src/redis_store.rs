@@ -252,7 +252,10 @@ impl RedisStore {
                 tracing::info!(store = self.holds.label(), "redis is reachable");
                 self.came_up.notify_waiters();
             } else if !ok && was_up {
-                tracing::warn!(store = self.holds.label(), "redis is unreachable; serving without it");
+                tracing::warn!(
+                    store = self.holds.label(),
+                    "redis is unreachable; serving without it"
+                );
             }
         }
     }

@@ -68,7 +68,9 @@ impl RawState {
             check_redis_url(c, "state", url, redis_cluster);
         }
         StateConfig {
-            redis_url: redis_url.map(Secret::new).or_else(|| cache.redis_url.clone()),
+            redis_url: redis_url
+                .map(Secret::new)
+                .or_else(|| cache.redis_url.clone()),
             redis_cluster,
             redis_timeout: self.redis_timeout.map_or(cache.redis_timeout, |d| d.0),
         }

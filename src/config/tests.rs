@@ -186,15 +186,14 @@ fn state_redis_defaults_to_the_cache_redis() {
     assert_eq!(slow.state.redis_url, slow.cache.redis_url);
     assert!(!slow.state.same_as_cache(&slow.cache));
 
-    let shown: Vec<String> = parse(
-        "[cache]\nredis_url = \"redis://c:6379\"\n[state]\nredis_cluster = true\n",
-    )
-    .map(|_| ())
-    .unwrap_err()
-    .0
-    .iter()
-    .map(|e| e.to_string())
-    .collect();
+    let shown: Vec<String> =
+        parse("[cache]\nredis_url = \"redis://c:6379\"\n[state]\nredis_cluster = true\n")
+            .map(|_| ())
+            .unwrap_err()
+            .0
+            .iter()
+            .map(|e| e.to_string())
+            .collect();
     assert!(
         shown.iter().any(|e| e
             == "line 4: state.redis_cluster: applies to state.redis_url, which is not set (the state then uses cache.redis_url and cache.redis_cluster)"),

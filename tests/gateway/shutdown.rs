@@ -82,9 +82,10 @@ async fn sigterm_with_a_slow_upstream_exits_within_the_budget() {
     })
     .await;
     let budget = Duration::from_secs(BUDGET_SECS);
-    let (code, elapsed, logs) = tokio::task::spawn_blocking(move || gw.terminate_within(budget + Duration::from_secs(20)))
-    .await
-    .unwrap();
+    let (code, elapsed, logs) =
+        tokio::task::spawn_blocking(move || gw.terminate_within(budget + Duration::from_secs(20)))
+            .await
+            .unwrap();
     assert!(
         elapsed < budget + EXIT_MARGIN,
         "exited {elapsed:?} after SIGTERM, budget {budget:?}\n{logs}"
@@ -116,16 +117,20 @@ async fn sigterm_with_the_ledger_unshipped_exits_non_zero_within_the_budget() {
     })
     .await;
     let budget = Duration::from_secs(BUDGET_SECS);
-    let (code, elapsed, logs) = tokio::task::spawn_blocking(move || gw.terminate_within(budget + Duration::from_secs(20)))
-    .await
-    .unwrap();
+    let (code, elapsed, logs) =
+        tokio::task::spawn_blocking(move || gw.terminate_within(budget + Duration::from_secs(20)))
+            .await
+            .unwrap();
     assert!(
         elapsed < budget + EXIT_MARGIN,
         "exited {elapsed:?} after SIGTERM, budget {budget:?}\n{logs}"
     );
     assert_eq!(code, Some(3), "exit status\n{logs}");
     assert!(logs.contains("ledger rows were not confirmed"), "{logs}");
-    assert!(logs.contains("quota transitions were not confirmed"), "{logs}");
+    assert!(
+        logs.contains("quota transitions were not confirmed"),
+        "{logs}"
+    );
 }
 
 /// With Redis up and a short call in flight, the shutdown ships everything
@@ -147,9 +152,10 @@ async fn sigterm_with_everything_shipped_exits_0_at_once() {
         (fake.calls() == 1).then_some(())
     })
     .await;
-    let (code, elapsed, logs) = tokio::task::spawn_blocking(move || gw.terminate_within(Duration::from_secs(40)))
-    .await
-    .unwrap();
+    let (code, elapsed, logs) =
+        tokio::task::spawn_blocking(move || gw.terminate_within(Duration::from_secs(40)))
+            .await
+            .unwrap();
     assert_eq!(task.await.unwrap(), 200);
     assert_eq!(code, Some(0), "exit status\n{logs}");
     assert!(elapsed < Duration::from_secs(5), "{elapsed:?}\n{logs}");

@@ -48,7 +48,11 @@ fn ledger_key(tenant: &str) -> String {
 
 /// `embedgate_redis_up{store}`.
 async fn redis_up(gw: &TestGateway, store: &str) -> f64 {
-    metric(&gw.metrics().await, "embedgate_redis_up", &[("store", store)])
+    metric(
+        &gw.metrics().await,
+        "embedgate_redis_up",
+        &[("store", store)],
+    )
 }
 
 /// Σ units of today's ledger rows of `tenant` with cache status `cache`,
@@ -158,7 +162,11 @@ async fn cache_entries_and_state_keys_land_in_their_own_redis() {
     assert_eq!(ledger_units(&gw, "t", "miss").await, 3);
     assert_eq!(ledger_units(&gw, "t", "hit").await, 3);
     let cli = cli_usage(&gw.config_path).await;
-    assert_eq!((units_of(&cli, "miss"), units_of(&cli, "hit")), (3, 3), "{cli}");
+    assert_eq!(
+        (units_of(&cli, "miss"), units_of(&cli, "hit")),
+        (3, 3),
+        "{cli}"
+    );
 }
 
 /// One Redis for both (no `[state]`): one store, reported under both labels.
@@ -184,7 +192,10 @@ async fn one_redis_holds_both_when_state_is_not_set() {
     redis.kill();
     assert_eq!(gw.embed("kt", &text_body("two")).await.status, 200);
     let v = wait_store(&gw, "redis_cache", "down").await;
-    assert_eq!((&v["redis_state"], &v["redis"]), (&"down".into(), &"down".into()));
+    assert_eq!(
+        (&v["redis_state"], &v["redis"]),
+        (&"down".into(), &"down".into())
+    );
     assert_eq!(redis_up(&gw, "cache").await, 0.0);
     assert_eq!(redis_up(&gw, "state").await, 0.0);
 }

@@ -97,7 +97,12 @@ async fn a_cached_embedding_in_redis_measured() {
         .query(&mut cache.conn())
         .unwrap();
     let state = Redis::start();
-    let gw = Arc::new(split(&cache, &state).tenant("kt-tenant", "kt").start().await);
+    let gw = Arc::new(
+        split(&cache, &state)
+            .tenant("kt-tenant", "kt")
+            .start()
+            .await,
+    );
     wait_store(&gw, "redis_cache", "up").await;
 
     gw.fake.set_full_precision(false);
@@ -124,6 +129,10 @@ async fn a_cached_embedding_in_redis_measured() {
         assert!(f.used_memory <= f.value * 1.25 + 512.0, "{what}");
     }
     // The two widths the docs name: about 16 KB and about 30 KB of JSON.
-    assert!((14_000.0..18_000.0).contains(&short.value), "{}", short.value);
+    assert!(
+        (14_000.0..18_000.0).contains(&short.value),
+        "{}",
+        short.value
+    );
     assert!((27_000.0..33_000.0).contains(&full.value), "{}", full.value);
 }
