@@ -87,6 +87,20 @@ impl App {
         }))
     }
 
+    /// Upstream attempts of unknown outcome for one request: counted, and
+    /// their possible cost in the ledger as `unknown`.
+    pub(crate) fn meter_unknown(&self, tenant: &Arc<str>, attempts: u32, exposure: &Usage) {
+        self.metrics
+            .upstream_unknown_outcomes
+            .with_label_values(&[tenant])
+            .inc_by(u64::from(attempts));
+        self.metrics
+            .unknown_outcome_units
+            .with_label_values(&[tenant])
+            .inc_by(exposure.total());
+        self.ledger.record(tenant, CacheStatus::Unknown, exposure);
+    }
+
     /// Counters and ledger for one successful answer.
     pub(crate) fn meter(&self, tenant: &Arc<str>, cache: CacheStatus, usage: &Usage) {
         self.metrics.record_usage(tenant, cache, usage);

@@ -307,7 +307,15 @@ impl Miss {
             fault::panic_now();
         }
         // 5. upstream
-        match self.call_upstream().await {
+        let (result, unknown) = self.call_upstream().await;
+        // Attempts upstream may have billed without an answer: recorded as
+        // `unknown` in the ledger and spent from the quota, never dropped.
+        let exposure = self.usage.times(u64::from(unknown));
+        if unknown > 0 {
+            self.app
+                .meter_unknown(&self.tenant.name, unknown, &exposure);
+        }
+        match result {
             Ok(success) => {
                 // Stored before the followers are released, so a request
                 // that looks the key up after this sees the entry.
@@ -338,9 +346,9 @@ impl Miss {
                     );
                 }
                 if let Some(r) = reservation {
-                    let billed = record.total();
-                    remaining = Some(r.remaining.saturating_sub(billed.saturating_sub(units)));
-                    self.app.limits.settle(r, billed).await;
+                    let spent = record.total() + exposure.total();
+                    remaining = Some(r.remaining.saturating_sub(spent.saturating_sub(units)));
+                    self.app.limits.settle(r, spent).await;
                 }
                 self.app
                     .meter(&self.tenant.name, CacheStatus::Miss, &record);
@@ -354,8 +362,13 @@ impl Miss {
             }
             Err(e) => {
                 if let Some(r) = reservation {
-                    remaining = Some(r.remaining + units);
-                    self.app.limits.release(r).await;
+                    let spent = exposure.total();
+                    remaining = Some((r.remaining + units).saturating_sub(spent));
+                    if spent > 0 {
+                        self.app.limits.settle(r, spent).await;
+                    } else {
+                        self.app.limits.release(r).await;
+                    }
                 }
                 if e.fault() == Fault::Upstream {
                     if let Some(g) = self.guard.take() {
@@ -367,8 +380,9 @@ impl Miss {
         }
     }
 
-    async fn call_upstream(&self) -> Result<Success, GatewayError> {
-        let resp = self
+    /// The call and its attempts of unknown outcome.
+    async fn call_upstream(&self) -> (Result<Success, GatewayError>, u32) {
+        let sent = self
             .app
             .upstream
             .send(
@@ -378,11 +392,14 @@ impl Miss {
                 self.tenant.workspace.as_deref(),
                 self.body.clone(),
             )
-            .await?;
-        if resp.status != StatusCode::OK {
-            return Err(upstream_error(&resp));
-        }
-        parse_success(resp.body, self.dimension)
+            .await;
+        let result = sent.result.and_then(|resp| {
+            if resp.status != StatusCode::OK {
+                return Err(upstream_error(&resp));
+            }
+            parse_success(resp.body, self.dimension)
+        });
+        (result, sent.unknown_outcomes)
     }
 }
 

@@ -16,6 +16,9 @@ use crate::request::{Counts, Modality};
 pub(crate) enum CacheStatus {
     Hit,
     Miss,
+    /// An upstream attempt sent whose outcome is unknown (timed out, reset,
+    /// body failed): upstream may have billed it. Ledger rows only.
+    Unknown,
 }
 
 impl CacheStatus {
@@ -23,6 +26,7 @@ impl CacheStatus {
         match self {
             CacheStatus::Hit => "hit",
             CacheStatus::Miss => "miss",
+            CacheStatus::Unknown => "unknown",
         }
     }
 
@@ -30,6 +34,7 @@ impl CacheStatus {
         match s {
             "hit" => Some(CacheStatus::Hit),
             "miss" => Some(CacheStatus::Miss),
+            "unknown" => Some(CacheStatus::Unknown),
             _ => None,
         }
     }
@@ -52,6 +57,16 @@ impl Usage {
             units.set(m, items.get(m) * m.weight(w));
         }
         Usage { items, units }
+    }
+
+    /// `n` times this usage (`n` attempts of the same request).
+    pub(crate) fn times(&self, n: u64) -> Usage {
+        let mut u = Usage::default();
+        for m in Modality::ALL {
+            u.items.set(m, self.items.get(m) * n);
+            u.units.set(m, self.units.get(m) * n);
+        }
+        u
     }
 
     /// DashScope's `total_usage`: Σ measure·weight.

@@ -51,6 +51,10 @@ pub(crate) struct Metrics {
     pub(crate) quota_unsynced: IntGauge,
     pub(crate) ledger_flush_errors: IntCounter,
     pub(crate) in_flight: IntGauge,
+    /// tenant: upstream attempts sent whose outcome is unknown.
+    pub(crate) upstream_unknown_outcomes: IntCounterVec,
+    /// tenant: units those attempts may have cost.
+    pub(crate) unknown_outcome_units: IntCounterVec,
     pub(crate) connections_open: IntGauge,
     pub(crate) connections_refused: IntCounter,
     /// store (`cache`, `state`); one Redis holding both sets both.
@@ -171,6 +175,18 @@ impl Metrics {
                 &["store"],
             ),
         )?;
+        let upstream_unknown_outcomes = counter_vec(
+            &r,
+            "embedgate_upstream_unknown_outcome_total",
+            "Upstream attempts sent whose outcome is unknown (timed out, reset, body failed): upstream may have billed them.",
+            &["tenant"],
+        )?;
+        let unknown_outcome_units = counter_vec(
+            &r,
+            "embedgate_unknown_outcome_units_total",
+            "Units the unknown-outcome attempts may have cost (recorded in the ledger as cache=unknown).",
+            &["tenant"],
+        )?;
         let connections_open = gauge("embedgate_connections_open", "Client connections open now.")?;
         let connections_refused = register(
             &r,
@@ -227,6 +243,8 @@ impl Metrics {
             quota_unsynced,
             ledger_flush_errors,
             in_flight,
+            upstream_unknown_outcomes,
+            unknown_outcome_units,
             connections_open,
             connections_refused,
             redis_up,

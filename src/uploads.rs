@@ -65,7 +65,9 @@ async fn policy(app: &App, req: &http::request::Parts) -> Result<Response<Body>,
             tenant.workspace.as_deref(),
             Bytes::new(),
         )
-        .await?;
+        .await
+        // Policy calls are not billed: unknown outcomes do not matter here.
+        .result?;
     if resp.status != StatusCode::OK {
         return Err(upstream_error(&resp));
     }

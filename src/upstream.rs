@@ -93,9 +93,13 @@ impl Upstream {
         })
     }
 
-    /// Sends one logical request, retrying 429/5xx/connect errors with
+    /// Sends one logical request, retrying 429/5xx/transport errors with
     /// backoff while the deadline allows. Returns upstream's last answer,
-    /// whatever its status; only transport failures are errors.
+    /// whatever its status (only transport failures are errors), and how
+    /// many attempts were sent with an unknown outcome: timed out, reset
+    /// after sending, or whose body failed mid-read. Upstream may have
+    /// billed each of those; a connection that failed before the request
+    /// was sent is not counted.
     pub(crate) async fn send(
         &self,
         method: Method,
@@ -103,6 +107,32 @@ impl Upstream {
         forwarded: &ForwardedHeaders,
         workspace: Option<&str>,
         body: Bytes,
+    ) -> Sent {
+        let mut unknown_outcomes = 0;
+        let result = self
+            .attempts(
+                method,
+                path_and_query,
+                forwarded,
+                workspace,
+                body,
+                &mut unknown_outcomes,
+            )
+            .await;
+        Sent {
+            result,
+            unknown_outcomes,
+        }
+    }
+
+    async fn attempts(
+        &self,
+        method: Method,
+        path_and_query: &str,
+        forwarded: &ForwardedHeaders,
+        workspace: Option<&str>,
+        body: Bytes,
+        unknown_outcomes: &mut u32,
     ) -> Result<UpstreamResponse, GatewayError> {
         let uri = self.uri(path_and_query)?;
         let headers = self.headers(forwarded, workspace, !body.is_empty());
@@ -144,6 +174,9 @@ impl Upstream {
                         .upstream_responses
                         .with_label_values(&["timeout"])
                         .inc();
+                    // Sent, or maybe only connecting: counted as unknown,
+                    // so the exposure is never hidden.
+                    *unknown_outcomes += 1;
                     return Err(GatewayError::GatewayTimeout);
                 }
                 Ok(Ok(resp)) => {
@@ -167,6 +200,9 @@ impl Upstream {
                         .upstream_responses
                         .with_label_values(&["connect_error"])
                         .inc();
+                    if e.may_have_been_billed() {
+                        *unknown_outcomes += 1;
+                    }
                     let err = GatewayError::BadGateway(e.to_string());
                     if attempt >= self.max_retries {
                         return Err(err);
@@ -244,6 +280,13 @@ impl Upstream {
     }
 }
 
+/// One logical upstream call: its result, and the attempts whose outcome
+/// is unknown (see [`Upstream::send`]).
+pub(crate) struct Sent {
+    pub(crate) result: Result<UpstreamResponse, GatewayError>,
+    pub(crate) unknown_outcomes: u32,
+}
+
 struct Retry {
     after: Option<Duration>,
     last: Result<UpstreamResponse, GatewayError>,
@@ -253,6 +296,16 @@ struct Retry {
 enum AttemptError {
     Client(hyper_util::client::legacy::Error),
     Body(String),
+}
+
+impl AttemptError {
+    /// False only when the request never left: the connection failed.
+    fn may_have_been_billed(&self) -> bool {
+        match self {
+            AttemptError::Client(e) => !e.is_connect(),
+            AttemptError::Body(_) => true,
+        }
+    }
 }
 
 impl From<hyper_util::client::legacy::Error> for AttemptError {

@@ -38,8 +38,11 @@ pub enum Fault {
     BadEmbedding,
     /// HTTP 200 with usage figures that disagree with the request.
     WrongUsage,
-    /// Closes the connection without answering.
+    /// Never answers (the gateway's timeout ends the attempt).
     Drop,
+    /// Starts a 200 and breaks the connection mid-body: the request was
+    /// received (and, at DashScope, maybe billed), the answer is lost.
+    CutBody,
     /// Waits this long before answering normally.
     Delay(Duration),
 }
@@ -293,6 +296,15 @@ async fn embed(
             std::future::pending::<()>().await;
         }
         Some(Fault::Delay(d)) => tokio::time::sleep(*d).await,
+        Some(Fault::CutBody) => {
+            // A length the body never reaches: hyper aborts the connection.
+            let mut r = Response::new(Full::new(Bytes::from_static(b"{\"output\":")));
+            r.headers_mut()
+                .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            r.headers_mut()
+                .insert("content-length", HeaderValue::from_static("100000"));
+            return Ok(r);
+        }
         _ => {}
     }
     if !authorized(&s, &headers) {

@@ -18,6 +18,7 @@ mod metrics_contract;
 mod mixed_traffic;
 mod redis_outage;
 mod restart;
+mod unknown_outcomes;
 mod usage_mismatch;
 
 const ALPHA_KEY: &str = "sk-tenant-alpha-SECRET-0001";
