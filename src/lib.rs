@@ -103,8 +103,8 @@ pub enum Stopped {
     /// Everything owed to the state store was confirmed.
     Clean,
     /// Something was not: quota transitions or ledger rows Redis did not
-    /// confirm, or upstream calls still running when the budget ran out
-    /// (the log says which). `embedgate` exits with status 3.
+    /// confirm, or upstream calls that did not end when the shutdown cut
+    /// them (the log says which). `embedgate` exits with status 3.
     Unshipped,
 }
 

@@ -4,7 +4,7 @@
 //! writer) or `hash-key` without a key; 2 invalid config (or a bad
 //! `usage` request); 3 the gateway stopped with something unshipped
 //! (quota transitions or ledger rows Redis did not confirm, or upstream
-//! calls cut off by the shutdown budget; the log says which).
+//! calls that did not end when the shutdown cut them; the log says which).
 
 use std::io::{Read, Write};
 use std::path::PathBuf;

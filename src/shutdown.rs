@@ -3,7 +3,11 @@
 //!
 //! 1. **drain**: no new connections; requests in flight and the upstream
 //!    calls that outlived their clients finish, until the budget minus the
-//!    flush reserve;
+//!    flush reserve. Upstream calls still running then are cut
+//!    ([`Upstream::cut_calls`](crate::upstream::Upstream::cut_calls)): each
+//!    records its attempt as of unknown outcome (ledger `unknown`, spent
+//!    from the quota) and returns its slot, so what it may cost is shipped
+//!    with the rest;
 //! 2. **final flush** ([`final_flush`]), in the reserve (and whatever the
 //!    drain left unused): unconfirmed quota transitions first, then the
 //!    ledger, which keeps the last part of the reserve for itself.
@@ -13,11 +17,10 @@
 //! phase is cut at its deadline, also in the middle of a Redis call, so the
 //! process exits within the budget whatever Redis or upstream do.
 //!
-//! Whether everything was shipped decides the exit code (`main.rs`): an
-//! upstream call still running when the drain ended (DashScope may bill
-//! it; the ledger does not have it, its quota reservation stays counted),
-//! or quota transitions or ledger rows Redis did not confirm, make it
-//! non-zero.
+//! Whether everything was shipped decides the exit code (`main.rs`): quota
+//! transitions or ledger rows Redis did not confirm, or an upstream call
+//! that did not finish even once cut (the ledger does not have it, its
+//! quota reservation stays counted), make it non-zero.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -39,8 +42,11 @@ const LEDGER_SHARE: f64 = 0.6;
 /// The deadlines of one shutdown, fixed when the signal arrives.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Budget {
-    /// Requests and upstream calls stop being waited for.
+    /// Requests and upstream calls stop being waited for; calls still
+    /// running are cut.
     pub(crate) drain_until: Instant,
+    /// Cut upstream calls must have recorded what they may cost.
+    pub(crate) cut_until: Instant,
     /// Quota transitions stop being sent; the ledger's slice begins.
     pub(crate) quota_until: Instant,
     /// The ledger stops being sent; the process exits.
@@ -58,9 +64,12 @@ impl Budget {
         // Config durations are at most 100 years, which the clock can add;
         // were one not, that phase would not wait at all.
         let at = |d: Duration| start.checked_add(d).unwrap_or(start);
+        let ledger = reserve.mul_f64(LEDGER_SHARE);
         Budget {
             drain_until: at(total - reserve),
-            quota_until: at(total - reserve.mul_f64(LEDGER_SHARE)),
+            // Half of the quota's part of the reserve.
+            cut_until: at(total - reserve + (reserve - ledger) / 2),
+            quota_until: at(total - ledger),
             end: at(total),
         }
     }
@@ -78,8 +87,9 @@ pub(crate) async fn wait_for_slots(slots: &Semaphore, total: usize, until: Insta
 
 /// Phase 1: waits for the connections (`connection_slots`, one per open
 /// connection) to close and the upstream calls to finish, until the drain
-/// deadline. Returns the upstream calls still running then: each one is
-/// unshipped (metered by nobody, its reservation left in Redis).
+/// deadline; then cuts the calls still running and waits for them to
+/// record their cost, until `cut_until`. Returns the calls that did not:
+/// each one is unshipped (metered by nobody, its reservation left in Redis).
 pub(crate) async fn drain(
     app: &App,
     connection_slots: &Arc<Semaphore>,
@@ -94,20 +104,26 @@ pub(crate) async fn drain(
         );
     }
     // Upstream calls whose clients hung up still hold slots.
-    let calls = wait_for_slots(
-        &app.upstream_slots,
-        app.config.server.max_in_flight,
-        budget.drain_until,
-    )
-    .await;
-    if calls > 0 {
+    let max = app.config.server.max_in_flight;
+    let calls = wait_for_slots(&app.upstream_slots, max, budget.drain_until).await;
+    if calls == 0 {
+        return 0;
+    }
+    app.upstream.cut_calls();
+    tracing::warn!(
+        calls,
+        "shutdown: upstream calls still running at the end of the drain time are cut (504): \
+         recorded as of unknown outcome, as DashScope may bill them"
+    );
+    let left = wait_for_slots(&app.upstream_slots, max, budget.cut_until).await;
+    if left > 0 {
         tracing::error!(
-            calls,
-            "shutdown: upstream calls still running at the end of the drain time are abandoned: \
+            calls = left,
+            "shutdown: upstream calls did not end when cut and are abandoned: \
              DashScope may bill them, the ledger does not have them, their quota reservations stay counted"
         );
     }
-    calls
+    left
 }
 
 /// Phase 2, the last step of every shutdown: sends what this process still
@@ -157,10 +173,12 @@ mod tests {
         let b = Budget::from(t0, Duration::from_secs(35));
         assert_eq!(b.end - t0, Duration::from_secs(35));
         assert_eq!(b.drain_until - t0, Duration::from_secs(30));
+        assert_eq!(b.cut_until - t0, Duration::from_secs(31));
         assert_eq!(b.quota_until - t0, Duration::from_secs(32));
         // A short budget keeps three quarters for the drain.
         let b = Budget::from(t0, Duration::from_secs(4));
         assert_eq!(b.drain_until - t0, Duration::from_secs(3));
+        assert_eq!(b.cut_until - t0, Duration::from_millis(3200));
         assert_eq!(b.quota_until - t0, Duration::from_millis(3400));
         assert_eq!(b.end - t0, Duration::from_secs(4));
     }

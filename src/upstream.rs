@@ -56,6 +56,9 @@ pub(crate) struct Upstream {
     max_retries: u32,
     backoff: Duration,
     metrics: Arc<Metrics>,
+    /// Set once, at the end of a shutdown's drain time: calls still running
+    /// stop waiting ([`Upstream::cut_calls`]).
+    cut: tokio::sync::watch::Sender<bool>,
 }
 
 impl Upstream {
@@ -90,7 +93,17 @@ impl Upstream {
             max_retries: cfg.max_retries,
             backoff: cfg.retry_backoff,
             metrics,
+            cut: tokio::sync::watch::Sender::new(false),
         })
+    }
+
+    /// Shutdown: every call still running, and every call after this, ends
+    /// at once with 504 `GatewayTimeout`, its attempt in flight (or in
+    /// backoff) counted as of unknown outcome, so its possible cost is
+    /// recorded (`unknown` in the ledger, spent from the quota) instead of
+    /// being lost with the process.
+    pub(crate) fn cut_calls(&self) {
+        self.cut.send_replace(true);
     }
 
     /// Sends one logical request, retrying 429/5xx/transport errors with
@@ -109,16 +122,24 @@ impl Upstream {
         body: Bytes,
     ) -> Sent {
         let mut unknown_outcomes = 0;
-        let result = self
-            .attempts(
-                method,
-                path_and_query,
-                forwarded,
-                workspace,
-                body,
-                &mut unknown_outcomes,
-            )
-            .await;
+        let mut cut = self.cut.subscribe();
+        let attempts = self.attempts(
+            method,
+            path_and_query,
+            forwarded,
+            workspace,
+            body,
+            &mut unknown_outcomes,
+        );
+        let result = tokio::select! {
+            r = attempts => Some(r),
+            _ = cut.wait_for(|cut| *cut) => None,
+        };
+        let result = result.unwrap_or_else(|| {
+            // Cut by the shutdown: the attempt under way may have been sent.
+            unknown_outcomes += 1;
+            Err(GatewayError::GatewayTimeout)
+        });
         Sent {
             result,
             unknown_outcomes,

@@ -64,19 +64,23 @@ fn miss_in_background(gw: &TestGateway, key: &str, text: &str) -> tokio::task::J
 }
 
 /// A 60 s upstream call in flight at SIGTERM does not hold the exit past the
-/// budget: the drain ends at 3 s of 4, the flush follows, the process
-/// exits, and with 3: the call was abandoned (DashScope may bill it).
+/// budget: the drain ends at 3 s of 4 and cuts the call (504 to its
+/// client), which records its possible cost (the ledger's `unknown`, spent
+/// from the quota); that is flushed with the rest and the exit status is 0.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_with_a_slow_upstream_exits_within_the_budget() {
+    let redis = Redis::start();
     let fake = Fake::start().await;
     let gw = one_tenant()
         .fake(&fake)
+        .quota(1000, Per::Day)
+        .redis(&redis)
         .set("server", format!("shutdown_grace = \"{BUDGET_SECS}s\""))
         .set("upstream", "timeout = \"90s\"")
         .start()
         .await;
     fake.set_latency_ms(60_000);
-    let _task = miss_in_background(&gw, K1, "slow at shutdown");
+    let task = miss_in_background(&gw, K1, "slow at shutdown");
     eventually(10, "the request reaches upstream", async || {
         (fake.calls() == 1).then_some(())
     })
@@ -92,8 +96,21 @@ async fn sigterm_with_a_slow_upstream_exits_within_the_budget() {
     );
     // It did wait for the call, until the drain time (3/4 of 4 s) was over.
     assert!(elapsed >= Duration::from_secs(3), "{elapsed:?}\n{logs}");
-    assert_eq!(code, Some(3), "exit status\n{logs}");
-    assert!(logs.contains("abandoned"), "{logs}");
+    assert_eq!(code, Some(0), "exit status\n{logs}");
+    assert!(logs.contains("are cut"), "{logs}");
+    assert_eq!(task.await.unwrap(), 504, "the cut call's answer");
+    // Its possible cost is on record: 1 unit of unknown outcome, spent.
+    let unknown: Option<i64> = redis::cmd("HGET")
+        .arg(format!("{{eg:search}}:ledger:{}", today()))
+        .arg("text|unknown|units")
+        .query(&mut redis.conn())
+        .unwrap();
+    assert_eq!(unknown, Some(1), "{logs}");
+    let quota: Option<i64> = redis::cmd("GET")
+        .arg(format!("{{eg:search}}:quota:{}", today()))
+        .query(&mut redis.conn())
+        .unwrap();
+    assert_eq!(quota, Some(1), "{logs}");
 }
 
 /// Redis gone at SIGTERM: the ledger rows and the quota units granted
