@@ -97,11 +97,11 @@ impl Upstream {
         })
     }
 
-    /// Shutdown: every call still running, and every call after this, ends
-    /// at once with 504 `GatewayTimeout`, its attempt in flight (or in
-    /// backoff) counted as of unknown outcome, so its possible cost is
-    /// recorded (`unknown` in the ledger, spent from the quota) instead of
-    /// being lost with the process.
+    /// Shutdown: every call still running ends at once with 504
+    /// `GatewayTimeout`, its attempt in flight (or in backoff) counted as of
+    /// unknown outcome, so its possible cost is recorded (`unknown` in the
+    /// ledger, spent from the quota) instead of being lost with the
+    /// process. A call begun after this is refused unsent.
     pub(crate) fn cut_calls(&self) {
         self.cut.send_replace(true);
     }
@@ -123,6 +123,13 @@ impl Upstream {
     ) -> Sent {
         let mut unknown_outcomes = 0;
         let mut cut = self.cut.subscribe();
+        if *cut.borrow_and_update() {
+            // Shutting down and past the drain: nothing is sent any more.
+            return Sent {
+                result: Err(GatewayError::GatewayTimeout),
+                unknown_outcomes,
+            };
+        }
         let attempts = self.attempts(
             method,
             path_and_query,
