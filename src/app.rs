@@ -13,7 +13,7 @@ use crate::config::Config;
 use crate::fair_share::TenantSlots;
 use crate::ledger::Ledger;
 use crate::limits::Limits;
-use crate::metering::{CacheStatus, Usage};
+use crate::metering::{CacheStatus, Reconciled};
 use crate::metrics::Metrics;
 use crate::redis_store::RedisStore;
 use crate::tenants::TenantTable;
@@ -46,7 +46,8 @@ pub(crate) struct App {
 
 impl App {
     /// Builds the state; must run inside a tokio runtime (it starts the
-    /// Redis connector and the ledger writer).
+    /// Redis connector and the ledger's shipper). Fails when the ledger's
+    /// journal or database cannot be opened (the message says why).
     pub(crate) fn new(config: Config) -> Result<Arc<App>, String> {
         let metrics = Arc::new(Metrics::new().map_err(|e| format!("metrics: {e}"))?);
         let redis = match &config.cache.redis_url {
@@ -69,7 +70,7 @@ impl App {
             config.limits.quota_on_store_error,
             metrics.clone(),
         );
-        let ledger = Ledger::new(redis.clone(), metrics.clone());
+        let ledger = Ledger::open(&config.ledger, redis.clone(), metrics.clone())?;
         let tenants = ArcSwap::from_pointee(TenantTable::build(&config, &config.server));
         let in_flight = Arc::new(Semaphore::new(config.server.max_in_flight));
         let upstream_slots = Arc::new(Semaphore::new(config.server.max_in_flight));
@@ -90,10 +91,12 @@ impl App {
         }))
     }
 
-    /// Counters and ledger for one successful answer.
-    pub(crate) fn meter(&self, tenant: &Arc<str>, cache: CacheStatus, usage: &Usage) {
-        self.metrics.record_usage(tenant, cache, usage);
-        self.ledger.record(tenant, cache, usage);
+    /// Counters and ledger for one successful answer; returns once it is
+    /// in the journal, so the caller may send the answer.
+    pub(crate) fn meter(&self, tenant: &Arc<str>, cache: CacheStatus, r: &Reconciled) {
+        self.metrics.record_usage(tenant, cache, &r.record);
+        self.metrics.record_reconciliation(tenant, cache, r);
+        self.ledger.record(tenant, cache, r);
     }
 
     /// Applies a reloaded config's tenants and admin token. Settings that
@@ -135,6 +138,9 @@ impl App {
         }
         if c.metering.weights != new.metering.weights {
             restart.push("metering.weights");
+        }
+        if c.ledger != new.ledger {
+            restart.push("ledger");
         }
         restart
     }

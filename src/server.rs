@@ -35,7 +35,7 @@ use crate::error::GatewayError;
 use crate::request_id;
 use crate::stack::{self, Api};
 
-/// Time given to write buffered ledger rows to Redis on shutdown.
+/// Time given to ship the journal to the ledger's store on shutdown.
 const LEDGER_FLUSH_ON_SHUTDOWN: Duration = Duration::from_secs(5);
 
 /// Which routes a listener serves.
@@ -59,7 +59,7 @@ struct Shared {
 }
 
 /// Serves until `shutdown` resolves, then stops accepting, lets requests in
-/// flight finish (up to `server.shutdown_grace`), flushes the ledger and
+/// flight finish (up to `server.shutdown_grace`), ships the journal and
 /// returns.
 pub(crate) async fn serve(
     app: Arc<App>,
@@ -113,9 +113,14 @@ pub(crate) async fn serve(
     let max = u32::try_from(app.config.server.max_in_flight).unwrap_or(u32::MAX);
     let _ = tokio::time::timeout(grace, app.upstream_slots.acquire_many(max)).await;
     if app.ledger.flush(LEDGER_FLUSH_ON_SHUTDOWN).await {
-        tracing::info!("ledger flushed");
+        tracing::info!("ledger shipped; journal empty");
+    } else if app.ledger.journal_status() == "off" {
+        tracing::error!("the ledger's store did not take every metered answer before exit; with ledger.journal = false they are lost");
     } else {
-        tracing::error!("ledger could not be flushed to Redis before exit; buffered rows are lost");
+        tracing::error!(
+            journal_dir = %app.config.ledger.journal_dir.display(),
+            "the ledger's store did not take every journaled row before exit; they stay in the journal and are shipped when the gateway starts on it again"
+        );
     }
 }
 
@@ -204,6 +209,7 @@ fn readyz(app: &App, draining: &AtomicBool) -> Response<Body> {
         "redis": redis,
         "upstream_key": if app.config.upstream.api_key.is_some() { "set" } else { "missing" },
         "ledger_buffered": app.metrics.ledger_buffered.get(),
+        "journal": app.ledger.journal_status(),
     });
     // A draining replica leaves the load balancer; a Redis outage does not
     // (requests are still served).

@@ -1,434 +1,669 @@
-//! The durable usage ledger: per tenant, UTC day, modality and cache status,
-//! the items and units of successful answers (and requests per cache status).
+//! The usage ledger: per tenant, UTC day, modality and cache status, the
+//! items and units of every metered answer, with the figures to reconcile
+//! them with upstream's bill ([`report`]).
 //!
-//! Answers are aggregated in memory and written to Redis by one background
-//! writer, each (tenant, day) group in one atomic Lua call carrying this
-//! process's sequence number for that group: a write whose reply was lost is
-//! retried with the same number and applied once, never twice, and a newer
-//! batch of a group waits until the older one is confirmed. Redis keeps one
-//! small "last applied" key per process, tenant and day. While Redis is down the aggregate keeps
-//! growing (bounded by tenants × days × modalities, not by traffic) and is
-//! written when Redis returns, and on shutdown. Without Redis the ledger is
-//! this process's memory: readable, not durable.
+//! The path of one answer:
+//!
+//! 1. [`Ledger::record`] appends it to this replica's [`journal`] before
+//!    the response is sent: one `write(2)`, so a crash of the process
+//!    loses nothing (a power loss at most `ledger.fsync_interval`).
+//! 2. A background shipper reads the journal back every 50 ms and writes
+//!    it to the [`store`]: Redis, shared by every replica, or without Redis
+//!    the embedded SQLite database. Rows are summed per (journal run,
+//!    tenant, day) into one batch that carries the number of its last row;
+//!    the store applies it only if it has not applied that row yet, so a
+//!    retried batch, or a journal shipped again after a crash, counts once.
+//!    A group's next batch waits until the one before is confirmed, so a
+//!    retry is always the same batch.
+//! 3. Once every row of a journal segment is confirmed the segment is
+//!    deleted. At start the journal's leftovers (a crash, a store that was
+//!    down at shutdown) are read with the store's last applied row per
+//!    group and shipped from there.
+//!
+//! While the store is down rows wait in the journal (memory holds only
+//! their sums per group). Reports are read-your-writes on the replica that
+//! answered: a report first ships everything journaled so far.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::{Arc, Mutex};
+pub(crate) mod export;
+mod journal;
+pub(crate) mod report;
+mod store;
+
+use std::collections::HashMap;
+use std::io;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use tokio::sync::Notify;
 
+use crate::config::LedgerConfig;
 use crate::date::Day;
-use crate::metering::{CacheStatus, Usage};
+use crate::metering::{CacheStatus, Reconciled};
 use crate::metrics::Metrics;
-use crate::redis_store::{tenant_tag, RedisStore, StoreError};
-use crate::request::Modality;
+use crate::redis_store::RedisStore;
 
-/// One report row, as `/admin/usage` answers it.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-pub(crate) struct Row {
-    pub(crate) tenant: String,
-    pub(crate) day: String,
-    pub(crate) modality: &'static str,
-    pub(crate) cache: &'static str,
-    pub(crate) items: u64,
-    pub(crate) units: u64,
-}
+use journal::{Entry, Event, Journal, Leftover, Line, SegmentReader};
+pub(crate) use report::Report;
+use store::{Batch, Fields, Sink, SinkError, Sqlite};
 
-/// Field deltas for one (tenant, day) hash.
-type Fields = BTreeMap<String, i64>;
-
-struct Batch {
-    tenant: Arc<str>,
-    day: Day,
-    /// Increasing per (tenant, day) in this process; fixed for the life of
-    /// the batch, so a retry is recognised.
-    seq: u64,
-    fields: Fields,
-}
-
-/// How long the writer gathers answers before a write.
+/// How long the shipper gathers answers before a shipment.
 const FLUSH_WINDOW: Duration = Duration::from_millis(50);
-/// Registered tenants, so reports find tenants no longer in config.
-const TENANTS_SET: &str = "eg:ledger:tenants";
-/// How long the last applied sequence number is remembered (longer than
-/// any outage we buffer through).
-const SEQ_TTL_SECS: u64 = 40 * 86_400;
+/// The shipper looks at the journal at least this often, also when idle
+/// (leftovers whose store was down, a journal that failed).
+const IDLE_TICK: Duration = Duration::from_millis(500);
 
-/// KEYS[1] the ledger hash, KEYS[2] this process's last applied sequence
-/// for it; ARGV[1] the batch's sequence, ARGV[2] TTL, then field/delta pairs.
-const APPLY_SCRIPT: &str = r#"
-local last = tonumber(redis.call('GET', KEYS[2]) or '0')
-if tonumber(ARGV[1]) <= last then
-  return 0
-end
-redis.call('SET', KEYS[2], ARGV[1], 'EX', ARGV[2])
-for i = 3, #ARGV, 2 do
-  redis.call('HINCRBY', KEYS[1], ARGV[i], ARGV[i + 1])
-end
-return 1
-"#;
-
-fn ledger_key(tenant: &str, day: Day) -> String {
-    format!("{}:ledger:{day}", tenant_tag(tenant))
+/// Why a report could not be made.
+#[derive(Debug)]
+pub(crate) enum LedgerError {
+    Store(SinkError),
+    /// Rows of the report's range are journaled here but the store has not
+    /// confirmed them: the report would be short.
+    Unshipped,
 }
 
-fn field(modality: Modality, cache: CacheStatus, what: &str) -> String {
-    format!("{}|{}|{what}", modality.as_str(), cache.as_str())
+impl std::fmt::Display for LedgerError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LedgerError::Store(e) => e.fmt(f),
+            LedgerError::Unshipped => {
+                f.write_str("rows of this range are journaled but not yet in the ledger")
+            }
+        }
+    }
+}
+
+type GroupKey = (Arc<str>, Day);
+
+/// One (run, tenant, day): what the store has, what is being written,
+/// what waits.
+#[derive(Default)]
+struct Group {
+    /// The last row the store confirmed.
+    applied: u64,
+    /// The batch being written; retried unchanged until confirmed.
+    inflight: Option<InFlight>,
+    /// Rows read since, summed.
+    pending: Fields,
+    pending_rows: u64,
+    /// The last row read.
+    read_to: u64,
+}
+
+struct InFlight {
+    to: u64,
+    fields: Fields,
+    rows: u64,
+}
+
+impl Group {
+    fn clean(&self) -> bool {
+        self.inflight.is_none() && self.pending_rows == 0
+    }
+}
+
+struct Segment {
+    reader: SegmentReader,
+    /// Read to its end, and nothing more will be appended.
+    done: bool,
+    read_errors: u64,
+}
+
+/// One journal run.
+struct Run {
+    /// In order.
+    segments: Vec<Segment>,
+    /// No more rows will be appended.
+    ended: bool,
+    /// The store's last applied row per group is known (always, for this
+    /// process's runs; fetched for leftovers before their rows are read).
+    markers_known: bool,
+    /// A leftover's groups, found by a first pass over its segments.
+    scanned: Option<Vec<GroupKey>>,
+    groups: HashMap<GroupKey, Group>,
+}
+
+impl Run {
+    fn live() -> Run {
+        Run {
+            segments: Vec::new(),
+            ended: false,
+            markers_known: true,
+            scanned: None,
+            groups: HashMap::new(),
+        }
+    }
+
+    fn leftover(l: Leftover) -> Run {
+        Run {
+            segments: l
+                .segments
+                .into_iter()
+                .map(|(_, path)| Segment::new(path))
+                .collect(),
+            ended: true,
+            markers_known: false,
+            scanned: None,
+            groups: HashMap::new(),
+        }
+    }
+
+    fn clean(&self) -> bool {
+        self.markers_known && self.groups.values().all(Group::clean)
+    }
+}
+
+impl Segment {
+    fn new(path: std::path::PathBuf) -> Segment {
+        Segment {
+            reader: SegmentReader::new(path),
+            done: false,
+            read_errors: 0,
+        }
+    }
+}
+
+/// Adds one journal line to its group.
+fn take(groups: &mut HashMap<GroupKey, Group>, metrics: &Metrics, line: Line) {
+    match line {
+        Line::Damaged => {
+            metrics.journal_damaged_rows.inc();
+        }
+        Line::Row(n, e) => {
+            let g = groups.entry((e.tenant.clone(), e.day)).or_default();
+            // At or below the store's mark: shipped before (a leftover).
+            if n <= g.applied || n <= g.read_to {
+                return;
+            }
+            report::add_entry(&mut g.pending, &e);
+            g.pending_rows += 1;
+            g.read_to = n;
+        }
+    }
+}
+
+#[derive(Default)]
+struct Ship {
+    runs: HashMap<Arc<str>, Run>,
 }
 
 pub(crate) struct Ledger {
-    redis: Option<Arc<RedisStore>>,
-    /// Not yet handed to the writer.
-    pending: Mutex<HashMap<(Arc<str>, Day), Fields>>,
-    /// Handed to the writer, not yet confirmed by Redis.
-    inflight: tokio::sync::Mutex<Vec<Batch>>,
-    /// The whole ledger when there is no Redis.
-    memory: Mutex<HashMap<(Arc<str>, Day), Fields>>,
-    registered: Mutex<HashSet<Arc<str>>>,
-    /// Next sequence number per (tenant, day).
-    seqs: Mutex<HashMap<(Arc<str>, Day), u64>>,
-    /// Names this process's sequence keys.
-    instance: String,
+    journal: Arc<Journal>,
+    sink: Sink,
+    ship: Mutex<Ship>,
+    /// One shipment at a time: the background shipper, reports, shutdown.
+    round: tokio::sync::Mutex<()>,
     wake: Notify,
-    script: redis::Script,
     metrics: Arc<Metrics>,
 }
 
 impl Ledger {
-    pub(crate) fn new(redis: Option<Arc<RedisStore>>, metrics: Arc<Metrics>) -> Arc<Ledger> {
+    /// Opens the journal (locking its directory) and the store (SQLite
+    /// without Redis), and starts the shipper; leftovers of an earlier
+    /// process are shipped first. Must run inside a tokio runtime.
+    pub(crate) fn open(
+        config: &LedgerConfig,
+        redis: Option<Arc<RedisStore>>,
+        metrics: Arc<Metrics>,
+    ) -> Result<Arc<Ledger>, String> {
+        let sink = match redis {
+            Some(r) => Sink::redis(r),
+            None => Sink::Sqlite(Arc::new(Sqlite::create(&config.sqlite_path)?)),
+        };
+        let (journal, leftovers) = Journal::open(config, metrics.clone())?;
+        let mut ship = Ship::default();
+        for l in leftovers {
+            tracing::info!(run = %l.run, segments = l.segments.len(), "journal rows of an earlier process found; shipping them");
+            ship.runs.insert(l.run.clone(), Run::leftover(l));
+        }
         let ledger = Arc::new(Ledger {
-            redis,
-            pending: Mutex::new(HashMap::new()),
-            inflight: tokio::sync::Mutex::new(Vec::new()),
-            memory: Mutex::new(HashMap::new()),
-            registered: Mutex::new(HashSet::new()),
-            seqs: Mutex::new(HashMap::new()),
-            instance: uuid::Uuid::new_v4().simple().to_string(),
+            journal,
+            sink,
+            ship: Mutex::new(ship),
+            round: tokio::sync::Mutex::new(()),
             wake: Notify::new(),
-            script: redis::Script::new(APPLY_SCRIPT),
             metrics,
         });
-        if ledger.redis.is_some() {
-            let l = ledger.clone();
-            tokio::spawn(async move { l.writer().await });
-        }
-        ledger
+        let l = ledger.clone();
+        tokio::spawn(async move { l.shipper().await });
+        ledger.wake.notify_one();
+        Ok(ledger)
     }
 
-    /// Records one successful answer.
-    pub(crate) fn record(&self, tenant: &Arc<str>, cache: CacheStatus, usage: &Usage) {
-        let day = Day::today();
-        let target = if self.redis.is_some() {
-            &self.pending
-        } else {
-            &self.memory
-        };
-        {
-            let mut map = target.lock().unwrap_or_else(|p| p.into_inner());
-            let fields = map.entry((tenant.clone(), day)).or_default();
-            for m in Modality::ALL {
-                let n = usage.items.get(m);
-                if n > 0 {
-                    *fields.entry(field(m, cache, "items")).or_default() += n as i64;
-                    *fields.entry(field(m, cache, "units")).or_default() +=
-                        usage.units.get(m) as i64;
-                }
-            }
-            *fields
-                .entry(format!("requests|{}", cache.as_str()))
-                .or_default() += 1;
-            if self.redis.is_some() {
-                self.metrics.ledger_buffered.set(map.len() as i64);
-            }
-        }
+    /// Records one metered answer; returns once it is in the journal.
+    pub(crate) fn record(&self, tenant: &Arc<str>, cache: CacheStatus, r: &Reconciled) {
+        self.journal
+            .append(&Entry::new(tenant, Day::today(), cache, r));
         self.wake.notify_one();
     }
 
-    async fn writer(self: Arc<Self>) {
+    /// `ok`, `memory` (the disk failed; rows wait in memory) or `off`.
+    pub(crate) fn journal_status(&self) -> &'static str {
+        self.journal.status()
+    }
+
+    fn state(&self) -> MutexGuard<'_, Ship> {
+        self.ship.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    async fn shipper(self: Arc<Self>) {
         loop {
-            let _ = tokio::time::timeout(Duration::from_millis(500), self.wake.notified()).await;
-            // Let answers accumulate: one write per group per window, not
-            // one per request.
+            let _ = tokio::time::timeout(IDLE_TICK, self.wake.notified()).await;
+            // Let answers accumulate: one write per group per window.
             tokio::time::sleep(FLUSH_WINDOW).await;
-            if let Some(redis) = &self.redis {
-                if !redis.is_up() && !self.inflight.lock().await.is_empty() {
+            if let Some(redis) = self.sink.redis_down() {
+                if !self.state().runs.values().all(Run::clean) {
                     // Nothing will get through; wait for Redis (or the next tick).
                     let _ = tokio::time::timeout(Duration::from_secs(1), redis.wait_up()).await;
                 }
             }
-            let _ = self.flush_once().await;
+            let _round = self.round.lock().await;
+            self.ship_once().await;
         }
     }
 
-    /// Moves pending rows into batches and writes every batch not yet
-    /// confirmed. Returns true when nothing is left unwritten.
-    pub(crate) async fn flush_once(&self) -> bool {
-        let Some(redis) = &self.redis else {
-            return true;
-        };
-        let mut inflight = self.inflight.lock().await;
-        {
-            let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
-            let mut seqs = self.seqs.lock().unwrap_or_else(|p| p.into_inner());
-            let waiting: Vec<(Arc<str>, Day)> = pending
-                .keys()
-                .filter(|k| !inflight.iter().any(|b| b.tenant == k.0 && b.day == k.1))
-                .cloned()
-                .collect();
-            // A group with an unconfirmed batch keeps accumulating until that
-            // batch is confirmed: sequence numbers must arrive in order.
-            for key in waiting {
-                if let Some(fields) = pending.remove(&key) {
-                    let seq = seqs.entry(key.clone()).or_insert(0);
-                    *seq += 1;
-                    inflight.push(Batch {
-                        tenant: key.0,
-                        day: key.1,
-                        seq: *seq,
-                        fields,
+    /// One shipment: reads the journal, writes what it read, tidies up.
+    /// The caller holds `round`. Returns true when everything read is
+    /// confirmed.
+    async fn ship_once(self: &Arc<Self>) -> bool {
+        let need = self.blocking(Ledger::read_journal).await;
+        if !need.is_empty() {
+            for (run, groups) in need {
+                match self.sink.applied(&run, &groups).await {
+                    Ok(marks) => {
+                        let mut st = self.state();
+                        if let Some(r) = st.runs.get_mut(&run) {
+                            for (key, mark) in groups.into_iter().zip(marks) {
+                                r.groups.entry(key).or_default().applied = mark;
+                            }
+                            r.markers_known = true;
+                            r.scanned = None;
+                        }
+                    }
+                    Err(e) => {
+                        self.metrics.ledger_flush_errors.inc();
+                        tracing::debug!(%run, error = %e, "cannot read the ledger's marks for journal leftovers; will retry");
+                    }
+                }
+            }
+            self.blocking(Ledger::read_journal).await;
+        }
+        let batches = self.batches();
+        if !batches.is_empty() {
+            let results = self.sink.apply(batches.clone()).await;
+            let mut st = self.state();
+            for (b, r) in batches.iter().zip(results) {
+                match r {
+                    Ok(()) => {
+                        if let Some(g) = st
+                            .runs
+                            .get_mut(&b.run)
+                            .and_then(|run| run.groups.get_mut(&(b.tenant.clone(), b.day)))
+                        {
+                            g.applied = g.applied.max(b.to);
+                            g.inflight = None;
+                        }
+                    }
+                    Err(e) => {
+                        self.metrics.ledger_flush_errors.inc();
+                        tracing::debug!(tenant = %b.tenant, error = %e, "ledger write failed; kept for retry");
+                    }
+                }
+            }
+        }
+        self.blocking(Ledger::tidy).await
+    }
+
+    /// Runs blocking file work off the async workers.
+    async fn blocking<T: Send + 'static>(self: &Arc<Self>, f: fn(&Ledger) -> T) -> T {
+        let me = self.clone();
+        match tokio::task::spawn_blocking(move || f(&me)).await {
+            Ok(v) => v,
+            // Only a panic gets here; do the work here instead.
+            Err(_) => f(self),
+        }
+    }
+
+    /// Reads what the journal has that was not read yet. Returns the
+    /// leftover runs whose store marks are needed before their rows can be
+    /// read, with their groups.
+    fn read_journal(&self) -> Vec<(Arc<str>, Vec<GroupKey>)> {
+        let events = self.journal.poll();
+        let metrics = &*self.metrics;
+        let mut st = self.state();
+        for ev in events {
+            match ev {
+                Event::Segment { run, path, .. } => st
+                    .runs
+                    .entry(run)
+                    .or_insert_with(Run::live)
+                    .segments
+                    .push(Segment::new(path)),
+                Event::Memory { run, bytes } => {
+                    let r = st.runs.entry(run).or_insert_with(Run::live);
+                    journal::lines(&bytes, &mut |l| take(&mut r.groups, metrics, l));
+                }
+                Event::Ended { run } => {
+                    if let Some(r) = st.runs.get_mut(&run) {
+                        r.ended = true;
+                    }
+                }
+            }
+        }
+        let mut need = Vec::new();
+        for (id, run) in st.runs.iter_mut() {
+            if !run.markers_known {
+                if run.scanned.is_none() {
+                    match scan_groups(&run.segments) {
+                        Ok(groups) => run.scanned = Some(groups),
+                        Err(e) => {
+                            metrics.journal_errors.with_label_values(&["read"]).inc();
+                            tracing::warn!(run = %id, error = %e, "cannot read journal leftovers");
+                        }
+                    }
+                }
+                if let Some(groups) = &run.scanned {
+                    need.push((id.clone(), groups.clone()));
+                }
+                continue;
+            }
+            let last = run.segments.len();
+            let ended = run.ended;
+            let groups = &mut run.groups;
+            for (i, seg) in run.segments.iter_mut().enumerate() {
+                if seg.done {
+                    continue;
+                }
+                let sealed = ended || i + 1 < last;
+                match seg.reader.read(sealed, |l| take(groups, metrics, l)) {
+                    Ok(done) => seg.done = done,
+                    Err(e) => {
+                        seg.read_errors += 1;
+                        metrics.journal_errors.with_label_values(&["read"]).inc();
+                        if seg.read_errors % 100 == 1 {
+                            tracing::warn!(path = %seg.reader.path.display(), error = %e, "cannot read a journal segment");
+                        }
+                    }
+                }
+            }
+        }
+        need
+    }
+
+    /// Every group's batch to write: the one in flight, or its pending
+    /// rows as a new one.
+    fn batches(&self) -> Vec<Batch> {
+        let mut st = self.state();
+        let mut out = Vec::new();
+        for (run_id, run) in st.runs.iter_mut() {
+            if !run.markers_known {
+                continue;
+            }
+            for ((tenant, day), g) in run.groups.iter_mut() {
+                if g.inflight.is_none() && g.pending_rows > 0 {
+                    g.inflight = Some(InFlight {
+                        to: g.read_to,
+                        fields: std::mem::take(&mut g.pending),
+                        rows: std::mem::take(&mut g.pending_rows),
+                    });
+                }
+                if let Some(b) = &g.inflight {
+                    out.push(Batch {
+                        run: run_id.clone(),
+                        tenant: tenant.clone(),
+                        day: *day,
+                        to: b.to,
+                        fields: b.fields.clone(),
                     });
                 }
             }
         }
-        let mut failed = Vec::new();
-        for batch in inflight.drain(..) {
-            match self.write(redis, &batch).await {
-                Ok(()) => {}
-                Err(e) => {
-                    self.metrics.ledger_flush_errors.inc();
-                    tracing::debug!(tenant = %batch.tenant, error = %e, "ledger write failed; kept for retry");
-                    failed.push(batch);
-                }
-            }
-        }
-        *inflight = failed;
-        let left = inflight.len() + self.pending.lock().map(|p| p.len()).unwrap_or(0);
-        self.metrics.ledger_buffered.set(left as i64);
-        left == 0
+        out
     }
 
-    async fn write(&self, redis: &RedisStore, b: &Batch) -> Result<(), StoreError> {
-        let tag = tenant_tag(&b.tenant);
-        let key = ledger_key(&b.tenant, b.day);
-        let marker = format!("{tag}:ledger-seq:{}:{}", b.day, self.instance);
-        let script = &self.script;
-        let fields = &b.fields;
-        let seq = b.seq;
-        redis
-            .call("ledger", true, |mut c| async move {
-                let mut inv = script.key(&key);
-                inv.key(&marker).arg(seq).arg(SEQ_TTL_SECS);
-                for (f, v) in fields {
-                    inv.arg(f).arg(*v);
+    /// Deletes segments whose rows are all confirmed, forgets finished
+    /// runs and old groups, rotates the journal, updates the gauge.
+    /// Returns true when everything read is confirmed.
+    fn tidy(&self) -> bool {
+        let yesterday = Day::from_days(Day::today().days() - 1);
+        let mut all_clean = true;
+        let mut waiting = 0u64;
+        {
+            let mut st = self.state();
+            st.runs.retain(|_, run| {
+                if !run.clean() {
+                    all_clean = false;
+                    waiting += run
+                        .groups
+                        .values()
+                        .map(|g| g.pending_rows + g.inflight.as_ref().map_or(0, |b| b.rows))
+                        .sum::<u64>();
+                    return true;
                 }
-                inv.invoke_async::<i64>(&mut c).await
-            })
-            .await?;
-        let new = {
-            let mut reg = self.registered.lock().unwrap_or_else(|p| p.into_inner());
-            reg.insert(b.tenant.clone())
-        };
-        if new {
-            let name = b.tenant.to_string();
-            let r = redis
-                .call("ledger", true, |mut c| async move {
-                    redis::cmd("SADD")
-                        .arg(TENANTS_SET)
-                        .arg(&name)
-                        .query_async::<i64>(&mut c)
-                        .await
-                })
-                .await;
-            if r.is_err() {
-                let mut reg = self.registered.lock().unwrap_or_else(|p| p.into_inner());
-                reg.remove(&b.tenant);
-            }
+                run.segments.retain(|s| {
+                    if !s.done {
+                        return true;
+                    }
+                    match std::fs::remove_file(&s.reader.path) {
+                        Ok(()) => false,
+                        Err(e) if e.kind() == io::ErrorKind::NotFound => false,
+                        Err(e) => {
+                            tracing::warn!(path = %s.reader.path.display(), error = %e, "cannot delete a shipped journal segment");
+                            true
+                        }
+                    }
+                });
+                // A later row of a forgotten group is still above the
+                // store's mark, so forgetting loses nothing.
+                run.groups.retain(|(_, day), _| *day >= yesterday);
+                !(run.ended && run.segments.is_empty())
+            });
         }
-        Ok(())
+        self.journal.maintain();
+        self.metrics
+            .ledger_buffered
+            .set(i64::try_from(waiting).unwrap_or(i64::MAX));
+        all_clean
     }
 
-    /// Writes everything buffered, retrying until `deadline` passes. Used on
-    /// shutdown. Returns true when nothing is left unwritten.
-    pub(crate) async fn flush(&self, deadline: Duration) -> bool {
-        if self.redis.is_none() {
-            return true;
-        }
+    /// True while rows of `from..=to` (of `tenant`, or any) are journaled
+    /// here but not confirmed by the store.
+    fn unshipped(&self, from: Day, to: Day, tenant: Option<&str>) -> bool {
+        let st = self.state();
+        st.runs.values().any(|run| {
+            let matches = |(t, d): &GroupKey| {
+                *d >= from && *d <= to && tenant.is_none_or(|want| want == &**t)
+            };
+            if !run.markers_known {
+                return run
+                    .scanned
+                    .as_ref()
+                    .is_none_or(|groups| groups.iter().any(matches));
+            }
+            run.groups.iter().any(|(k, g)| !g.clean() && matches(k))
+        })
+    }
+
+    /// Ships everything journaled, retrying until `deadline` passes. Used
+    /// on shutdown. When everything is shipped the journal's segments are
+    /// deleted; otherwise they are forced to disk and shipped at the next
+    /// start. Returns true when nothing is left unshipped.
+    pub(crate) async fn flush(self: &Arc<Self>, deadline: Duration) -> bool {
         let until = tokio::time::Instant::now() + deadline;
-        loop {
-            if self.flush_once().await {
-                return true;
-            }
-            if tokio::time::Instant::now() >= until {
-                return false;
-            }
+        let _round = self.round.lock().await;
+        let mut clean = self.ship_once().await;
+        while !clean && tokio::time::Instant::now() < until {
             tokio::time::sleep(Duration::from_millis(100)).await;
+            clean = self.ship_once().await;
         }
+        if clean {
+            // Later rows (requests that outlived the grace period) stay in
+            // memory; one more shipment takes them and the sealed segments.
+            self.journal.seal();
+            clean = self.ship_once().await;
+        }
+        self.blocking(|l| l.journal.sync()).await;
+        clean
     }
 
-    /// Rows for `from..=to`, for all tenants (or one), sorted.
+    /// The report of `from..=to`, for all tenants (or one), with everything
+    /// this replica has metered so far: it ships first.
     pub(crate) async fn report(
-        &self,
+        self: &Arc<Self>,
         from: Day,
         to: Day,
         tenant: Option<&str>,
         known_tenants: &[String],
-    ) -> Result<Vec<Row>, StoreError> {
-        let mut rows = Vec::new();
-        match &self.redis {
-            None => {
-                let memory = self.memory.lock().unwrap_or_else(|p| p.into_inner());
-                for ((t, day), fields) in memory.iter() {
-                    if *day < from || *day > to || tenant.is_some_and(|want| want != &**t) {
-                        continue;
-                    }
-                    rows.extend(rows_from_fields(
-                        t,
-                        *day,
-                        fields.iter().map(|(k, v)| (k.as_str(), *v)),
-                    ));
-                }
-            }
-            Some(redis) => {
-                let tenants: Vec<String> = match tenant {
-                    Some(t) => vec![t.to_string()],
-                    None => {
-                        let mut set: Vec<String> = redis
-                            .call("ledger_read", true, |mut c| async move {
-                                redis::cmd("SMEMBERS")
-                                    .arg(TENANTS_SET)
-                                    .query_async::<Vec<String>>(&mut c)
-                                    .await
-                            })
-                            .await?;
-                        set.extend(known_tenants.iter().cloned());
-                        set.sort();
-                        set.dedup();
-                        set
-                    }
-                };
-                for t in tenants {
-                    let mut pipe = redis::pipe();
-                    let mut days = Vec::new();
-                    let mut d = from;
-                    while d <= to {
-                        pipe.cmd("HGETALL").arg(ledger_key(&t, d));
-                        days.push(d);
-                        d = d.next();
-                    }
-                    let maps: Vec<HashMap<String, i64>> = redis
-                        .call("ledger_read", true, |mut c| async move {
-                            pipe.query_async(&mut c).await
-                        })
-                        .await?;
-                    for (day, fields) in days.into_iter().zip(maps) {
-                        rows.extend(rows_from_fields(
-                            &t,
-                            day,
-                            fields.iter().map(|(k, v)| (k.as_str(), *v)),
-                        ));
-                    }
-                }
-            }
+    ) -> Result<Report, LedgerError> {
+        let _round = self.round.lock().await;
+        self.ship_once().await;
+        if self.unshipped(from, to, tenant) {
+            return Err(LedgerError::Unshipped);
         }
-        rows.sort_by(|a, b| {
-            (&a.tenant, &a.day, a.modality, a.cache).cmp(&(&b.tenant, &b.day, b.modality, b.cache))
-        });
-        Ok(rows)
+        let stored = self
+            .sink
+            .read(from, to, tenant, known_tenants)
+            .await
+            .map_err(LedgerError::Store)?;
+        Ok(report::build(stored))
     }
 }
 
-fn rows_from_fields<'a>(
-    tenant: &str,
-    day: Day,
-    fields: impl Iterator<Item = (&'a str, i64)>,
-) -> Vec<Row> {
-    let mut acc: BTreeMap<(Modality, CacheStatus), (u64, u64)> = BTreeMap::new();
-    for (k, v) in fields {
-        let mut parts = k.split('|');
-        let (Some(m), Some(c), Some(what), None) =
-            (parts.next(), parts.next(), parts.next(), parts.next())
-        else {
-            continue;
-        };
-        let (Some(m), Some(c)) = (Modality::from_name(m), CacheStatus::from_name(c)) else {
-            continue;
-        };
-        let e = acc.entry((m, c)).or_default();
-        match what {
-            "items" => e.0 += v.max(0) as u64,
-            "units" => e.1 += v.max(0) as u64,
-            _ => {}
-        }
+/// The groups in a leftover run's segments.
+fn scan_groups(segments: &[Segment]) -> io::Result<Vec<GroupKey>> {
+    let mut seen: HashMap<GroupKey, ()> = HashMap::new();
+    for s in segments {
+        let mut r = SegmentReader::new(s.reader.path.clone());
+        r.read(true, |l| {
+            if let Line::Row(_, e) = l {
+                seen.insert((e.tenant, e.day), ());
+            }
+        })?;
     }
-    acc.into_iter()
-        .map(|((m, c), (items, units))| Row {
-            tenant: tenant.to_string(),
-            day: day.to_string(),
-            modality: m.as_str(),
-            cache: c.as_str(),
-            items,
-            units,
-        })
-        .collect()
+    Ok(seen.into_keys().collect())
 }
 
-/// CSV with a header line; tenant names and days never need quoting.
-pub(crate) fn to_csv(rows: &[Row]) -> String {
-    let mut s = String::from("tenant,day,modality,cache,items,units\n");
-    for r in rows {
-        s.push_str(&format!(
-            "{},{},{},{},{},{}\n",
-            r.tenant, r.day, r.modality, r.cache, r.items, r.units
-        ));
+/// A note for `embedgate usage` when the journal directory holds segments
+/// of a gateway that is not running: their rows may not be in the report.
+pub(crate) fn journal_note(config: &LedgerConfig) -> Option<String> {
+    if !config.journal {
+        return None;
     }
-    s
+    let n = journal::unshipped_segments(&config.journal_dir)?;
+    Some(format!(
+        "{} holds {n} journal segment(s) of a gateway that stopped before shipping them (a crash, or its store was down): their rows are not in this report until a gateway starts on that directory",
+        config.journal_dir.display()
+    ))
+}
+
+/// `embedgate usage`: the report straight from the store (Redis, or the
+/// SQLite file), without a journal.
+pub(crate) async fn read_report(
+    config: &crate::Config,
+    redis: Option<Arc<RedisStore>>,
+    from: Day,
+    to: Day,
+    tenant: Option<&str>,
+    known: &[String],
+) -> Result<Report, String> {
+    let sink = match redis {
+        Some(r) => Sink::redis(r),
+        None => Sink::Sqlite(Arc::new(Sqlite::open_existing(&config.ledger.sqlite_path)?)),
+    };
+    let stored = sink
+        .read(from, to, tenant, known)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(report::build(stored))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::metering::{reconcile, Usage};
+    use crate::request::{Counts, Modality};
 
-    #[tokio::test]
-    async fn memory_ledger_aggregates_rows() {
-        let l = Ledger::new(None, Arc::new(Metrics::new().unwrap()));
-        let t: Arc<str> = Arc::from("search");
-        let mut items = crate::request::Counts::default();
-        items.set(Modality::Text, 2);
-        items.set(Modality::Audio, 1);
-        let weights = crate::config::Weights {
-            text: 1,
-            image: 1,
-            audio: 2,
-        };
-        let usage = Usage::of(items, &weights);
-        l.record(&t, CacheStatus::Miss, &usage);
-        l.record(&t, CacheStatus::Miss, &usage);
-        l.record(&t, CacheStatus::Hit, &usage);
+    fn usage(text: u64, audio: u64) -> Usage {
+        let mut items = Counts::default();
+        items.set(Modality::Text, text);
+        items.set(Modality::Audio, audio);
+        Usage::of(
+            items,
+            &crate::config::Weights {
+                text: 1,
+                image: 1,
+                audio: 2,
+            },
+        )
+    }
+
+    fn config(dir: &std::path::Path) -> LedgerConfig {
+        LedgerConfig {
+            journal: true,
+            journal_dir: dir.join("journal"),
+            fsync_interval: Duration::from_millis(10),
+            sqlite_path: dir.join("ledger.sqlite"),
+        }
+    }
+
+    fn units(r: &Report) -> u64 {
+        r.rows.iter().map(|r| r.units).sum()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn reports_read_their_own_writes_and_survive_a_lost_process() {
+        let dir = tempfile::tempdir().unwrap();
+        let metrics = Arc::new(Metrics::new().unwrap());
         let today = Day::today();
-        let rows = l.report(today, today, None, &[]).await.unwrap();
-        let day = today.to_string();
-        let row = |m, c, i, u| Row {
-            tenant: "search".into(),
-            day: day.clone(),
-            modality: m,
-            cache: c,
-            items: i,
-            units: u,
-        };
-        assert_eq!(
-            rows,
-            vec![
-                row("audio", "hit", 1, 2),
-                row("audio", "miss", 2, 4),
-                row("text", "hit", 2, 2),
-                row("text", "miss", 4, 4),
-            ]
-        );
-        assert!(to_csv(&rows).starts_with("tenant,day,modality,cache,items,units\nsearch,"));
+        let t: Arc<str> = Arc::from("search");
+        let l = Ledger::open(&config(dir.path()), None, metrics.clone()).unwrap();
+        for _ in 0..10 {
+            l.record(&t, CacheStatus::Miss, &reconcile(usage(1, 1), None));
+            l.record(&t, CacheStatus::Hit, &Reconciled::own(usage(1, 0)));
+        }
+        // At once, not after a flush: read-your-writes.
+        let r = l.report(today, today, None, &[]).await.unwrap();
+        assert_eq!(units(&r), 40);
+        assert_eq!(r.figures[0].mismatches, 10);
+        assert_eq!(r.figures[0].requests, 20);
         assert!(l
             .report(today, today, Some("ads"), &[])
             .await
             .unwrap()
+            .rows
             .is_empty());
+
+        // More rows, then the process "dies": nothing shipped them. The
+        // journal lock goes with the journal, as with a killed process.
+        l.record(&t, CacheStatus::Hit, &Reconciled::own(usage(5, 0)));
+        let journal = dir.path().join("journal");
+        let copy = dir.path().join("copy");
+        std::fs::create_dir(&copy).unwrap();
+        for e in std::fs::read_dir(&journal).unwrap() {
+            let p = e.unwrap().path();
+            std::fs::copy(&p, copy.join(p.file_name().unwrap())).unwrap();
+        }
+        drop(l);
+        // (The shipper task holds the old ledger; give the next one the
+        // copied journal, as a restart on the same disk would see it.)
+        let mut cfg = config(dir.path());
+        cfg.journal_dir = copy.clone();
+        std::fs::remove_file(copy.join("lock")).unwrap();
+        let l = Ledger::open(&cfg, None, metrics).unwrap();
+        let r = l.report(today, today, None, &[]).await.unwrap();
+        // The copy holds every row: 40 units shipped before, 5 not; the
+        // shipped ones are recognised by their ids.
+        assert_eq!(units(&r), 45);
+        // Once shipped, the leftover segments are deleted.
+        let left = std::fs::read_dir(&copy)
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .ends_with(".jnl")
+            })
+            .count();
+        assert_eq!(left, 1, "only the new process's own segment is left");
     }
 }
