@@ -44,6 +44,7 @@ use crate::redis_store::RedisStore;
 
 use journal::{Entry, Event, Journal, Leftover, Line, SegmentReader};
 pub(crate) use report::Report;
+use report::Sums;
 use store::{Batch, Fields, Sink, SinkError, Sqlite};
 
 /// How long the shipper gathers answers before a shipment.
@@ -83,7 +84,7 @@ struct Group {
     /// The batch being written; retried unchanged until confirmed.
     inflight: Option<InFlight>,
     /// Rows read since, summed.
-    pending: Fields,
+    pending: Sums,
     pending_rows: u64,
     /// The last row read.
     read_to: u64,
@@ -174,7 +175,7 @@ fn take(groups: &mut HashMap<GroupKey, Group>, metrics: &Metrics, line: Line) {
             if n <= g.applied || n <= g.read_to {
                 return;
             }
-            report::add_entry(&mut g.pending, &e);
+            g.pending.add(&e);
             g.pending_rows += 1;
             g.read_to = n;
         }
@@ -402,7 +403,7 @@ impl Ledger {
                 if g.inflight.is_none() && g.pending_rows > 0 {
                     g.inflight = Some(InFlight {
                         to: g.read_to,
-                        fields: std::mem::take(&mut g.pending),
+                        fields: std::mem::take(&mut g.pending).fields(),
                         rows: std::mem::take(&mut g.pending_rows),
                     });
                 }

@@ -74,28 +74,67 @@ pub(crate) fn field(modality: Modality, cache: CacheStatus, what: &str) -> Strin
     format!("{}|{}|{what}", modality.as_str(), cache.as_str())
 }
 
-/// Adds one answer to a group's fields.
-pub(crate) fn add_entry(fields: &mut Fields, e: &Entry) {
-    let c = e.cache;
-    let mut add = |k: String, v: u64| {
-        *fields.entry(k).or_default() += i64::try_from(v).unwrap_or(i64::MAX);
-    };
-    for m in Modality::ALL {
-        let (items, units, computed) = (e.items.get(m), e.units.get(m), e.computed.get(m));
-        if items > 0 || units > 0 {
-            add(field(m, c, "items"), items);
-            add(field(m, c, "units"), units);
-        }
-        if c != CacheStatus::Hit && computed > 0 {
-            add(field(m, c, "computed"), computed);
-        }
-        if e.upstream && units > 0 {
-            add(field(m, c, "upstream"), units);
-        }
+fn cache_index(c: CacheStatus) -> usize {
+    match c {
+        CacheStatus::Hit => 0,
+        CacheStatus::Miss => 1,
+        CacheStatus::Unknown => 2,
     }
-    add(format!("requests|{}", c.as_str()), 1);
-    if e.mismatch {
-        add(format!("mismatches|{}", c.as_str()), 1);
+}
+
+const CACHES: [CacheStatus; 3] = [CacheStatus::Hit, CacheStatus::Miss, CacheStatus::Unknown];
+
+/// Answers of one group summed in fixed slots (no allocation per answer);
+/// they become fields once per batch.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct Sums {
+    /// [cache][modality]: items, units, computed units, upstream units.
+    cells: [[[u64; 4]; 3]; 3],
+    requests: [u64; 3],
+    mismatches: [u64; 3],
+}
+
+impl Sums {
+    /// Adds one answer.
+    pub(crate) fn add(&mut self, e: &Entry) {
+        let c = cache_index(e.cache);
+        for (i, m) in Modality::ALL.into_iter().enumerate() {
+            let cell = &mut self.cells[c][i];
+            let units = e.units.get(m);
+            cell[0] += e.items.get(m);
+            cell[1] += units;
+            cell[2] += e.computed.get(m);
+            if e.upstream {
+                cell[3] += units;
+            }
+        }
+        self.requests[c] += 1;
+        self.mismatches[c] += u64::from(e.mismatch);
+    }
+
+    /// The fields these sums add to their group (zeros left out; the
+    /// gateway's own units of hits are their units, so not stored).
+    pub(crate) fn fields(&self) -> Fields {
+        let mut f = Fields::new();
+        let mut put = |k: String, v: u64| {
+            if v > 0 {
+                f.insert(k, i64::try_from(v).unwrap_or(i64::MAX));
+            }
+        };
+        for (ci, c) in CACHES.into_iter().enumerate() {
+            for (mi, m) in Modality::ALL.into_iter().enumerate() {
+                let [items, units, computed, upstream] = self.cells[ci][mi];
+                put(field(m, c, "items"), items);
+                put(field(m, c, "units"), units);
+                if c != CacheStatus::Hit {
+                    put(field(m, c, "computed"), computed);
+                }
+                put(field(m, c, "upstream"), upstream);
+            }
+            put(format!("requests|{}", c.as_str()), self.requests[ci]);
+            put(format!("mismatches|{}", c.as_str()), self.mismatches[ci]);
+        }
+        f
     }
 }
 
@@ -267,7 +306,6 @@ mod tests {
     fn fields_become_rows_and_figures() {
         let day = Day::from_days(20_000);
         let t: Arc<str> = Arc::from("search");
-        let mut fields = Fields::new();
         let answers: [(CacheStatus, Reconciled); 5] = [
             (CacheStatus::Hit, Reconciled::own(usage(2, 0, 1))),
             (
@@ -283,9 +321,11 @@ mod tests {
             (CacheStatus::Miss, reconcile(usage(0, 1, 0), None)),
             (CacheStatus::Unknown, Reconciled::own(usage(0, 0, 3))),
         ];
+        let mut sums = Sums::default();
         for (c, r) in &answers {
-            add_entry(&mut fields, &Entry::new(&t, day, *c, r));
+            sums.add(&Entry::new(&t, day, *c, r));
         }
+        let fields = sums.fields();
         let report = build(vec![Stored {
             tenant: "search".into(),
             day,
