@@ -811,6 +811,35 @@ mod tests {
         assert_eq!(seen, vec![true, false]);
     }
 
+    /// The cost of an append as the request path pays it (one formatted
+    /// line, one `write(2)` under the mutex), from two threads at once:
+    /// `cargo test --release --lib -- --ignored append_cost --nocapture`.
+    #[test]
+    #[ignore]
+    fn append_cost() {
+        let dir = tempfile::tempdir().unwrap();
+        for journal in [true, false] {
+            let mut cfg = config(dir.path());
+            cfg.journal = journal;
+            let (j, _) = Journal::open(&cfg, Arc::new(Metrics::new().unwrap())).unwrap();
+            let e = entry("search", CacheStatus::Hit);
+            let n = 200_000;
+            let start = Instant::now();
+            std::thread::scope(|s| {
+                for _ in 0..2 {
+                    s.spawn(|| {
+                        for _ in 0..n / 2 {
+                            j.append(&e);
+                        }
+                    });
+                }
+            });
+            let per = start.elapsed().as_nanos() / n;
+            println!("journal = {journal}: {per} ns per append (wall, 2 threads)");
+            drop(j.poll());
+        }
+    }
+
     #[test]
     fn without_a_journal_rows_are_in_memory() {
         let mut cfg = config(Path::new("/nonexistent"));

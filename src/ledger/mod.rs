@@ -168,6 +168,7 @@ fn take(groups: &mut HashMap<GroupKey, Group>, metrics: &Metrics, line: Line) {
     match line {
         Line::Damaged => {
             metrics.journal_damaged_rows.inc();
+            tracing::warn!("a journal line is torn or damaged (a power loss?) and is skipped");
         }
         Line::Row(n, e) => {
             let g = groups.entry((e.tenant.clone(), e.day)).or_default();
