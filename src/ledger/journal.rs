@@ -811,6 +811,66 @@ mod tests {
         assert_eq!(seen, vec![true, false]);
     }
 
+    #[test]
+    fn a_failed_append_keeps_the_row_in_memory_until_the_disk_is_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let metrics = Arc::new(Metrics::new().unwrap());
+        let (j, _) = Journal::open(&config(dir.path()), metrics.clone()).unwrap();
+        let e = entry("search", CacheStatus::Miss);
+        j.append(&e);
+        let first = j.current_run();
+        // A file that refuses writes stands in for a full or failing disk.
+        let ro = dir.path().join("read-only");
+        fs::write(&ro, b"").unwrap();
+        j.writer().target = Target::File(Arc::new(File::open(&ro).unwrap()));
+        j.append(&e);
+        j.append(&e);
+        assert_eq!(j.status(), "memory");
+        assert_eq!(
+            metrics.journal_errors.with_label_values(&["append"]).get(),
+            1
+        );
+        let second = j.current_run();
+        assert_ne!(first, second);
+        // The disk is tried again after a while.
+        j.writer().last_reopen = Instant::now() - REOPEN_EVERY;
+        j.maintain();
+        assert_eq!(j.status(), "ok");
+        j.append(&e);
+        let third = j.current_run();
+        let events = j.poll();
+        let order: Vec<String> = events
+            .iter()
+            .map(|ev| match ev {
+                Event::Segment { run, .. } => format!("segment {run}"),
+                Event::Memory { run, bytes } => {
+                    format!(
+                        "memory {run} {}",
+                        bytes.iter().filter(|&&b| b == b'\n').count()
+                    )
+                }
+                Event::Ended { run } => format!("ended {run}"),
+            })
+            .collect();
+        assert_eq!(
+            order,
+            vec![
+                format!("segment {first}"),
+                format!("ended {first}"),
+                format!("memory {second} 2"),
+                format!("ended {second}"),
+                format!("segment {third}"),
+            ]
+        );
+        // Every row is there once: one on the first segment, two in
+        // memory (numbered from 1 in their own run), one on the new segment.
+        let rows = read_all(&events);
+        assert_eq!(
+            rows.iter().map(|(n, _)| *n).collect::<Vec<_>>(),
+            vec![1, 1, 2, 1]
+        );
+    }
+
     /// The cost of an append as the request path pays it (one formatted
     /// line, one `write(2)` under the mutex), from two threads at once:
     /// `cargo test --release --lib -- --ignored append_cost --nocapture`.
