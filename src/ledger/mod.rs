@@ -258,8 +258,16 @@ impl Ledger {
                     let _ = tokio::time::timeout(Duration::from_secs(1), redis.wait_up()).await;
                 }
             }
-            let _round = self.round.lock().await;
-            self.ship_once().await;
+            // In a task of its own: a bug that panics costs one round, not
+            // the shipper.
+            let me = self.clone();
+            let round = tokio::spawn(async move {
+                let _round = me.round.lock().await;
+                me.ship_once().await
+            });
+            if let Err(e) = round.await {
+                tracing::error!(error = %e, "ledger shipment failed; trying again");
+            }
         }
     }
 
@@ -315,13 +323,17 @@ impl Ledger {
         self.blocking(Ledger::tidy).await
     }
 
-    /// Runs blocking file work off the async workers.
-    async fn blocking<T: Send + 'static>(self: &Arc<Self>, f: fn(&Ledger) -> T) -> T {
+    /// Runs blocking file work off the async workers. A panic in it (a
+    /// bug) is logged and counts as nothing done; the next round tries
+    /// again.
+    async fn blocking<T: Default + Send + 'static>(self: &Arc<Self>, f: fn(&Ledger) -> T) -> T {
         let me = self.clone();
         match tokio::task::spawn_blocking(move || f(&me)).await {
             Ok(v) => v,
-            // Only a panic gets here; do the work here instead.
-            Err(_) => f(self),
+            Err(e) => {
+                tracing::error!(error = %e, "ledger file work failed");
+                T::default()
+            }
         }
     }
 
