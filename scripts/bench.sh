@@ -118,10 +118,11 @@ log "fake upstream $FAKE"
 
 DIGEST=$(printf %s "$KEY" | "$BIN" hash-key)
 
-start_gateway() { # NAME REDIS_LINE [LIMITS=1] -> sets GW_URL, GW_PID
-  local name=$1 redis_line=$2 limits=${3:-1} drop='^$^'
+start_gateway() { # NAME REDIS_LINE [LIMITS=1] [JOURNAL=true] -> sets GW_URL, GW_PID
+  local name=$1 redis_line=$2 limits=${3:-1} journal=${4:-true} drop='^$^'
   [ "$limits" = 1 ] || drop='^(rate|quota) = '
   sed -e "s|@UPSTREAM@|$FAKE|" -e "s|@KEY_SHA256@|$DIGEST|" -e "s|@REDIS_LINE@|$redis_line|" \
+    -e "s|@JOURNAL@|$journal|" -e "s|@DATA@|$WORK/$name.data|" \
     "$ROOT/scripts/bench/gateway.toml.tmpl" | grep -Ev "$drop" >"$WORK/$name.toml"
   "$BIN" check-config "$WORK/$name.toml" >/dev/null || die "bad generated config $WORK/$name.toml"
   BENCH_UPSTREAM_KEY=bench-upstream-key EMBEDGATE_LOG=warn \
@@ -138,6 +139,11 @@ GW=$GW_URL; GW_PID_MEM=$GW_PID
 # limit checks on the hit path.
 start_gateway gwn "" 0
 GWN=$GW_URL; GW_PID_NOLIM=$GW_PID
+# The same gateway with ledger.journal = false: the cost of appending every
+# metered answer to the journal (one write(2) per answer, fsync in the
+# background) on the hit path.
+start_gateway gwj "" 1 false
+GWJ=$GW_URL; GW_PID_NOJOURNAL=$GW_PID
 
 if [ "$USE_REDIS" = 1 ]; then
   mkdir -p "$WORK/redis"
@@ -202,6 +208,7 @@ warm_hit() { # URL HEADER_NAME AUTH...: repeats until the answer says HIT
 AUTH="Bearer $KEY"
 warm_hit "$GW" x-cache -H "Authorization: $AUTH"
 warm_hit "$GWN" x-cache -H "Authorization: $AUTH"
+warm_hit "$GWJ" x-cache -H "Authorization: $AUTH"
 [ "$USE_REDIS" = 1 ] && warm_hit "$GWR" x-cache -H "Authorization: $AUTH"
 warm_hit "$NG" x-cache-status -H "Authorization: $AUTH"
 RESP_BYTES=$(curl -sS -m 10 "$GW$API_PATH" -H "Authorization: $AUTH" -H 'Content-Type: application/json' -d "$BODY" | wc -c)
@@ -248,6 +255,8 @@ for ((r = 1; r <= ROUNDS; r++)); do
   run hit_nginx "$r" "$NG" post.lua "$CONNS" "$THREADS" "$SECS" "$AUTH" "${NGINX_PIDS[@]}"
   warm_hit "$GWN" x-cache -H "Authorization: $AUTH"
   run hit_gwn "$r" "$GWN" post.lua "$CONNS" "$THREADS" "$SECS" "$AUTH" "$GW_PID_NOLIM"
+  warm_hit "$GWJ" x-cache -H "Authorization: $AUTH"
+  run hit_gwj "$r" "$GWJ" post.lua "$CONNS" "$THREADS" "$SECS" "$AUTH" "$GW_PID_NOJOURNAL"
   if [ "$USE_REDIS" = 1 ]; then
     warm_hit "$GWR" x-cache -H "Authorization: $AUTH"
     run hit_gwr "$r" "$GWR" post.lua "$CONNS" "$THREADS" "$SECS" "$AUTH" "${GWR_P[@]}"
@@ -337,6 +346,10 @@ END {
   printf "%-11s: hit with rate+quota vs without: ratio %.2f (rounds%s), p50 %+.3f ms, cpu %+.1f us/req\n", "limits cost",
     RPS("hit_gw") / RPS("hit_gwn"), rounds_ratio("hit_gw", "hit_gwn"), P50("hit_gw") - P50("hit_gwn"),
     CPU("hit_gw") - CPU("hit_gwn")
+  hitline("hit nojournal", "hit_gwj")
+  printf "%-11s: hit with journal vs without (ledger.journal = false): ratio %.2f (rounds%s), p50 %+.3f ms, cpu %+.1f us/req\n", "journal cost",
+    RPS("hit_gw") / RPS("hit_gwj"), rounds_ratio("hit_gw", "hit_gwj"), P50("hit_gw") - P50("hit_gwj"),
+    CPU("hit_gw") - CPU("hit_gwj")
   if (redis == 1) hitline("hit redis", "hit_gwr")
   missline("miss -c" c, "miss_gw", "miss_direct")
   if (redis == 1) missline("miss redis", "miss_gwr", "miss_direct")

@@ -1,7 +1,10 @@
 //! Admin routes under `/admin/`, behind the admin token (compared by
 //! digest). Without `[admin]` in config they answer 404.
 //!
-//! `GET /admin/usage?from=YYYY-MM-DD&to=YYYY-MM-DD[&tenant=NAME][&format=csv]`
+//! `GET /admin/usage?from=YYYY-MM-DD&to=YYYY-MM-DD[&tenant=NAME][&format=csv][&view=reconciliation]`
+//!
+//! JSON: `{"from","to","rows":[…],"reconciliation":[…]}`; CSV: the rows, or
+//! with `view=reconciliation` the figures per tenant and day.
 
 use std::sync::Arc;
 
@@ -14,7 +17,8 @@ use crate::app::App;
 use crate::body::{self, Body, ReqBody};
 use crate::date::Day;
 use crate::error::GatewayError;
-use crate::ledger::to_csv;
+use crate::ledger::export;
+use crate::ledger::report::{self, Report};
 use crate::request_id;
 
 /// A report is one pipeline per tenant; a year of days keeps it bounded.
@@ -56,6 +60,19 @@ pub(crate) struct UsageQuery {
     pub(crate) to: Day,
     pub(crate) tenant: Option<String>,
     pub(crate) csv: bool,
+    /// CSV of the reconciliation figures instead of the rows.
+    pub(crate) reconciliation: bool,
+}
+
+impl UsageQuery {
+    /// The report as its answer's body and content type.
+    pub(crate) fn render(&self, r: &Report) -> (String, &'static str) {
+        match (self.csv, self.reconciliation) {
+            (true, false) => (report::rows_csv(&r.rows), "text/csv; charset=utf-8"),
+            (true, true) => (report::figures_csv(&r.figures), "text/csv; charset=utf-8"),
+            (false, _) => (report::json(self.from, self.to, r), "application/json"),
+        }
+    }
 }
 
 impl UsageQuery {
@@ -65,6 +82,7 @@ impl UsageQuery {
         let mut to = None;
         let mut tenant = None;
         let mut csv = false;
+        let mut reconciliation = false;
         for pair in query.split('&').filter(|p| !p.is_empty()) {
             let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
             let v = percent_decode(v);
@@ -84,9 +102,20 @@ impl UsageQuery {
                         }
                     }
                 }
+                "view" => {
+                    reconciliation = match v.as_str() {
+                        "reconciliation" => true,
+                        "rows" | "" => false,
+                        _ => {
+                            return Err(GatewayError::InvalidParameter(
+                                "view must be rows or reconciliation".into(),
+                            ))
+                        }
+                    }
+                }
                 other => {
                     return Err(GatewayError::InvalidParameter(format!(
-                        "unknown parameter `{}`; use from, to, tenant, format",
+                        "unknown parameter `{}`; use from, to, tenant, format, view",
                         other.chars().take(32).collect::<String>()
                     )))
                 }
@@ -112,6 +141,7 @@ impl UsageQuery {
             to,
             tenant,
             csv,
+            reconciliation,
         })
     }
 }
@@ -123,7 +153,7 @@ fn day_param(name: &str, v: &str) -> Result<Day, GatewayError> {
 
 async fn usage(app: &App, query: &str, known: &[String]) -> Result<Response<Body>, GatewayError> {
     let q = UsageQuery::parse(query)?;
-    let rows = app
+    let r = app
         .ledger
         .report(q.from, q.to, q.tenant.as_deref(), known)
         .await
@@ -131,65 +161,152 @@ async fn usage(app: &App, query: &str, known: &[String]) -> Result<Response<Body
             tracing::warn!(error = %e, "usage report failed");
             GatewayError::StoreUnavailable
         })?;
-    let (body, ct) = if q.csv {
-        (Bytes::from(to_csv(&rows)), "text/csv; charset=utf-8")
-    } else {
-        let v = serde_json::json!({
-            "from": q.from.to_string(),
-            "to": q.to.to_string(),
-            "rows": rows,
-        });
-        (Bytes::from(v.to_string()), "application/json")
-    };
-    Ok(body::with_body(StatusCode::OK, ct, body))
+    let (body, ct) = q.render(&r);
+    Ok(body::with_body(StatusCode::OK, ct, Bytes::from(body)))
 }
 
-/// `embedgate usage`: the report straight from the ledger in Redis, as
-/// the CLI prints it (JSON or CSV). Errors are the message to print.
-pub async fn usage_report(
-    config: &crate::Config,
-    from: &str,
-    to: &str,
-    tenant: Option<&str>,
-    format: &str,
-) -> Result<String, String> {
-    let mut query = format!("from={from}&to={to}&format={format}");
-    if let Some(t) = tenant {
-        query.push_str(&format!("&tenant={t}"));
+/// The arguments of `embedgate usage`.
+#[derive(Debug, Clone, Default)]
+pub struct UsageArgs {
+    /// First and last day (`YYYY-MM-DD`); required for a report, the
+    /// export's own days by default with `reconcile`.
+    pub from: Option<String>,
+    pub to: Option<String>,
+    pub tenant: Option<String>,
+    /// `json` (default) or `csv`.
+    pub format: Option<String>,
+    /// `rows` (default) or `reconciliation` (CSV).
+    pub view: Option<String>,
+    /// The text of an upstream usage export to compare the ledger with.
+    pub reconcile: Option<String>,
+}
+
+/// What `embedgate usage` prints.
+#[derive(Debug, Clone)]
+pub struct UsageOutput {
+    /// For stdout.
+    pub text: String,
+    /// For stderr: things the reader of the report should know.
+    pub notes: Vec<String>,
+    /// With `reconcile`: compared keys whose status is `mismatch`.
+    pub mismatches: usize,
+}
+
+/// `embedgate usage`: the report straight from the ledger (Redis, or the
+/// SQLite file without Redis), as the CLI prints it, or with `reconcile`
+/// its comparison with an upstream usage export. Errors are the message to
+/// print.
+pub async fn usage_report(config: &crate::Config, args: &UsageArgs) -> Result<UsageOutput, String> {
+    let mut notes = Vec::new();
+    if let Some(n) = crate::ledger::journal_note(&config.ledger) {
+        notes.push(n);
     }
-    let q = UsageQuery::parse(&query).map_err(|e| e.message())?;
-    // The ledger lives in the state's Redis (state.redis_url, which
-    // defaults to cache.redis_url).
-    let Some(url) = &config.state.redis_url else {
-        return Err("no state.redis_url or cache.redis_url in the config; without Redis the ledger lives in the gateway process (GET /admin/usage)".into());
-    };
-    let metrics = Arc::new(crate::metrics::Metrics::new().map_err(|e| e.to_string())?);
-    let redis = crate::redis_store::RedisStore::start(
-        url,
-        config.state.redis_cluster,
-        CLI_REDIS_TIMEOUT,
-        crate::redis_store::Holds::State,
-        metrics.clone(),
-    )?;
-    if tokio::time::timeout(CLI_REDIS_WAIT, redis.wait_up())
-        .await
-        .is_err()
-    {
-        return Err("Redis is not reachable".into());
-    }
-    let ledger = crate::ledger::Ledger::new(Some(redis), metrics);
     let names: Vec<String> = config.tenants.iter().map(|t| t.name.clone()).collect();
-    let rows = ledger
-        .report(q.from, q.to, q.tenant.as_deref(), &names)
-        .await
-        .map_err(|e| e.to_string())?;
-    Ok(if q.csv {
-        to_csv(&rows)
-    } else {
-        let v =
-            serde_json::json!({"from": q.from.to_string(), "to": q.to.to_string(), "rows": rows});
-        format!("{v}\n")
+    let Some(export_text) = &args.reconcile else {
+        let (Some(from), Some(to)) = (&args.from, &args.to) else {
+            return Err("--from and --to are required (YYYY-MM-DD)".into());
+        };
+        let mut query = format!("from={from}&to={to}");
+        for (k, v) in [
+            ("format", &args.format),
+            ("view", &args.view),
+            ("tenant", &args.tenant),
+        ] {
+            if let Some(v) = v {
+                query.push_str(&format!("&{k}={v}"));
+            }
+        }
+        let q = UsageQuery::parse(&query).map_err(|e| e.message())?;
+        let r = cli_report(config, q.from, q.to, q.tenant.as_deref(), &names).await?;
+        let (mut text, _) = q.render(&r);
+        if !q.csv {
+            text.push('\n');
+        }
+        return Ok(UsageOutput {
+            text,
+            notes,
+            mismatches: 0,
+        });
+    };
+    if args.tenant.is_some() || args.format.is_some() || args.view.is_some() {
+        return Err("--reconcile compares every tenant and prints CSV: leave out --tenant, --format and --view".into());
+    }
+    let export = export::parse(export_text)?;
+    let Some((first, last)) = export.days() else {
+        return Err("the export has no lines after its header".into());
+    };
+    let day = |name: &str, v: &Option<String>, default: Day| match v {
+        Some(v) => day_param(name, v).map_err(|e| e.message()),
+        None => Ok(default),
+    };
+    let from = day("from", &args.from, first)?;
+    let to = day("to", &args.to, last)?;
+    let mut query = format!("from={from}&to={to}");
+    query.push_str("&view=reconciliation");
+    UsageQuery::parse(&query).map_err(|e| e.message())?;
+    let outside = export
+        .units
+        .keys()
+        .filter(|(d, _)| *d < from || *d > to)
+        .count();
+    if outside > 0 {
+        notes.push(format!(
+            "{outside} export lines are outside {from}..{to} and were not compared"
+        ));
+    }
+    let r = cli_report(config, from, to, None, &names).await?;
+    let workspace_of = |tenant: &str| {
+        config
+            .tenant(tenant)
+            .and_then(|t| t.workspace.clone())
+            .unwrap_or_default()
+    };
+    let diffs = export::compare(&export, &r.figures, from, to, &workspace_of);
+    let mismatches = diffs.iter().filter(|d| d.status() == "mismatch").count();
+    notes.push(format!(
+        "{} compared, {} ok, {} explained by unknown outcomes, {mismatches} mismatched",
+        diffs.len(),
+        diffs.iter().filter(|d| d.status() == "ok").count(),
+        diffs.iter().filter(|d| d.status() == "unknown").count(),
+    ));
+    Ok(UsageOutput {
+        text: export::to_csv(export.by, &diffs),
+        notes,
+        mismatches,
     })
+}
+
+/// The report from the ledger's store, for the CLI.
+async fn cli_report(
+    config: &crate::Config,
+    from: Day,
+    to: Day,
+    tenant: Option<&str>,
+    names: &[String],
+) -> Result<Report, String> {
+    // The ledger lives in the state's Redis (state.redis_url, which
+    // defaults to cache.redis_url), else in SQLite.
+    let redis = match &config.state.redis_url {
+        None => None,
+        Some(url) => {
+            let metrics = Arc::new(crate::metrics::Metrics::new().map_err(|e| e.to_string())?);
+            let redis = crate::redis_store::RedisStore::start(
+                url,
+                config.state.redis_cluster,
+                CLI_REDIS_TIMEOUT,
+                crate::redis_store::Holds::State,
+                metrics,
+            )?;
+            if tokio::time::timeout(CLI_REDIS_WAIT, redis.wait_up())
+                .await
+                .is_err()
+            {
+                return Err("Redis is not reachable".into());
+            }
+            Some(redis)
+        }
+    };
+    crate::ledger::read_report(config, redis, from, to, tenant, names).await
 }
 
 /// The CLI waits this long per Redis call; it has no request deadline.

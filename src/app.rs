@@ -13,7 +13,7 @@ use crate::config::Config;
 use crate::fair_share::TenantSlots;
 use crate::ledger::Ledger;
 use crate::limits::Limits;
-use crate::metering::{CacheStatus, Usage};
+use crate::metering::{CacheStatus, Reconciled, Usage};
 use crate::metrics::Metrics;
 use crate::redis_store::{Holds, RedisStore};
 use crate::tenants::TenantTable;
@@ -50,7 +50,8 @@ pub(crate) struct App {
 
 impl App {
     /// Builds the state; must run inside a tokio runtime (it starts the
-    /// Redis connector and the ledger writer).
+    /// Redis connector and the ledger's shipper). Fails when the ledger's
+    /// journal or database cannot be opened (the message says why).
     pub(crate) fn new(config: Config) -> Result<Arc<App>, String> {
         let metrics = Arc::new(Metrics::new().map_err(|e| format!("metrics: {e}"))?);
         let (cache_redis, state_redis) = stores(&config, &metrics)?;
@@ -65,7 +66,7 @@ impl App {
             config.limits.quota_on_store_error,
             metrics.clone(),
         );
-        let ledger = Ledger::new(state_redis.clone(), metrics.clone());
+        let ledger = Ledger::open(&config.ledger, state_redis.clone(), metrics.clone())?;
         let tenants = ArcSwap::from_pointee(TenantTable::build(&config, &config.server));
         let in_flight = Arc::new(Semaphore::new(config.server.max_in_flight));
         let upstream_slots = Arc::new(Semaphore::new(config.server.max_in_flight));
@@ -88,7 +89,7 @@ impl App {
     }
 
     /// Upstream attempts of unknown outcome for one request: counted, and
-    /// their possible cost in the ledger as `unknown`.
+    /// their possible cost in the ledger (journaled) as `unknown`.
     pub(crate) fn meter_unknown(&self, tenant: &Arc<str>, attempts: u32, exposure: &Usage) {
         self.metrics
             .upstream_unknown_outcomes
@@ -98,13 +99,16 @@ impl App {
             .unknown_outcome_units
             .with_label_values(&[tenant])
             .inc_by(exposure.total());
-        self.ledger.record(tenant, CacheStatus::Unknown, exposure);
+        self.ledger
+            .record(tenant, CacheStatus::Unknown, &Reconciled::own(*exposure));
     }
 
-    /// Counters and ledger for one successful answer.
-    pub(crate) fn meter(&self, tenant: &Arc<str>, cache: CacheStatus, usage: &Usage) {
-        self.metrics.record_usage(tenant, cache, usage);
-        self.ledger.record(tenant, cache, usage);
+    /// Counters and ledger for one successful answer; returns once it is
+    /// in the journal, so the caller may send the answer.
+    pub(crate) fn meter(&self, tenant: &Arc<str>, cache: CacheStatus, r: &Reconciled) {
+        self.metrics.record_usage(tenant, cache, &r.record);
+        self.metrics.record_reconciliation(tenant, cache, r);
+        self.ledger.record(tenant, cache, r);
     }
 
     /// Applies a reloaded config's tenants and admin token. Settings that
@@ -151,6 +155,9 @@ impl App {
         }
         if c.metering.weights != new.metering.weights {
             restart.push("metering.weights");
+        }
+        if c.ledger != new.ledger {
+            restart.push("ledger");
         }
         restart
     }

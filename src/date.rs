@@ -22,6 +22,11 @@ impl Day {
         self.0
     }
 
+    /// The day `days` days after 1970-01-01 (the inverse of [`Day::days`]).
+    pub(crate) fn from_days(days: i64) -> Day {
+        Day(days)
+    }
+
     pub(crate) fn ymd(self) -> (i64, u32, u32) {
         let z = self.0 + 719_468;
         let era = z.div_euclid(146_097);

@@ -12,7 +12,7 @@
 //! 4. **quota**: the request's units reserved before upstream (429);
 //! 5. **upstream**: with retries; only a real success is accepted;
 //! 6. **metering**: upstream's usage is the record, into the metrics and
-//!    the ledger.
+//!    the ledger's journal, before the answer is sent.
 //!
 //! 4–6 run in their own task: a client that hangs up does not cancel a
 //! call the company pays for, so it is still cached and metered.
@@ -37,7 +37,7 @@ use crate::config::CacheScope;
 use crate::error::{Fault, GatewayError};
 use crate::fault;
 use crate::forwarded::ForwardedHeaders;
-use crate::metering::{self, CacheStatus, Usage};
+use crate::metering::{self, CacheStatus, Reconciled, Usage};
 use crate::request::{EmbeddingRequest, ParseRules};
 use crate::request_id;
 use crate::response::{self, Framing};
@@ -263,7 +263,7 @@ async fn answer_hit(
         }
     }
     seen.cache = Some(CacheStatus::Hit);
-    app.meter(&tenant.name, CacheStatus::Hit, &usage);
+    app.meter(&tenant.name, CacheStatus::Hit, &Reconciled::own(usage));
     Ok(Answer {
         body: response::hit_body(&embedding, &usage, request_id),
         request_id: request_id.to_string(),
@@ -351,7 +351,7 @@ impl Miss {
                     self.app.limits.settle(r, spent).await;
                 }
                 self.app
-                    .meter(&self.tenant.name, CacheStatus::Miss, &record);
+                    .meter(&self.tenant.name, CacheStatus::Miss, &reconciled);
                 (
                     Ok(Answer {
                         body: success.body,

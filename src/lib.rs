@@ -29,11 +29,13 @@
 //!   - [`upstream`]: the DashScope client with retries, and the parsing of
 //!     its answers;
 //!   - [`metering`]: the [`Usage`](metering::Usage) of an answer, recorded
-//!     in [`metrics`] and the [`ledger`];
+//!     in [`metrics`] and the [`ledger`] (its journal on disk before the
+//!     answer is sent; shipped to Redis or SQLite exactly once);
 //!   - [`response`]: answers rendered as JSON or SSE, with their headers.
 //! - [`uploads`]: the SDK's upload-policy call: only `getPolicy` for a
 //!   served model is forwarded, at the tenant's own uploads rate.
-//! - [`admin`]: usage reports.
+//! - [`admin`]: usage reports, and the `embedgate usage` command
+//!   (reports, and `--reconcile` against upstream's usage export).
 //!
 //! Support: [`config`] (TOML, validated), [`reload`] (SIGHUP, file watch),
 //! [`redis_store`] (the shared Redis connection), [`error`] (the one error
@@ -43,9 +45,9 @@
 //! lossy log queue and its writer thread), `fuzzing` (entry points for the
 //! `cargo fuzz` targets in `fuzz/`; hidden, not part of the API).
 //!
-//! The library's API is what the `embedgate` command needs: [`run`],
-//! [`Config`], [`Digest`], [`usage_report`] and [`LogQueue`]; [`Stopped`]
-//! says how a run ended.
+//! The library's API is what the `embedgate` command needs: [`Gateway`]
+//! (and [`run`]), [`Config`], [`Digest`], [`usage_report`] and
+//! [`LogQueue`]; [`Stopped`] says how a run ended.
 
 mod access_log;
 mod admin;
@@ -92,7 +94,7 @@ mod upstream;
 use std::future::Future;
 use tokio::net::TcpListener;
 
-pub use admin::usage_report;
+pub use admin::{usage_report, UsageArgs, UsageOutput};
 pub use config::Config;
 pub use log_writer::{LogGuard, LogQueue, DEFAULT_QUEUE_LINES};
 pub use secret::Digest;
@@ -108,25 +110,55 @@ pub enum Stopped {
     Unshipped,
 }
 
-/// Runs the gateway on already-bound listeners until `shutdown` resolves.
-/// Tests bind `127.0.0.1:0` and pass the listener in.
+/// The gateway's state, opened before it listens: a journal directory in
+/// use by another process, or a ledger that cannot be opened, stops the
+/// start here.
+pub struct Gateway {
+    app: std::sync::Arc<app::App>,
+}
+
+impl Gateway {
+    /// Opens everything the gateway needs (Redis connects in the
+    /// background). Must run inside a tokio runtime.
+    pub fn open(config: Config) -> Result<Gateway, String> {
+        Ok(Gateway {
+            app: app::App::new(config)?,
+        })
+    }
+
+    /// Serves on already-bound listeners until `shutdown` resolves. Tests
+    /// bind `127.0.0.1:0` and pass the listener in.
+    pub async fn run(
+        self,
+        listener: TcpListener,
+        metrics_listener: Option<TcpListener>,
+        shutdown: impl Future<Output = ()>,
+    ) -> Stopped {
+        let app = self.app;
+        let watcher = tokio::spawn(reload::watch(app.clone()));
+        let summaries = tokio::spawn(access_log::summarise_refusals(app.clone()));
+        let shipped = server::serve(app.clone(), listener, metrics_listener, shutdown).await;
+        watcher.abort();
+        summaries.abort();
+        // The refusals suppressed since the last summary.
+        app.refusal_lines.summarise();
+        if shipped {
+            Stopped::Clean
+        } else {
+            Stopped::Unshipped
+        }
+    }
+}
+
+/// Opens the gateway and runs it on already-bound listeners until
+/// `shutdown` resolves.
 pub async fn run(
     config: Config,
     listener: TcpListener,
     metrics_listener: Option<TcpListener>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<Stopped, String> {
-    let app = app::App::new(config)?;
-    let watcher = tokio::spawn(reload::watch(app.clone()));
-    let summaries = tokio::spawn(access_log::summarise_refusals(app.clone()));
-    let shipped = server::serve(app.clone(), listener, metrics_listener, shutdown).await;
-    watcher.abort();
-    summaries.abort();
-    // The refusals suppressed since the last summary.
-    app.refusal_lines.summarise();
-    Ok(if shipped {
-        Stopped::Clean
-    } else {
-        Stopped::Unshipped
-    })
+    Ok(Gateway::open(config)?
+        .run(listener, metrics_listener, shutdown)
+        .await)
 }

@@ -13,7 +13,9 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use tokio::net::TcpListener;
 
-use embedgate::{Config, Digest, LogGuard, LogQueue, Stopped, DEFAULT_QUEUE_LINES};
+use embedgate::{
+    Config, Digest, Gateway, LogGuard, LogQueue, Stopped, UsageArgs, DEFAULT_QUEUE_LINES,
+};
 
 /// Exit status of a run that stopped with something unshipped.
 const EXIT_UNSHIPPED: u8 = 3;
@@ -43,20 +45,34 @@ enum Command {
         /// The config file.
         path: PathBuf,
     },
-    /// Print usage rows from the ledger in Redis.
+    /// Print the usage ledger (Redis, or the SQLite file without Redis), or
+    /// compare it with upstream's usage export.
     Usage {
-        /// First day, YYYY-MM-DD (UTC).
+        /// First day, YYYY-MM-DD (UTC); with --reconcile, the export's first
+        /// day by default.
         #[arg(long)]
-        from: String,
-        /// Last day, YYYY-MM-DD (UTC).
+        from: Option<String>,
+        /// Last day, YYYY-MM-DD (UTC); with --reconcile, the export's last
+        /// day by default.
         #[arg(long)]
-        to: String,
+        to: Option<String>,
         /// Only this tenant.
         #[arg(long)]
         tenant: Option<String>,
-        /// json or csv.
-        #[arg(long, default_value = "json")]
-        format: String,
+        /// json (default) or csv.
+        #[arg(long)]
+        format: Option<String>,
+        /// rows (default) or reconciliation: per tenant and day, the units
+        /// served from cache, billed by upstream, computed by the gateway,
+        /// of unknown outcome, and mismatches (CSV with --format csv).
+        #[arg(long)]
+        view: Option<String>,
+        /// Compare the ledger with upstream's usage export, a CSV file with
+        /// a header: day,units, or day,workspace,units, or day,tenant,units
+        /// (other columns ignored). Prints the comparison per day as CSV;
+        /// exit status 1 when a day does not match.
+        #[arg(long, value_name = "FILE")]
+        reconcile: Option<PathBuf>,
     },
 }
 
@@ -82,7 +98,27 @@ fn main() -> ExitCode {
             to,
             tenant,
             format,
-        } => with_runtime(usage(cli.config, from, to, tenant, format)),
+            view,
+            reconcile,
+        } => {
+            let reconcile = match reconcile.map(|p| (std::fs::read_to_string(&p), p)) {
+                None => None,
+                Some((Ok(text), _)) => Some(text),
+                Some((Err(e), p)) => {
+                    eprintln!("embedgate usage: --reconcile {}: {e}", p.display());
+                    return ExitCode::from(2);
+                }
+            };
+            let args = UsageArgs {
+                from,
+                to,
+                tenant,
+                format,
+                view,
+                reconcile,
+            };
+            with_runtime(usage(cli.config, args))
+        }
     }
 }
 
@@ -194,14 +230,31 @@ async fn run(path: Option<PathBuf>) -> ExitCode {
     if config.tenants.is_empty() {
         tracing::warn!("no tenants configured: every API request will get 401");
     }
-    let listener = match TcpListener::bind(config.server.listen).await {
-        Ok(l) => l,
+    let listen = config.server.listen;
+    let metrics_listen = config.server.metrics_listen;
+    let tenants = config.tenants.len();
+    let cache = if config.cache.redis_url.is_some() {
+        "redis"
+    } else {
+        "memory"
+    };
+    // The journal and ledger first: a directory in use by another process
+    // stops the start before anything listens.
+    let gateway = match Gateway::open(config) {
+        Ok(g) => g,
         Err(e) => {
-            eprintln!("embedgate: server.listen {}: {e}", config.server.listen);
+            eprintln!("embedgate: {e}");
             return ExitCode::FAILURE;
         }
     };
-    let metrics_listener = match config.server.metrics_listen {
+    let listener = match TcpListener::bind(listen).await {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("embedgate: server.listen {listen}: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let metrics_listener = match metrics_listen {
         Some(addr) => match TcpListener::bind(addr).await {
             Ok(l) => Some(l),
             Err(e) => {
@@ -223,25 +276,24 @@ async fn run(path: Option<PathBuf>) -> ExitCode {
     drop(out);
     tracing::info!(
         listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
-        tenants = config.tenants.len(),
-        cache = if config.cache.redis_url.is_some() { "redis" } else { "memory" },
+        tenants,
+        cache,
         "embedgate started"
     );
-    match embedgate::run(config, listener, metrics_listener, shutdown_signal()).await {
-        Ok(Stopped::Clean) => {
+    match gateway
+        .run(listener, metrics_listener, shutdown_signal())
+        .await
+    {
+        Stopped::Clean => {
             tracing::info!("embedgate stopped");
             ExitCode::SUCCESS
         }
-        Ok(Stopped::Unshipped) => {
+        Stopped::Unshipped => {
             tracing::error!(
                 status = EXIT_UNSHIPPED,
                 "embedgate stopped with work unshipped (see above)"
             );
             ExitCode::from(EXIT_UNSHIPPED)
-        }
-        Err(e) => {
-            eprintln!("embedgate: {e}");
-            ExitCode::FAILURE
         }
     }
 }
@@ -271,21 +323,22 @@ async fn shutdown_signal() {
     }
 }
 
-async fn usage(
-    path: Option<PathBuf>,
-    from: String,
-    to: String,
-    tenant: Option<String>,
-    format: String,
-) -> ExitCode {
+async fn usage(path: Option<PathBuf>, args: UsageArgs) -> ExitCode {
     let config = match load(path) {
         Ok(c) => c,
         Err(code) => return code,
     };
-    match embedgate::usage_report(&config, &from, &to, tenant.as_deref(), &format).await {
-        Ok(report) => {
-            print!("{report}");
-            ExitCode::SUCCESS
+    match embedgate::usage_report(&config, &args).await {
+        Ok(out) => {
+            print!("{}", out.text);
+            for n in &out.notes {
+                eprintln!("embedgate usage: {n}");
+            }
+            if out.mismatches > 0 {
+                ExitCode::from(1)
+            } else {
+                ExitCode::SUCCESS
+            }
         }
         Err(e) => {
             eprintln!("embedgate usage: {e}");

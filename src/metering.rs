@@ -11,13 +11,16 @@
 use crate::config::Weights;
 use crate::request::{Counts, Modality};
 
-/// Cache status of an answer, as in the `cache` label and `X-Cache`.
+/// Cache status of an answer, as in the `cache` label and `X-Cache`, and
+/// of a ledger row.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub(crate) enum CacheStatus {
     Hit,
     Miss,
-    /// An upstream attempt sent whose outcome is unknown (timed out, reset,
-    /// body failed): upstream may have billed it. Ledger rows only.
+    /// An upstream call whose outcome is not known (sent, then timed out or
+    /// reset): DashScope may have billed it. A row status of the ledger and
+    /// a `cache` label value of the usage counters (the answer itself is an
+    /// error, `X-Cache: MISS`).
     Unknown,
 }
 
@@ -93,20 +96,39 @@ impl Usage {
     }
 }
 
-/// The record of a miss: upstream's usage when it gave one, else the
-/// gateway's.
+/// What is metered for one answer: the record, and the figures it is
+/// reconciled from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Reconciled {
+    /// Upstream's usage when it gave one, else the gateway's.
     pub(crate) record: Usage,
+    /// The gateway's own figure (Σ items × weight of the request).
+    pub(crate) computed: Usage,
+    /// `record` is upstream's usage block.
+    pub(crate) upstream: bool,
     /// Upstream's usage disagreed with the gateway's, or was missing:
     /// counted (`embedgate_usage_mismatch_total`) and logged, never hidden.
     pub(crate) mismatch: bool,
+}
+
+impl Reconciled {
+    /// An answer with the gateway's own figure only (a hit).
+    pub(crate) fn own(usage: Usage) -> Reconciled {
+        Reconciled {
+            record: usage,
+            computed: usage,
+            upstream: false,
+            mismatch: false,
+        }
+    }
 }
 
 pub(crate) fn reconcile(expected: Usage, upstream: Option<Usage>) -> Reconciled {
     let record = upstream.unwrap_or(expected);
     Reconciled {
         record,
+        computed: expected,
+        upstream: upstream.is_some(),
         mismatch: upstream.is_none() || record != expected,
     }
 }
@@ -148,10 +170,16 @@ mod tests {
         let expected = Usage::of(counts(1, 0, 1), &W);
         let same = reconcile(expected, Some(expected));
         assert_eq!((same.record, same.mismatch), (expected, false));
+        assert!(same.upstream);
         let billed = Usage::of(counts(1, 0, 2), &W);
         let more = reconcile(expected, Some(billed));
         assert_eq!((more.record, more.mismatch), (billed, true));
+        assert_eq!(more.computed, expected);
         let none = reconcile(expected, None);
         assert_eq!((none.record, none.mismatch), (expected, true));
+        assert!(!none.upstream);
+        let hit = Reconciled::own(expected);
+        assert_eq!((hit.record, hit.computed), (expected, expected));
+        assert!(!hit.upstream && !hit.mismatch);
     }
 }

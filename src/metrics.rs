@@ -14,7 +14,7 @@ use prometheus::{
 
 use crate::log_writer::LOG_LINES_DROPPED;
 
-use crate::metering::{CacheStatus, Usage};
+use crate::metering::{CacheStatus, Reconciled, Usage};
 use crate::request::Modality;
 
 /// Label for requests that never got as far as a tenant; not a valid tenant
@@ -50,6 +50,13 @@ pub(crate) struct Metrics {
     pub(crate) ledger_buffered: IntGauge,
     pub(crate) quota_unsynced: IntGauge,
     pub(crate) ledger_flush_errors: IntCounter,
+    /// tenant, cache: the gateway's own units of successful answers.
+    pub(crate) usage_computed_units: IntCounterVec,
+    /// tenant: units in upstream's usage blocks (misses).
+    pub(crate) usage_upstream_units: IntCounterVec,
+    /// op (append, fsync, rotate, read).
+    pub(crate) journal_errors: IntCounterVec,
+    pub(crate) journal_damaged_rows: IntCounter,
     pub(crate) in_flight: IntGauge,
     /// tenant: upstream attempts sent whose outcome is unknown.
     pub(crate) upstream_unknown_outcomes: IntCounterVec,
@@ -159,10 +166,35 @@ impl Metrics {
             "Misses whose upstream usage block disagreed with the gateway's computation.",
             &["tenant"],
         )?;
+        let usage_computed_units = counter_vec(
+            &r,
+            "embedgate_usage_computed_units_total",
+            "The gateway's own count of units (items x weight) of successful answers; on a miss, compare with upstream's.",
+            &["tenant", "cache"],
+        )?;
+        let usage_upstream_units = counter_vec(
+            &r,
+            "embedgate_usage_upstream_units_total",
+            "Units in upstream's usage blocks of successful misses (what DashScope says it billed).",
+            &["tenant"],
+        )?;
+        let journal_errors = counter_vec(
+            &r,
+            "embedgate_journal_errors_total",
+            "Journal operations that failed, by operation (append, fsync, rotate, read).",
+            &["op"],
+        )?;
+        let journal_damaged_rows = register(
+            &r,
+            IntCounter::new(
+                "embedgate_journal_damaged_rows_total",
+                "Journal lines skipped when read back because they were torn or damaged.",
+            ),
+        )?;
         let gauge = |name: &str, help: &str| register(&r, IntGauge::new(name, help));
         let ledger_buffered = gauge(
             "embedgate_ledger_buffered_entries",
-            "Ledger rows waiting to be written to Redis.",
+            "Metered answers journaled but not yet confirmed by the ledger (Redis or SQLite).",
         )?;
         let in_flight = gauge("embedgate_in_flight_requests", "Requests being served.")?;
         let redis_up = register(
@@ -203,7 +235,7 @@ impl Metrics {
             &r,
             IntCounter::new(
                 "embedgate_ledger_flush_errors_total",
-                "Failed attempts to write buffered ledger rows to Redis.",
+                "Failed attempts to write journaled rows to the ledger (Redis or SQLite).",
             ),
         )?;
         let config_reloads = counter_vec(
@@ -242,6 +274,10 @@ impl Metrics {
             ledger_buffered,
             quota_unsynced,
             ledger_flush_errors,
+            usage_computed_units,
+            usage_upstream_units,
+            journal_errors,
+            journal_damaged_rows,
             in_flight,
             upstream_unknown_outcomes,
             unknown_outcome_units,
@@ -264,6 +300,19 @@ impl Metrics {
             self.usage_units
                 .with_label_values(&labels)
                 .inc_by(usage.units.get(m));
+        }
+    }
+
+    /// The reconciliation counters for one successful answer: the gateway's
+    /// own figure, and upstream's when it gave one.
+    pub(crate) fn record_reconciliation(&self, tenant: &str, cache: CacheStatus, r: &Reconciled) {
+        self.usage_computed_units
+            .with_label_values(&[tenant, cache.as_str()])
+            .inc_by(r.computed.total());
+        if r.upstream {
+            self.usage_upstream_units
+                .with_label_values(&[tenant])
+                .inc_by(r.record.total());
         }
     }
 

@@ -74,7 +74,7 @@ pub(crate) fn set_cache_header(h: &mut HeaderMap, cache: CacheStatus) {
         "x-cache",
         HeaderValue::from_static(match cache {
             CacheStatus::Hit => "HIT",
-            // Unknown never labels an answer; a miss made the call.
+            // An unknown outcome is an upstream call too.
             CacheStatus::Miss | CacheStatus::Unknown => "MISS",
         }),
     );

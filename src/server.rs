@@ -200,6 +200,7 @@ fn readyz(app: &App, draining: &AtomicBool) -> Response<Body> {
         "redis_state": state,
         "upstream_key": if app.config.upstream.api_key.is_some() { "set" } else { "missing" },
         "ledger_buffered": app.metrics.ledger_buffered.get(),
+        "journal": app.ledger.journal_status(),
     });
     // A draining replica leaves the load balancer; a Redis outage does not
     // (requests are still served).

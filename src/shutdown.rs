@@ -129,8 +129,9 @@ pub(crate) async fn drain(
 /// Phase 2, the last step of every shutdown: sends what this process still
 /// owes its state store and says whether all of it was confirmed. Quota
 /// transitions go first, until `budget.quota_until`; the ledger goes last,
-/// until `budget.end`. A step added here (the ledger's on-disk journal)
-/// goes last and answers for itself in the result.
+/// until `budget.end`: it ships the on-disk journal to the ledger's store
+/// (Redis, or SQLite without Redis); what it cannot ship stays in the
+/// journal for the next start on it, and makes the result false.
 pub(crate) async fn final_flush(app: &App, budget: &Budget) -> bool {
     let quota = flush_until(budget.quota_until, |left| app.limits.flush(left)).await;
     if !quota {
@@ -141,11 +142,16 @@ pub(crate) async fn final_flush(app: &App, budget: &Budget) -> bool {
     }
     let ledger = flush_until(budget.end, |left| app.ledger.flush(left)).await;
     if ledger {
-        tracing::info!("ledger flushed");
-    } else {
+        tracing::info!("ledger shipped; journal empty");
+    } else if app.ledger.journal_status() == "off" {
         tracing::error!(
             buffered = app.metrics.ledger_buffered.get(),
-            "shutdown: ledger rows were not confirmed by Redis before exit and are lost"
+            "shutdown: the ledger's store did not take every metered answer before exit; with ledger.journal = false they are lost"
+        );
+    } else {
+        tracing::error!(
+            journal_dir = %app.config.ledger.journal_dir.display(),
+            "shutdown: the ledger's store did not take every journaled row before exit; they stay in the journal and are shipped when the gateway starts on it again"
         );
     }
     quota && ledger

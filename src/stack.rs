@@ -313,9 +313,11 @@ mod tests {
 
     const KEY: &str = "sk-in-process";
 
+    /// No journal and an in-memory SQLite ledger: nothing on disk, so tests
+    /// in parallel share no directory.
     fn app(extra: &str) -> Arc<App> {
         let src = format!(
-            "[server]\nmax_body_bytes = 64\nmax_in_flight = 1\n[upstream]\nbase_url = \"http://127.0.0.1:9\"\n{extra}\n[[tenants]]\nname = \"t\"\nkey_sha256 = [\"{}\"]\nrate = {{ per_second = 0.001, burst = 1 }}\n",
+            "[server]\nmax_body_bytes = 64\nmax_in_flight = 1\n[upstream]\nbase_url = \"http://127.0.0.1:9\"\n{extra}\n[ledger]\njournal = false\nsqlite_path = \":memory:\"\n[[tenants]]\nname = \"t\"\nkey_sha256 = [\"{}\"]\nrate = {{ per_second = 0.001, burst = 1 }}\n",
             Digest::of(KEY.as_bytes()).to_hex()
         );
         App::new(Config::parse(&src, &|_| None).unwrap()).unwrap()

@@ -19,6 +19,7 @@
 mod admin;
 mod cache;
 mod check;
+mod ledger;
 mod limits;
 mod metering;
 mod server;
@@ -37,6 +38,7 @@ use serde::Deserialize;
 
 pub use admin::AdminConfig;
 pub use cache::{CacheConfig, CacheScope};
+pub use ledger::LedgerConfig;
 pub use limits::{LimitsConfig, StoreErrorPolicy};
 pub use metering::{MeteringConfig, Weights};
 pub use server::ServerConfig;
@@ -56,6 +58,7 @@ pub struct Config {
     pub state: StateConfig,
     pub limits: LimitsConfig,
     pub metering: MeteringConfig,
+    pub ledger: LedgerConfig,
     /// `None`: admin routes answer 404.
     pub admin: Option<AdminConfig>,
     pub tenants: Vec<TenantConfig>,
@@ -121,6 +124,8 @@ struct RawConfig {
     limits: limits::RawLimits,
     #[serde(default)]
     metering: metering::RawMetering,
+    #[serde(default)]
+    ledger: ledger::RawLedger,
     admin: Option<admin::RawAdmin>,
     #[serde(default, deserialize_with = "tenants::list")]
     tenants: Vec<tenants::RawTenant>,
@@ -157,6 +162,7 @@ impl Config {
             cache,
             limits: raw.limits.load(raw.quota_on_store_error, &mut c),
             metering: raw.metering.load(&mut c),
+            ledger: raw.ledger.load(&mut c),
             admin: raw.admin.and_then(|a| a.load(&mut c)),
             tenants: tenants::load(raw.tenants, &mut c),
             source: None,

@@ -29,7 +29,9 @@ struct TenantSpec {
 /// Writes a gateway config and starts the binary on it. The config starts
 /// as: `[server]` on 127.0.0.1:0 with a 10 s shutdown grace; `[upstream]` at
 /// the fake, the key from the environment, a 10 s timeout and a 10 ms retry
-/// backoff; `[admin]` with [`ADMIN_TOKEN`]; no tenants, memory cache.
+/// backoff; `[admin]` with [`ADMIN_TOKEN`]; no tenants, memory cache. Each
+/// start runs in a fresh temp directory, so the default `[ledger]` paths
+/// (journal, SQLite) are its own; `data_dir` keeps them across starts.
 ///
 /// `start` takes `&self`, so one builder starts replicas or restarts with
 /// the same config; give those a shared `fake(&fake)`, otherwise each
@@ -160,6 +162,16 @@ impl GatewayBuilder {
         self
     }
 
+    /// Keeps the ledger's journal and SQLite database in `dir` (as
+    /// `journal/` and `ledger.sqlite`), so a restart (or a replica) finds
+    /// them; without it each start has its own.
+    pub fn data_dir(self, dir: &std::path::Path) -> Self {
+        let journal = dir.join("journal");
+        let sqlite = dir.join("ledger.sqlite");
+        self.set("ledger", format!("journal_dir = \"{}\"", journal.display()))
+            .set("ledger", format!("sqlite_path = \"{}\"", sqlite.display()))
+    }
+
     /// Sets an environment variable for the binary (e.g. `EMBEDGATE_LOG_QUEUE`).
     pub fn env(mut self, key: &str, value: &str) -> Self {
         self.env.push((key.to_string(), value.to_string()));
@@ -226,6 +238,12 @@ impl GatewayBuilder {
 
     /// Writes the config to a temp dir and starts the binary on it.
     pub async fn start(&self) -> TestGateway {
+        self.try_start().await.unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Like `start`, for a start that may fail: `Err` holds the reason and
+    /// the binary's stderr.
+    pub async fn try_start(&self) -> Result<TestGateway, String> {
         let fake = match &self.fake {
             Some(f) => f.clone(),
             None => Fake::start().await,

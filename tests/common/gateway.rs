@@ -15,6 +15,9 @@ pub struct TestGateway {
     pub metrics_addr: Option<SocketAddr>,
     pub child: Child,
     pub config_path: PathBuf,
+    /// The binary's working directory (a temp dir of its own): where the
+    /// default `[ledger]` paths are.
+    pub work_dir: PathBuf,
     _dir: tempfile::TempDir,
     pub stderr_path: PathBuf,
     /// The read end of the stderr pipe, held open and never read (`stderr_unread`).
@@ -29,13 +32,14 @@ impl TestGateway {
         GatewayBuilder::new()
     }
 
+    /// Starts the binary; `Err` (its stderr) when it exits before listening.
     pub(super) fn spawn(
         config: &str,
         fake: Fake,
         metrics_line: bool,
         env: &[(String, String)],
         stderr_unread: bool,
-    ) -> TestGateway {
+    ) -> Result<TestGateway, String> {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("embedgate.toml");
         std::fs::write(&path, config).unwrap();
@@ -48,6 +52,7 @@ impl TestGateway {
         let mut child = Command::new(env!("CARGO_BIN_EXE_embedgate"))
             .arg("--config")
             .arg(&path)
+            .current_dir(dir.path())
             .env("EG_TEST_UPSTREAM_KEY", UPSTREAM_KEY)
             .env("EMBEDGATE_LOG", "info")
             .envs(env.iter().map(|(k, v)| (k, v)))
@@ -58,32 +63,48 @@ impl TestGateway {
         let stderr_unread = child.stderr.take();
         let mut stdout = BufReader::new(child.stdout.take().unwrap());
         // The bound addresses, printed on stdout once listening.
-        let mut read = |prefix: &str, suffix: &str| -> SocketAddr {
+        let mut read = |prefix: &str, suffix: &str| -> Result<SocketAddr, String> {
             let mut line = String::new();
             stdout.read_line(&mut line).unwrap();
-            line.trim()
+            match line
+                .trim()
                 .strip_prefix(prefix)
                 .and_then(|l| l.strip_suffix(suffix))
-                .unwrap_or_else(|| {
-                    let err = std::fs::read_to_string(&stderr_path).unwrap_or_default();
-                    panic!("gateway did not start: {line:?} (want {prefix}ADDR{suffix})\n{err}")
-                })
-                .parse()
-                .unwrap()
+            {
+                Some(a) => Ok(a.parse().unwrap()),
+                None => Err(format!(
+                    "gateway did not start: {line:?} (want {prefix}ADDR{suffix})\n{}",
+                    std::fs::read_to_string(&stderr_path).unwrap_or_default()
+                )),
+            }
         };
-        let addr = read("embedgate listening on http://", "");
-        let metrics_addr = metrics_line.then(|| read("embedgate metrics on http://", "/metrics"));
-        TestGateway {
+        let started = read("embedgate listening on http://", "").and_then(|addr| {
+            let metrics_addr = match metrics_line {
+                true => Some(read("embedgate metrics on http://", "/metrics")?),
+                false => None,
+            };
+            Ok((addr, metrics_addr))
+        });
+        let (addr, metrics_addr) = match started {
+            Ok(a) => a,
+            Err(e) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(e);
+            }
+        };
+        Ok(TestGateway {
             addr,
             metrics_addr,
             child,
             config_path: path,
+            work_dir: dir.path().to_path_buf(),
             _dir: dir,
             stderr_path,
             _stderr_unread: stderr_unread,
             client: reqwest::Client::builder().no_proxy().build().unwrap(),
             fake,
-        }
+        })
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -186,6 +207,13 @@ impl TestGateway {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// SIGKILL, like a crash or the OOM killer: no shutdown, nothing
+    /// flushed; waits until the process is gone.
+    pub fn kill(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
     }
 
     /// Rewrites the config file (picked up by the file watch or SIGHUP).

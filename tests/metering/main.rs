@@ -14,8 +14,10 @@ use serde_json::{json, Value};
 
 mod coalescing;
 mod deploy;
+mod journal;
 mod metrics_contract;
 mod mixed_traffic;
+mod reconciliation;
 mod redis_outage;
 mod restart;
 mod unknown_outcomes;
@@ -25,7 +27,9 @@ const ALPHA_KEY: &str = "sk-tenant-alpha-SECRET-0001";
 const BETA_KEY: &str = "sk-tenant-beta-SECRET-0002";
 const UNKNOWN_KEY: &str = "sk-unknown-\"evil-key-0003";
 const MODALITIES: [&str; 3] = ["text", "image", "audio"];
-const CSV_HEADER: &str = "tenant,day,modality,cache,items,units";
+/// The report's columns: the original six, then the ones added since.
+const CSV_HEADER: &str = "tenant,day,modality,cache,items,units,computed_units,upstream_units";
+const ORIGINAL_COLUMNS: &str = "tenant,day,modality,cache,items,units";
 
 /// Tenant `alpha` (key `ALPHA_KEY`).
 fn alpha() -> GatewayBuilder {
@@ -299,10 +303,11 @@ fn csv_cells(text: &str) -> Cells {
     let d = today();
     let mut lines = text.lines();
     assert_eq!(lines.next(), Some(CSV_HEADER), "{text}");
+    assert!(CSV_HEADER.starts_with(ORIGINAL_COLUMNS));
     let mut cells = Cells::new();
     for line in lines {
         let f: Vec<&str> = line.split(',').collect();
-        assert_eq!(f.len(), 6, "{line}");
+        assert_eq!(f.len(), 8, "{line}");
         assert_eq!(f[1], d);
         let cell = (f[0].to_string(), f[2].to_string(), f[3].to_string());
         let val = (f[4].parse().unwrap(), f[5].parse().unwrap());
@@ -364,24 +369,34 @@ async fn ledger_settles(gw: &TestGateway, want: &Cells, what: &str) {
     .await;
 }
 
-/// Runs `embedgate usage --config PATH --from D --to D ARGS…`; its stdout.
-async fn cli_usage(config: &Path, args: &[&str]) -> String {
+/// Runs `embedgate usage --config PATH --from D --to D ARGS…` in the
+/// gateway's working directory; its stdout.
+async fn cli_usage(gw: &TestGateway, args: &[&str]) -> String {
     let d = today();
+    let mut all = vec!["--from", &d, "--to", &d];
+    all.extend_from_slice(args);
+    let (code, out, err) = cli(&gw.config_path, &gw.work_dir, &all).await;
+    assert_eq!(code, Some(0), "embedgate usage {args:?} failed: {err}");
+    out
+}
+
+/// Runs `embedgate usage --config PATH ARGS…` in `dir`: exit code, stdout,
+/// stderr.
+async fn cli(config: &Path, dir: &Path, args: &[&str]) -> (Option<i32>, String, String) {
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_embedgate"))
         .arg("usage")
         .arg("--config")
         .arg(config)
-        .args(["--from", &d, "--to", &d])
         .args(args)
+        .current_dir(dir)
         .output()
         .await
         .unwrap();
-    assert!(
-        out.status.success(),
-        "embedgate usage {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
+    (
+        out.status.code(),
+        String::from_utf8(out.stdout).unwrap(),
+        String::from_utf8(out.stderr).unwrap(),
+    )
 }
 
 // ---------- traffic ----------

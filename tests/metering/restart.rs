@@ -32,16 +32,15 @@ async fn ledger_survives_restart_and_cli_reports_it() {
         .get(&usage_path(None, false), Some(ADMIN_TOKEN))
         .await
         .json();
-    let cli: Value = serde_json::from_str(&cli_usage(&gw.config_path, &[]).await).unwrap();
+    let cli: Value = serde_json::from_str(&cli_usage(&gw, &[]).await).unwrap();
     assert_eq!(cli, admin);
     assert_eq!(rows_cells(&cli), tally.cells);
-    let csv = cli_usage(&gw.config_path, &["--format", "csv"]).await;
+    let csv = cli_usage(&gw, &["--format", "csv"]).await;
     assert_eq!(csv, ledger_csv(&gw, None).await);
     assert_eq!(csv_cells(&csv), tally.cells);
-    let cli: Value =
-        serde_json::from_str(&cli_usage(&gw.config_path, &["--tenant", "alpha"]).await).unwrap();
+    let cli: Value = serde_json::from_str(&cli_usage(&gw, &["--tenant", "alpha"]).await).unwrap();
     assert_eq!(rows_cells(&cli), tally.only("alpha"));
-    let csv = cli_usage(&gw.config_path, &["--tenant", "beta", "--format", "csv"]).await;
+    let csv = cli_usage(&gw, &["--tenant", "beta", "--format", "csv"]).await;
     assert_eq!(csv_cells(&csv), tally.only("beta"));
     assert_eq!(csv, ledger_csv(&gw, Some("beta")).await);
 }

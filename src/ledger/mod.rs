@@ -1,0 +1,683 @@
+//! The usage ledger: per tenant, UTC day, modality and cache status, the
+//! items and units of every metered answer, with the figures to reconcile
+//! them with upstream's bill ([`report`]).
+//!
+//! The path of one answer:
+//!
+//! 1. [`Ledger::record`] appends it to this replica's [`journal`] before
+//!    the response is sent: one `write(2)`, so a crash of the process
+//!    loses nothing (a power loss at most `ledger.fsync_interval`).
+//! 2. A background shipper reads the journal back every 50 ms and writes
+//!    it to the [`store`]: Redis, shared by every replica, or without Redis
+//!    the embedded SQLite database. Rows are summed per (journal run,
+//!    tenant, day) into one batch that carries the number of its last row;
+//!    the store applies it only if it has not applied that row yet, so a
+//!    retried batch, or a journal shipped again after a crash, counts once.
+//!    A group's next batch waits until the one before is confirmed, so a
+//!    retry is always the same batch.
+//! 3. Once every row of a journal segment is confirmed the segment is
+//!    deleted. At start the journal's leftovers (a crash, a store that was
+//!    down at shutdown) are read with the store's last applied row per
+//!    group and shipped from there.
+//!
+//! While the store is down rows wait in the journal (memory holds only
+//! their sums per group). Reports are read-your-writes on the replica that
+//! answered: a report first ships everything journaled so far.
+
+pub(crate) mod export;
+mod journal;
+pub(crate) mod report;
+mod store;
+
+use std::collections::HashMap;
+use std::io;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use tokio::sync::Notify;
+
+use crate::config::LedgerConfig;
+use crate::date::Day;
+use crate::metering::{CacheStatus, Reconciled};
+use crate::metrics::Metrics;
+use crate::redis_store::RedisStore;
+
+use journal::{Entry, Event, Journal, Leftover, Line, SegmentReader};
+pub(crate) use report::Report;
+use report::Sums;
+use store::{Batch, Fields, Sink, SinkError, Sqlite};
+
+/// How long the shipper gathers answers before a shipment.
+const FLUSH_WINDOW: Duration = Duration::from_millis(50);
+/// The shipper looks at the journal at least this often, also when idle
+/// (leftovers whose store was down, a journal that failed).
+const IDLE_TICK: Duration = Duration::from_millis(500);
+
+/// Why a report could not be made.
+#[derive(Debug)]
+pub(crate) enum LedgerError {
+    Store(SinkError),
+    /// Rows of the report's range are journaled here but the store has not
+    /// confirmed them: the report would be short.
+    Unshipped,
+}
+
+impl std::fmt::Display for LedgerError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LedgerError::Store(e) => e.fmt(f),
+            LedgerError::Unshipped => {
+                f.write_str("rows of this range are journaled but not yet in the ledger")
+            }
+        }
+    }
+}
+
+type GroupKey = (Arc<str>, Day);
+
+/// One (run, tenant, day): what the store has, what is being written,
+/// what waits.
+#[derive(Default)]
+struct Group {
+    /// The last row the store confirmed.
+    applied: u64,
+    /// The batch being written; retried unchanged until confirmed.
+    inflight: Option<InFlight>,
+    /// Rows read since, summed.
+    pending: Sums,
+    pending_rows: u64,
+    /// The last row read.
+    read_to: u64,
+}
+
+struct InFlight {
+    to: u64,
+    fields: Fields,
+    rows: u64,
+}
+
+impl Group {
+    fn clean(&self) -> bool {
+        self.inflight.is_none() && self.pending_rows == 0
+    }
+}
+
+struct Segment {
+    reader: SegmentReader,
+    /// Read to its end, and nothing more will be appended.
+    done: bool,
+    read_errors: u64,
+}
+
+/// One journal run.
+struct Run {
+    /// In order.
+    segments: Vec<Segment>,
+    /// No more rows will be appended.
+    ended: bool,
+    /// The store's last applied row per group is known (always, for this
+    /// process's runs; fetched for leftovers before their rows are read).
+    markers_known: bool,
+    /// A leftover's groups, found by a first pass over its segments.
+    scanned: Option<Vec<GroupKey>>,
+    groups: HashMap<GroupKey, Group>,
+}
+
+impl Run {
+    fn live() -> Run {
+        Run {
+            segments: Vec::new(),
+            ended: false,
+            markers_known: true,
+            scanned: None,
+            groups: HashMap::new(),
+        }
+    }
+
+    fn leftover(l: Leftover) -> Run {
+        Run {
+            segments: l
+                .segments
+                .into_iter()
+                .map(|(_, path)| Segment::new(path))
+                .collect(),
+            ended: true,
+            markers_known: false,
+            scanned: None,
+            groups: HashMap::new(),
+        }
+    }
+
+    fn clean(&self) -> bool {
+        self.markers_known && self.groups.values().all(Group::clean)
+    }
+}
+
+impl Segment {
+    fn new(path: std::path::PathBuf) -> Segment {
+        Segment {
+            reader: SegmentReader::new(path),
+            done: false,
+            read_errors: 0,
+        }
+    }
+}
+
+/// Adds one journal line to its group.
+fn take(groups: &mut HashMap<GroupKey, Group>, metrics: &Metrics, line: Line) {
+    match line {
+        Line::Damaged => {
+            metrics.journal_damaged_rows.inc();
+            tracing::warn!("a journal line is torn or damaged (a power loss?) and is skipped");
+        }
+        Line::Row(n, e) => {
+            let g = groups.entry((e.tenant.clone(), e.day)).or_default();
+            // At or below the store's mark: shipped before (a leftover).
+            if n <= g.applied || n <= g.read_to {
+                return;
+            }
+            g.pending.add(&e);
+            g.pending_rows += 1;
+            g.read_to = n;
+        }
+    }
+}
+
+#[derive(Default)]
+struct Ship {
+    runs: HashMap<Arc<str>, Run>,
+}
+
+pub(crate) struct Ledger {
+    journal: Arc<Journal>,
+    sink: Sink,
+    ship: Mutex<Ship>,
+    /// One shipment at a time: the background shipper, reports, shutdown.
+    round: tokio::sync::Mutex<()>,
+    wake: Notify,
+    metrics: Arc<Metrics>,
+}
+
+impl Ledger {
+    /// Opens the journal (locking its directory) and the store (SQLite
+    /// without Redis), and starts the shipper; leftovers of an earlier
+    /// process are shipped first. Must run inside a tokio runtime.
+    pub(crate) fn open(
+        config: &LedgerConfig,
+        redis: Option<Arc<RedisStore>>,
+        metrics: Arc<Metrics>,
+    ) -> Result<Arc<Ledger>, String> {
+        let sink = match redis {
+            Some(r) => Sink::redis(r),
+            None => Sink::Sqlite(Arc::new(Sqlite::create(&config.sqlite_path)?)),
+        };
+        let (journal, leftovers) = Journal::open(config, metrics.clone())?;
+        let mut ship = Ship::default();
+        for l in leftovers {
+            tracing::info!(run = %l.run, segments = l.segments.len(), "journal rows of an earlier process found; shipping them");
+            ship.runs.insert(l.run.clone(), Run::leftover(l));
+        }
+        let ledger = Arc::new(Ledger {
+            journal,
+            sink,
+            ship: Mutex::new(ship),
+            round: tokio::sync::Mutex::new(()),
+            wake: Notify::new(),
+            metrics,
+        });
+        let l = ledger.clone();
+        tokio::spawn(async move { l.shipper().await });
+        ledger.wake.notify_one();
+        Ok(ledger)
+    }
+
+    /// Records one metered answer; returns once it is in the journal.
+    pub(crate) fn record(&self, tenant: &Arc<str>, cache: CacheStatus, r: &Reconciled) {
+        self.journal
+            .append(&Entry::new(tenant, Day::today(), cache, r));
+        self.wake.notify_one();
+    }
+
+    /// `ok`, `memory` (the disk failed; rows wait in memory) or `off`.
+    pub(crate) fn journal_status(&self) -> &'static str {
+        self.journal.status()
+    }
+
+    fn state(&self) -> MutexGuard<'_, Ship> {
+        self.ship.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    async fn shipper(self: Arc<Self>) {
+        loop {
+            let _ = tokio::time::timeout(IDLE_TICK, self.wake.notified()).await;
+            // Let answers accumulate: one write per group per window.
+            tokio::time::sleep(FLUSH_WINDOW).await;
+            if let Some(redis) = self.sink.redis_down() {
+                if !self.state().runs.values().all(Run::clean) {
+                    // Nothing will get through; wait for Redis (or the next tick).
+                    let _ = tokio::time::timeout(Duration::from_secs(1), redis.wait_up()).await;
+                }
+            }
+            // In a task of its own: a bug that panics costs one round, not
+            // the shipper.
+            let me = self.clone();
+            let round = tokio::spawn(async move {
+                let _round = me.round.lock().await;
+                me.ship_once().await
+            });
+            if let Err(e) = round.await {
+                tracing::error!(error = %e, "ledger shipment failed; trying again");
+            }
+        }
+    }
+
+    /// One shipment: reads the journal, writes what it read, tidies up.
+    /// The caller holds `round`. Returns true when everything read is
+    /// confirmed.
+    async fn ship_once(self: &Arc<Self>) -> bool {
+        let need = self.blocking(Ledger::read_journal).await;
+        if !need.is_empty() {
+            for (run, groups) in need {
+                match self.sink.applied(&run, &groups).await {
+                    Ok(marks) => {
+                        let mut st = self.state();
+                        if let Some(r) = st.runs.get_mut(&run) {
+                            for (key, mark) in groups.into_iter().zip(marks) {
+                                r.groups.entry(key).or_default().applied = mark;
+                            }
+                            r.markers_known = true;
+                            r.scanned = None;
+                        }
+                    }
+                    Err(e) => {
+                        self.metrics.ledger_flush_errors.inc();
+                        tracing::debug!(%run, error = %e, "cannot read the ledger's marks for journal leftovers; will retry");
+                    }
+                }
+            }
+            self.blocking(Ledger::read_journal).await;
+        }
+        let batches = self.batches();
+        if !batches.is_empty() {
+            let results = self.sink.apply(batches.clone()).await;
+            let mut st = self.state();
+            for (b, r) in batches.iter().zip(results) {
+                match r {
+                    Ok(()) => {
+                        if let Some(g) = st
+                            .runs
+                            .get_mut(&b.run)
+                            .and_then(|run| run.groups.get_mut(&(b.tenant.clone(), b.day)))
+                        {
+                            g.applied = g.applied.max(b.to);
+                            g.inflight = None;
+                        }
+                    }
+                    Err(e) => {
+                        self.metrics.ledger_flush_errors.inc();
+                        tracing::debug!(tenant = %b.tenant, error = %e, "ledger write failed; kept for retry");
+                    }
+                }
+            }
+        }
+        self.blocking(Ledger::tidy).await
+    }
+
+    /// Runs blocking file work off the async workers. A panic in it (a
+    /// bug) is logged and counts as nothing done; the next round tries
+    /// again.
+    async fn blocking<T: Default + Send + 'static>(self: &Arc<Self>, f: fn(&Ledger) -> T) -> T {
+        let me = self.clone();
+        match tokio::task::spawn_blocking(move || f(&me)).await {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::error!(error = %e, "ledger file work failed");
+                T::default()
+            }
+        }
+    }
+
+    /// Reads what the journal has that was not read yet. Returns the
+    /// leftover runs whose store marks are needed before their rows can be
+    /// read, with their groups.
+    fn read_journal(&self) -> Vec<(Arc<str>, Vec<GroupKey>)> {
+        let events = self.journal.poll();
+        let metrics = &*self.metrics;
+        let mut st = self.state();
+        for ev in events {
+            match ev {
+                Event::Segment { run, path, .. } => st
+                    .runs
+                    .entry(run)
+                    .or_insert_with(Run::live)
+                    .segments
+                    .push(Segment::new(path)),
+                Event::Memory { run, bytes } => {
+                    let r = st.runs.entry(run).or_insert_with(Run::live);
+                    journal::lines(&bytes, &mut |l| take(&mut r.groups, metrics, l));
+                }
+                Event::Ended { run } => {
+                    if let Some(r) = st.runs.get_mut(&run) {
+                        r.ended = true;
+                    }
+                }
+            }
+        }
+        let mut need = Vec::new();
+        for (id, run) in st.runs.iter_mut() {
+            if !run.markers_known {
+                if run.scanned.is_none() {
+                    match scan_groups(&run.segments) {
+                        Ok(groups) => run.scanned = Some(groups),
+                        Err(e) => {
+                            metrics.journal_errors.with_label_values(&["read"]).inc();
+                            tracing::warn!(run = %id, error = %e, "cannot read journal leftovers");
+                        }
+                    }
+                }
+                if let Some(groups) = &run.scanned {
+                    need.push((id.clone(), groups.clone()));
+                }
+                continue;
+            }
+            let last = run.segments.len();
+            let ended = run.ended;
+            let groups = &mut run.groups;
+            for (i, seg) in run.segments.iter_mut().enumerate() {
+                if seg.done {
+                    continue;
+                }
+                let sealed = ended || i + 1 < last;
+                match seg.reader.read(sealed, |l| take(groups, metrics, l)) {
+                    Ok(done) => seg.done = done,
+                    Err(e) => {
+                        seg.read_errors += 1;
+                        metrics.journal_errors.with_label_values(&["read"]).inc();
+                        if seg.read_errors % 100 == 1 {
+                            tracing::warn!(path = %seg.reader.path.display(), error = %e, "cannot read a journal segment");
+                        }
+                    }
+                }
+            }
+        }
+        need
+    }
+
+    /// Every group's batch to write: the one in flight, or its pending
+    /// rows as a new one.
+    fn batches(&self) -> Vec<Batch> {
+        let mut st = self.state();
+        let mut out = Vec::new();
+        for (run_id, run) in st.runs.iter_mut() {
+            if !run.markers_known {
+                continue;
+            }
+            for ((tenant, day), g) in run.groups.iter_mut() {
+                if g.inflight.is_none() && g.pending_rows > 0 {
+                    g.inflight = Some(InFlight {
+                        to: g.read_to,
+                        fields: std::mem::take(&mut g.pending).fields(),
+                        rows: std::mem::take(&mut g.pending_rows),
+                    });
+                }
+                if let Some(b) = &g.inflight {
+                    out.push(Batch {
+                        run: run_id.clone(),
+                        tenant: tenant.clone(),
+                        day: *day,
+                        to: b.to,
+                        fields: b.fields.clone(),
+                    });
+                }
+            }
+        }
+        out
+    }
+
+    /// Deletes segments whose rows are all confirmed, forgets finished
+    /// runs and old groups, rotates the journal, updates the gauge.
+    /// Returns true when everything read is confirmed.
+    fn tidy(&self) -> bool {
+        let yesterday = Day::from_days(Day::today().days() - 1);
+        let mut all_clean = true;
+        let mut waiting = 0u64;
+        {
+            let mut st = self.state();
+            st.runs.retain(|_, run| {
+                if !run.clean() {
+                    all_clean = false;
+                    waiting += run
+                        .groups
+                        .values()
+                        .map(|g| g.pending_rows + g.inflight.as_ref().map_or(0, |b| b.rows))
+                        .sum::<u64>();
+                    return true;
+                }
+                run.segments.retain(|s| {
+                    if !s.done {
+                        return true;
+                    }
+                    match std::fs::remove_file(&s.reader.path) {
+                        Ok(()) => false,
+                        Err(e) if e.kind() == io::ErrorKind::NotFound => false,
+                        Err(e) => {
+                            tracing::warn!(path = %s.reader.path.display(), error = %e, "cannot delete a shipped journal segment");
+                            true
+                        }
+                    }
+                });
+                // A later row of a forgotten group is still above the
+                // store's mark, so forgetting loses nothing.
+                run.groups.retain(|(_, day), _| *day >= yesterday);
+                !(run.ended && run.segments.is_empty())
+            });
+        }
+        self.journal.maintain();
+        self.metrics
+            .ledger_buffered
+            .set(i64::try_from(waiting).unwrap_or(i64::MAX));
+        all_clean
+    }
+
+    /// True while rows of `from..=to` (of `tenant`, or any) are journaled
+    /// here but not confirmed by the store.
+    fn unshipped(&self, from: Day, to: Day, tenant: Option<&str>) -> bool {
+        let st = self.state();
+        st.runs.values().any(|run| {
+            let matches = |(t, d): &GroupKey| {
+                *d >= from && *d <= to && tenant.is_none_or(|want| want == &**t)
+            };
+            if !run.markers_known {
+                return run
+                    .scanned
+                    .as_ref()
+                    .is_none_or(|groups| groups.iter().any(matches));
+            }
+            run.groups.iter().any(|(k, g)| !g.clean() && matches(k))
+        })
+    }
+
+    /// Ships everything journaled, retrying until `deadline` passes. Used
+    /// on shutdown. When everything is shipped the journal's segments are
+    /// deleted; otherwise they are forced to disk and shipped at the next
+    /// start. Returns true when nothing is left unshipped.
+    pub(crate) async fn flush(self: &Arc<Self>, deadline: Duration) -> bool {
+        let until = tokio::time::Instant::now() + deadline;
+        let _round = self.round.lock().await;
+        let mut clean = self.ship_once().await;
+        while !clean && tokio::time::Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            clean = self.ship_once().await;
+        }
+        if clean {
+            // Later rows (requests that outlived the grace period) stay in
+            // memory; one more shipment takes them and the sealed segments.
+            self.journal.seal();
+            clean = self.ship_once().await;
+        }
+        self.blocking(|l| l.journal.sync()).await;
+        clean
+    }
+
+    /// The report of `from..=to`, for all tenants (or one), with everything
+    /// this replica has metered so far: it ships first.
+    pub(crate) async fn report(
+        self: &Arc<Self>,
+        from: Day,
+        to: Day,
+        tenant: Option<&str>,
+        known_tenants: &[String],
+    ) -> Result<Report, LedgerError> {
+        let _round = self.round.lock().await;
+        self.ship_once().await;
+        if self.unshipped(from, to, tenant) {
+            return Err(LedgerError::Unshipped);
+        }
+        let stored = self
+            .sink
+            .read(from, to, tenant, known_tenants)
+            .await
+            .map_err(LedgerError::Store)?;
+        Ok(report::build(stored))
+    }
+}
+
+/// The groups in a leftover run's segments.
+fn scan_groups(segments: &[Segment]) -> io::Result<Vec<GroupKey>> {
+    let mut seen: HashMap<GroupKey, ()> = HashMap::new();
+    for s in segments {
+        let mut r = SegmentReader::new(s.reader.path.clone());
+        r.read(true, |l| {
+            if let Line::Row(_, e) = l {
+                seen.insert((e.tenant, e.day), ());
+            }
+        })?;
+    }
+    Ok(seen.into_keys().collect())
+}
+
+/// A note for `embedgate usage` when the journal directory holds segments
+/// of a gateway that is not running: their rows may not be in the report.
+pub(crate) fn journal_note(config: &LedgerConfig) -> Option<String> {
+    if !config.journal {
+        return None;
+    }
+    let n = journal::unshipped_segments(&config.journal_dir)?;
+    Some(format!(
+        "{} holds {n} journal segment(s) of a gateway that stopped before shipping them (a crash, or its store was down): their rows are not in this report until a gateway starts on that directory",
+        config.journal_dir.display()
+    ))
+}
+
+/// `embedgate usage`: the report straight from the store (Redis, or the
+/// SQLite file), without a journal.
+pub(crate) async fn read_report(
+    config: &crate::Config,
+    redis: Option<Arc<RedisStore>>,
+    from: Day,
+    to: Day,
+    tenant: Option<&str>,
+    known: &[String],
+) -> Result<Report, String> {
+    let sink = match redis {
+        Some(r) => Sink::redis(r),
+        None => Sink::Sqlite(Arc::new(Sqlite::open_existing(&config.ledger.sqlite_path)?)),
+    };
+    let stored = sink
+        .read(from, to, tenant, known)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(report::build(stored))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metering::{reconcile, Usage};
+    use crate::request::{Counts, Modality};
+
+    fn usage(text: u64, audio: u64) -> Usage {
+        let mut items = Counts::default();
+        items.set(Modality::Text, text);
+        items.set(Modality::Audio, audio);
+        Usage::of(
+            items,
+            &crate::config::Weights {
+                text: 1,
+                image: 1,
+                audio: 2,
+            },
+        )
+    }
+
+    fn config(dir: &std::path::Path) -> LedgerConfig {
+        LedgerConfig {
+            journal: true,
+            journal_dir: dir.join("journal"),
+            fsync_interval: Duration::from_millis(10),
+            sqlite_path: dir.join("ledger.sqlite"),
+        }
+    }
+
+    fn units(r: &Report) -> u64 {
+        r.rows.iter().map(|r| r.units).sum()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn reports_read_their_own_writes_and_survive_a_lost_process() {
+        let dir = tempfile::tempdir().unwrap();
+        let metrics = Arc::new(Metrics::new().unwrap());
+        let today = Day::today();
+        let t: Arc<str> = Arc::from("search");
+        let l = Ledger::open(&config(dir.path()), None, metrics.clone()).unwrap();
+        for _ in 0..10 {
+            l.record(&t, CacheStatus::Miss, &reconcile(usage(1, 1), None));
+            l.record(&t, CacheStatus::Hit, &Reconciled::own(usage(1, 0)));
+        }
+        // At once, not after a flush: read-your-writes.
+        let r = l.report(today, today, None, &[]).await.unwrap();
+        assert_eq!(units(&r), 40);
+        assert_eq!(r.figures[0].mismatches, 10);
+        assert_eq!(r.figures[0].requests, 20);
+        assert!(l
+            .report(today, today, Some("ads"), &[])
+            .await
+            .unwrap()
+            .rows
+            .is_empty());
+
+        // More rows, then the process "dies": nothing shipped them. The
+        // journal lock goes with the journal, as with a killed process.
+        l.record(&t, CacheStatus::Hit, &Reconciled::own(usage(5, 0)));
+        let journal = dir.path().join("journal");
+        let copy = dir.path().join("copy");
+        std::fs::create_dir(&copy).unwrap();
+        for e in std::fs::read_dir(&journal).unwrap() {
+            let p = e.unwrap().path();
+            std::fs::copy(&p, copy.join(p.file_name().unwrap())).unwrap();
+        }
+        drop(l);
+        // (The shipper task holds the old ledger; give the next one the
+        // copied journal, as a restart on the same disk would see it.)
+        let mut cfg = config(dir.path());
+        cfg.journal_dir = copy.clone();
+        std::fs::remove_file(copy.join("lock")).unwrap();
+        let l = Ledger::open(&cfg, None, metrics).unwrap();
+        let r = l.report(today, today, None, &[]).await.unwrap();
+        // The copy holds every row: 40 units shipped before, 5 not; the
+        // shipped ones are recognised by their ids.
+        assert_eq!(units(&r), 45);
+        // Once shipped, the leftover segments are deleted.
+        let left = std::fs::read_dir(&copy)
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .ends_with(".jnl")
+            })
+            .count();
+        assert_eq!(left, 1, "only the new process's own segment is left");
+    }
+}
