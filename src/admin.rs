@@ -19,7 +19,7 @@ use crate::date::Day;
 use crate::error::GatewayError;
 use crate::ledger::export;
 use crate::ledger::report::{self, Report};
-use crate::request_id;
+use crate::response;
 
 /// A report is one pipeline per tenant; a year of days keeps it bounded.
 const MAX_REPORT_DAYS: i64 = 366;
@@ -29,12 +29,7 @@ pub(crate) async fn serve(
     app: Arc<App>,
     req: Request<ReqBody>,
 ) -> Result<Response<Body>, Infallible> {
-    let rid = request_id::of(&req);
-    let (parts, _) = req.into_parts();
-    Ok(match handle(&app, &parts).await {
-        Ok(r) => r,
-        Err(e) => e.into_response(&rid, false),
-    })
+    response::from_head(req, |head| async move { handle(&app, &head).await }).await
 }
 
 async fn handle(app: &App, req: &http::request::Parts) -> Result<Response<Body>, GatewayError> {

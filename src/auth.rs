@@ -14,8 +14,7 @@ use tower::{Layer, Service};
 use crate::app::App;
 use crate::body::{Body, BoxFuture, ReqBody};
 use crate::error::GatewayError;
-use crate::request_id;
-use crate::response::Framing;
+use crate::response::{self, Framing};
 use crate::tenants::Tenant;
 
 /// The tenant that answered this request, on the response.
@@ -76,9 +75,11 @@ where
 
     fn call(&mut self, mut req: Request<ReqBody>) -> BoxFuture {
         let Some(tenant) = self.app.tenants.load().authenticate(req.headers()) else {
-            let sse = self.framing.sse(req.headers());
-            let r = GatewayError::InvalidApiKey.into_response(&request_id::of(&req), sse);
-            return Box::pin(std::future::ready(Ok(r)));
+            return response::now(response::refusal(
+                &req,
+                GatewayError::InvalidApiKey,
+                self.framing,
+            ));
         };
         let name = TenantName(tenant.name.clone());
         req.extensions_mut().insert(tenant);

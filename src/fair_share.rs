@@ -16,8 +16,7 @@ use tower::{Layer, Service};
 use crate::auth::tenant_of;
 use crate::body::{Body, BoxFuture, ReqBody};
 use crate::error::GatewayError;
-use crate::request_id;
-use crate::response::Framing;
+use crate::response::{self, Framing};
 
 /// Every tenant's in-flight slots, by name. A tenant whose bound changed on
 /// reload gets a new semaphore; permits of the old one drain away with the
@@ -102,17 +101,14 @@ where
     }
 
     fn call(&mut self, req: Request<ReqBody>) -> BoxFuture {
-        let refuse = |req: &Request<ReqBody>, e: GatewayError| -> BoxFuture {
-            let r = e.into_response(&request_id::of(req), self.framing.sse(req.headers()));
-            Box::pin(std::future::ready(Ok(r)))
-        };
         let tenant = match tenant_of(&req) {
             Ok(t) => t,
-            Err(e) => return refuse(&req, e),
+            Err(e) => return response::now(response::refusal(&req, e, self.framing)),
         };
         let limit = tenant.max_in_flight;
         let Ok(permit) = self.slots.slots(&tenant.name, limit).try_acquire_owned() else {
-            return refuse(&req, GatewayError::TenantBusy { limit });
+            let e = GatewayError::TenantBusy { limit };
+            return response::now(response::refusal(&req, e, self.framing));
         };
         let answer = self.inner.call(req);
         Box::pin(async move {

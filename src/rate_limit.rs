@@ -16,8 +16,7 @@ use crate::app::App;
 use crate::auth::tenant_of;
 use crate::body::{Body, BoxFuture, ReqBody};
 use crate::limits::RateBucket;
-use crate::request_id;
-use crate::response::{set_rate_headers, Framing};
+use crate::response::{self, set_rate_headers, Framing};
 
 #[derive(Clone)]
 pub(crate) struct RateLimitLayer {
@@ -79,11 +78,11 @@ where
         let mut inner = std::mem::replace(&mut self.inner, ready);
         let app = self.app.clone();
         let bucket = self.bucket;
-        let sse = self.framing.sse(req.headers());
+        let framing = self.framing;
         Box::pin(async move {
             let tenant = match tenant_of(&req) {
                 Ok(t) => t,
-                Err(e) => return Ok(e.into_response(&request_id::of(&req), sse)),
+                Err(e) => return Ok(response::refusal(&req, e, framing)),
             };
             let cfg = match bucket {
                 RateBucket::Embeddings => tenant.rate,
@@ -99,7 +98,7 @@ where
                     Ok(r)
                 }
                 Err(refusal) => {
-                    let mut r = refusal.error().into_response(&request_id::of(&req), sse);
+                    let mut r = response::refusal(&req, refusal.error(), framing);
                     set_rate_headers(r.headers_mut(), &refusal.state);
                     Ok(r)
                 }

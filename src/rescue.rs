@@ -14,6 +14,7 @@ use tower::{Layer, Service};
 use crate::body::{boxed, Body, BoxError, BoxFuture};
 use crate::error::{ErrorCode, GatewayError};
 use crate::request_id;
+use crate::response;
 
 /// Turns the layers' errors into a [`GatewayError`].
 fn classify(e: &BoxError) -> GatewayError {
@@ -111,7 +112,7 @@ where
     fn call(&mut self, req: Request<ReqB>) -> BoxFuture {
         let rid = request_id::of(&req);
         if let Some(e) = self.not_ready.take() {
-            return Box::pin(std::future::ready(Ok(e.into_response(&rid, false))));
+            return response::now(e.into_response(&rid, false));
         }
         let body_limit = self.body_limit;
         let answer = self.inner.call(req);

@@ -5,11 +5,44 @@
 
 use bytes::Bytes;
 use http::header::{HeaderMap, HeaderValue};
-use http::{Response, StatusCode};
+use std::convert::Infallible;
+use std::future::Future;
 
-use crate::body::{json, sse_event, Body};
+use http::{Request, Response, StatusCode};
+
+use crate::body::{json, sse_event, Body, BoxFuture, ReqBody};
+use crate::error::GatewayError;
 use crate::limits::RateState;
 use crate::metering::{CacheStatus, Usage};
+use crate::request_id;
+
+/// The gateway's refusal of `req`, framed as its route frames answers,
+/// with the request's id.
+pub(crate) fn refusal<B>(req: &Request<B>, e: GatewayError, framing: Framing) -> Response<Body> {
+    e.into_response(&request_id::of(req), framing.sse(req.headers()))
+}
+
+/// An answer that is ready now, as the future every layer returns.
+pub(crate) fn now(r: Response<Body>) -> BoxFuture {
+    Box::pin(std::future::ready(Ok(r)))
+}
+
+/// Serves a route from the request's head (its body is not read) and
+/// renders the route's error as a JSON refusal.
+pub(crate) async fn from_head<F, Fut>(
+    req: Request<ReqBody>,
+    handle: F,
+) -> Result<Response<Body>, Infallible>
+where
+    F: FnOnce(http::request::Parts) -> Fut,
+    Fut: Future<Output = Result<Response<Body>, GatewayError>>,
+{
+    let rid = request_id::of(&req);
+    let (parts, _) = req.into_parts();
+    Ok(handle(parts)
+        .await
+        .unwrap_or_else(|e| e.into_response(&rid, false)))
+}
 
 /// How a route frames its answers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -86,7 +86,7 @@ use crate::limits::RateBucket;
 use crate::rate_limit::RateLimitLayer;
 use crate::request_id::{self, MakeUuid};
 use crate::rescue::{self, RescueLayer};
-use crate::response::Framing;
+use crate::response::{self, Framing};
 use crate::upstream::{EMBEDDING_PATH, UPLOADS_PATH};
 use crate::{admin, embeddings, uploads};
 
@@ -297,8 +297,7 @@ impl Service<Request<ReqBody>> for Handler {
 }
 
 fn refuse(req: &Request<ReqBody>, e: GatewayError) -> BoxFuture {
-    let r = e.into_response(&request_id::of(req), false);
-    Box::pin(std::future::ready(Ok(r)))
+    response::now(response::refusal(req, e, Framing::Json))
 }
 
 /// The stack driven in process, without sockets: what each generic layer

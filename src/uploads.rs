@@ -25,7 +25,7 @@ use crate::app::App;
 use crate::body::{full, Body, ReqBody};
 use crate::error::GatewayError;
 use crate::forwarded::ForwardedHeaders;
-use crate::request_id;
+use crate::response;
 use crate::tenants::Tenant;
 use crate::upstream::{upstream_error, UPLOADS_PATH};
 
@@ -40,12 +40,7 @@ pub(crate) async fn serve(
     app: Arc<App>,
     req: Request<ReqBody>,
 ) -> Result<Response<Body>, Infallible> {
-    let rid = request_id::of(&req);
-    let (parts, _) = req.into_parts();
-    Ok(match policy(&app, &parts).await {
-        Ok(r) => r,
-        Err(e) => e.into_response(&rid, false),
-    })
+    response::from_head(req, |head| async move { policy(&app, &head).await }).await
 }
 
 async fn policy(app: &App, req: &http::request::Parts) -> Result<Response<Body>, GatewayError> {
