@@ -128,7 +128,7 @@ fn check_valid(req: &EmbeddingRequest, rules: &ParseRules<'_>) {
                     );
                 }
             }
-            Modality::Image | Modality::Audio => {
+            Modality::Image | Modality::Audio | Modality::Video => {
                 assert!(item.content.len() <= rules.max_url_bytes, "{item:?}");
             }
         }

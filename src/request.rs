@@ -29,16 +29,24 @@ pub(crate) enum Modality {
     Text,
     Image,
     Audio,
+    /// The multimodal family's video items (not ONE-PEACE).
+    Video,
 }
 
 impl Modality {
-    pub(crate) const ALL: [Modality; 3] = [Modality::Text, Modality::Image, Modality::Audio];
+    pub(crate) const ALL: [Modality; 4] = [
+        Modality::Text,
+        Modality::Image,
+        Modality::Audio,
+        Modality::Video,
+    ];
 
     pub(crate) fn as_str(self) -> &'static str {
         match self {
             Modality::Text => "text",
             Modality::Image => "image",
             Modality::Audio => "audio",
+            Modality::Video => "video",
         }
     }
 
@@ -47,6 +55,7 @@ impl Modality {
             "text" => Some(Modality::Text),
             "image" => Some(Modality::Image),
             "audio" => Some(Modality::Audio),
+            "video" => Some(Modality::Video),
             _ => None,
         }
     }
@@ -56,6 +65,9 @@ impl Modality {
             Modality::Text => w.text,
             Modality::Image => w.image,
             Modality::Audio => w.audio,
+            // ONE-PEACE has no video items; token-billed models do not
+            // use weights.
+            Modality::Video => 1,
         }
     }
 
@@ -64,6 +76,7 @@ impl Modality {
             Modality::Text => 0,
             Modality::Image => 1,
             Modality::Audio => 2,
+            Modality::Video => 3,
         }
     }
 }
@@ -79,7 +92,7 @@ pub(crate) struct Item {
 
 /// Items per modality.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub(crate) struct Counts([u64; 3]);
+pub(crate) struct Counts([u64; 4]);
 
 impl Counts {
     pub(crate) fn get(&self, m: Modality) -> u64 {
@@ -646,7 +659,8 @@ fn parse_item(
             factor = parse_factor(&at, value)?;
             continue;
         }
-        let Some(modality) = Modality::from_name(&key) else {
+        // ONE-PEACE has no video items.
+        let Some(modality) = Modality::from_name(&key).filter(|m| *m != Modality::Video) else {
             return Err(bad(format!(
                 "{at}.{} is not supported; an item has one of text, image, audio and an optional factor",
                 shown(&key)
@@ -693,7 +707,7 @@ fn parse_item(
                 )));
             }
         }
-        Modality::Image | Modality::Audio => {
+        Modality::Image | Modality::Audio | Modality::Video => {
             if content.len() > rules.max_url_bytes {
                 return Err(bad(format!(
                     "{at} is {} bytes, over the limit of {} for a URL",
