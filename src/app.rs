@@ -16,6 +16,7 @@ use crate::limits::Limits;
 use crate::metering::{CacheStatus, Reconciled, Usage};
 use crate::metrics::Metrics;
 use crate::redis_store::{Holds, RedisStore};
+use crate::tasks::TaskStore;
 use crate::tenants::TenantTable;
 use crate::upstream::Upstream;
 
@@ -46,6 +47,8 @@ pub(crate) struct App {
     pub(crate) tenant_slots: Arc<TenantSlots>,
     /// The per-second budget of refusals' access lines.
     pub(crate) refusal_lines: RefusalLines,
+    /// Batch tasks' owners (state Redis, or SQLite beside the ledger's).
+    pub(crate) tasks: TaskStore,
 }
 
 impl App {
@@ -67,6 +70,7 @@ impl App {
             metrics.clone(),
         );
         let ledger = Ledger::open(&config.ledger, state_redis.clone(), metrics.clone())?;
+        let tasks = TaskStore::open(state_redis.clone(), &config.ledger.sqlite_path)?;
         let tenants = ArcSwap::from_pointee(TenantTable::build(&config, &config.server));
         let in_flight = Arc::new(Semaphore::new(config.server.max_in_flight));
         let upstream_slots = Arc::new(Semaphore::new(config.server.max_in_flight));
@@ -85,6 +89,7 @@ impl App {
             upstream_slots,
             tenant_slots: Arc::new(TenantSlots::default()),
             refusal_lines: RefusalLines::default(),
+            tasks,
         }))
     }
 

@@ -76,6 +76,13 @@ impl Cache {
 
     /// Looks `key` up; a Redis error or timeout is a miss.
     pub(crate) async fn get(&self, key: &CacheKey, dimension: usize) -> Lookup {
+        self.get_with(key, |raw| valid_embedding(raw, dimension))
+            .await
+    }
+
+    /// Looks `key` up; an entry read from Redis is served only if `valid`
+    /// says it is whole (memory holds only what this process stored).
+    pub(crate) async fn get_with(&self, key: &CacheKey, valid: impl Fn(&[u8]) -> bool) -> Lookup {
         if let Some(mem) = &self.memory {
             if let Some(e) = mem.get(key) {
                 if e.expires > Instant::now() {
@@ -104,7 +111,7 @@ impl Cache {
             tracing::warn!(key = ?key, "cache entry in an unknown format; treated as a miss");
             return Lookup::Miss;
         };
-        if !valid_embedding(body, dimension) {
+        if !valid(body) {
             tracing::warn!(key = ?key, "cache entry failed validation; treated as a miss");
             return Lookup::Miss;
         }

@@ -127,6 +127,77 @@ pub(crate) fn cache_key(
         sdk_session_id: _,
         // Only the language of error messages; errors are never cached.
         accept_language: _,
+        // Only on batch submits, which are never cached.
+        dashscope_async: _,
+    } = headers;
+    e.field(TAG_DATA_INSPECTION, header_bytes(data_inspection));
+    e.field(TAG_OSS_RESOURCE_RESOLVE, header_bytes(oss_resource_resolve));
+    CacheKey(e.0.finalize().into())
+}
+
+/// Bump when the family's item encoding changes.
+const ITEM_KEY_VERSION: &[u8] = b"embedgate-item-key/v1";
+const TAG_API: u8 = 14;
+const TAG_ITEM: u8 = 15;
+
+/// What a family request's cache entry is keyed on, apart from its
+/// item(s): everything in the request that reaches upstream and can
+/// change a vector, already normalised by the parser (defaults filled in,
+/// fields that cannot change a vector removed).
+pub(crate) struct FamilyKeyParts<'a> {
+    /// Which API: native text, native multimodal and compatible-mode
+    /// entries are never shared (not shown to be identical).
+    pub(crate) api: &'static str,
+    pub(crate) model: &'a str,
+    pub(crate) parameters: &'a Map<String, Value>,
+    pub(crate) extra: &'a Map<String, Value>,
+    pub(crate) input_extra: &'a Map<String, Value>,
+}
+
+/// The key of one item (per-item caching) or of a whole request's items in
+/// order (fused models): each item is its canonical JSON (an object's keys
+/// sorted, a text a JSON string).
+pub(crate) fn family_key<'v>(
+    scope: KeyScope<'_>,
+    workspace: Option<&str>,
+    parts: &FamilyKeyParts<'_>,
+    items: impl ExactSizeIterator<Item = &'v Value>,
+    headers: &ForwardedHeaders,
+) -> CacheKey {
+    let mut e = Encoder(Sha256::new());
+    e.0.update(ITEM_KEY_VERSION);
+    match scope {
+        KeyScope::Tenant(name) => e.field(TAG_SCOPE_TENANT, name.as_bytes()),
+        KeyScope::Shared => e.field(TAG_SCOPE_SHARED, b""),
+    }
+    e.field(TAG_WORKSPACE, workspace.unwrap_or("").as_bytes());
+    e.field(TAG_API, parts.api.as_bytes());
+    e.field(TAG_MODEL, parts.model.as_bytes());
+    e.field(
+        TAG_PARAMETERS,
+        canonical_object(parts.parameters).as_bytes(),
+    );
+    e.field(TAG_EXTRA, canonical_object(parts.extra).as_bytes());
+    e.field(
+        TAG_INPUT_EXTRA,
+        canonical_object(parts.input_extra).as_bytes(),
+    );
+    e.field(TAG_ITEM_COUNT, &(items.len() as u64).to_be_bytes());
+    let mut buf = String::new();
+    for item in items {
+        buf.clear();
+        write_value(item, &mut buf);
+        e.field(TAG_ITEM, buf.as_bytes());
+    }
+    let ForwardedHeaders {
+        data_inspection,
+        oss_resource_resolve,
+        user_agent: _,
+        sdk_client: _,
+        sdk_session_id: _,
+        accept_language: _,
+        // Only on batch submits, which are never cached.
+        dashscope_async: _,
     } = headers;
     e.field(TAG_DATA_INSPECTION, header_bytes(data_inspection));
     e.field(TAG_OSS_RESOURCE_RESOLVE, header_bytes(oss_resource_resolve));

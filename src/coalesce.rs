@@ -28,7 +28,7 @@ pub(crate) enum Outcome {
     Retry,
 }
 
-type Slot = Option<Outcome>;
+pub(crate) type Slot = Option<Outcome>;
 
 #[derive(Default)]
 pub(crate) struct Coalescer {

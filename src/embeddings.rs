@@ -34,7 +34,9 @@ use crate::cache::Lookup;
 use crate::cache_key::{cache_key, CacheKey, KeyScope};
 use crate::coalesce::{self, Outcome, Role};
 use crate::config::CacheScope;
+use crate::config::{ModelApi, Vectors};
 use crate::error::{Fault, GatewayError};
+use crate::family::{self, Api};
 use crate::fault;
 use crate::forwarded::ForwardedHeaders;
 use crate::metering::{self, CacheStatus, Reconciled, Usage};
@@ -72,7 +74,32 @@ pub(crate) async fn serve(
     let result = match tenant_of(&req) {
         Ok(tenant) => {
             seen.quota_remaining = tenant.quota.map(|q| app.limits.remaining(&tenant.name, q));
-            answer(&app, tenant, req, &request_id, &mut seen).await
+            match read_request(&app, req).await {
+                Err(e) => Err(e),
+                Ok((parts, forwarded, body)) => {
+                    // Every multimodal model but ONE-PEACE's kind goes the
+                    // family's way.
+                    if let Some(spec) = family::peek_model(&body)
+                        .filter(|m| !app.config.upstream.models.contains(m))
+                        .and_then(|m| app.config.models.get(&m))
+                        .filter(|s| s.api == ModelApi::Multimodal && s.vectors != Vectors::Weighted)
+                    {
+                        let _ = spec;
+                        return Ok(family::respond(
+                            &app,
+                            tenant,
+                            &parts.headers,
+                            forwarded,
+                            body,
+                            Api::Multimodal,
+                            &request_id,
+                            sse,
+                        )
+                        .await);
+                    }
+                    answer(&app, tenant, parts, forwarded, body, &request_id, &mut seen).await
+                }
+            }
         }
         Err(e) => Err(e),
     };
@@ -90,12 +117,12 @@ pub(crate) async fn serve(
     Ok(r)
 }
 
-struct CacheControl {
-    no_cache: bool,
-    no_store: bool,
+pub(crate) struct CacheControl {
+    pub(crate) no_cache: bool,
+    pub(crate) no_store: bool,
 }
 
-fn cache_control(h: &HeaderMap) -> CacheControl {
+pub(crate) fn cache_control(h: &HeaderMap) -> CacheControl {
     let mut cc = CacheControl {
         no_cache: false,
         no_store: false,
@@ -116,7 +143,7 @@ fn cache_control(h: &HeaderMap) -> CacheControl {
 /// 1. Reads the body into one buffer sized from its length, so a large
 ///    body is never held twice; the stack's size limit and read deadline
 ///    show up as the body's errors.
-async fn read_body(mut body: ReqBody, limit: usize) -> Result<Bytes, GatewayError> {
+pub(crate) async fn read_body(mut body: ReqBody, limit: usize) -> Result<Bytes, GatewayError> {
     let hint = usize::try_from(body.size_hint().lower()).unwrap_or(limit);
     let mut buf = BytesMut::with_capacity(hint.min(limit));
     while let Some(frame) = body.frame().await {
@@ -142,18 +169,32 @@ async fn read_body(mut body: ReqBody, limit: usize) -> Result<Bytes, GatewayErro
     Ok(buf.freeze())
 }
 
-async fn answer(
-    app: &Arc<App>,
-    tenant: Arc<Tenant>,
+/// 1. The forwarded headers (400 naming one too long or repeated) and the
+///    body, read under the stack's limits.
+pub(crate) async fn read_request(
+    app: &App,
     req: Request<ReqBody>,
-    request_id: &str,
-    seen: &mut Seen,
-) -> Result<Answer, GatewayError> {
-    // 1. headers, body and parse
+) -> Result<(http::request::Parts, ForwardedHeaders, Bytes), GatewayError> {
     let (parts, body) = req.into_parts();
     let forwarded = ForwardedHeaders::from_client(&parts.headers)?;
     let body = read_body(body, app.config.server.max_body_bytes).await?;
+    Ok((parts, forwarded, body))
+}
+
+async fn answer(
+    app: &Arc<App>,
+    tenant: Arc<Tenant>,
+    parts: http::request::Parts,
+    forwarded: ForwardedHeaders,
+    body: Bytes,
+    request_id: &str,
+    seen: &mut Seen,
+) -> Result<Answer, GatewayError> {
+    // 1. parse
     let parsed = EmbeddingRequest::parse(&body, &ParseRules::of(&app.config.upstream))?;
+    if !tenant.may_use(&parsed.model) {
+        return Err(GatewayError::ModelNotAllowed(parsed.model.clone()));
+    }
     // What is kept from here on is the parsed request.
     drop(body);
 

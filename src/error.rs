@@ -29,6 +29,8 @@ pub(crate) enum GatewayError {
     InvalidParameter(String),
     /// `model` is not one this gateway serves.
     ModelNotFound(String),
+    /// The tenant may not use this model (its `models` allow list).
+    ModelNotAllowed(String),
     BodyTooLarge {
         limit: usize,
     },
@@ -102,6 +104,7 @@ impl GatewayError {
             GatewayError::InvalidParameter(_) | GatewayError::ModelNotFound(_) => {
                 StatusCode::BAD_REQUEST
             }
+            GatewayError::ModelNotAllowed(_) => StatusCode::FORBIDDEN,
             GatewayError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             GatewayError::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             GatewayError::NotFound => StatusCode::NOT_FOUND,
@@ -147,6 +150,7 @@ impl GatewayError {
             GatewayError::InvalidParameter(_) | GatewayError::ModelNotFound(_) => {
                 "InvalidParameter"
             }
+            GatewayError::ModelNotAllowed(_) => "AccessDenied",
             GatewayError::BodyTooLarge { .. } => "BadRequest.TooLarge",
             GatewayError::RequestTimeout => "RequestTimeOut",
             GatewayError::NotFound => "NotFound",
@@ -170,6 +174,9 @@ impl GatewayError {
             GatewayError::InvalidParameter(m) => m.clone(),
             GatewayError::ModelNotFound(m) => {
                 format!("Model not exist: model `{m}` is not served by this gateway.")
+            }
+            GatewayError::ModelNotAllowed(m) => {
+                format!("Access denied: this key may not use model `{m}`.")
             }
             GatewayError::BodyTooLarge { limit } => {
                 format!("Payload Too Large: the request body exceeds {limit} bytes.")
@@ -215,6 +222,7 @@ impl GatewayError {
             GatewayError::InvalidApiKey
             | GatewayError::InvalidParameter(_)
             | GatewayError::ModelNotFound(_)
+            | GatewayError::ModelNotAllowed(_)
             | GatewayError::BodyTooLarge { .. }
             | GatewayError::RequestTimeout
             | GatewayError::NotFound
@@ -238,6 +246,7 @@ impl GatewayError {
             GatewayError::InvalidApiKey
             | GatewayError::InvalidParameter(_)
             | GatewayError::ModelNotFound(_)
+            | GatewayError::ModelNotAllowed(_)
             | GatewayError::BodyTooLarge { .. }
             | GatewayError::NotFound
             | GatewayError::MethodNotAllowed
@@ -267,6 +276,7 @@ impl GatewayError {
             GatewayError::InvalidApiKey
             | GatewayError::InvalidParameter(_)
             | GatewayError::ModelNotFound(_)
+            | GatewayError::ModelNotAllowed(_)
             | GatewayError::BodyTooLarge { .. }
             | GatewayError::RequestTimeout
             | GatewayError::NotFound

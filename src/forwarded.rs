@@ -49,6 +49,10 @@ pub(crate) struct ForwardedHeaders {
     pub(crate) sdk_session_id: Option<HeaderValue>,
     /// As sent; not part of the key (it changes only error messages).
     pub(crate) accept_language: Option<HeaderValue>,
+    /// `X-DashScope-Async: enable`: set by the batch route for a task
+    /// submit only (never taken from other requests: a synchronous call
+    /// stays synchronous).
+    pub(crate) dashscope_async: Option<HeaderValue>,
 }
 
 impl ForwardedHeaders {
@@ -61,6 +65,7 @@ impl ForwardedHeaders {
             sdk_client: as_sent(h, &SDK_CLIENT)?,
             sdk_session_id: as_sent(h, &SDK_SESSION_ID)?,
             accept_language: as_sent(h, &ACCEPT_LANGUAGE)?,
+            dashscope_async: None,
         })
     }
 
@@ -73,7 +78,11 @@ impl ForwardedHeaders {
             sdk_client,
             sdk_session_id,
             accept_language,
+            dashscope_async,
         } = self;
+        if let Some(v) = dashscope_async {
+            out.insert("x-dashscope-async", v.clone());
+        }
         for (name, value) in [
             (DATA_INSPECTION, data_inspection),
             (OSS_RESOURCE_RESOLVE, oss_resource_resolve),

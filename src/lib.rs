@@ -65,6 +65,7 @@ mod drain;
 mod embeddings;
 mod error;
 mod fair_share;
+mod family;
 mod fault;
 mod forwarded;
 /// Entry points for the `cargo fuzz` targets in `fuzz/`: not part of the
@@ -87,6 +88,7 @@ mod secret;
 mod server;
 mod shutdown;
 mod stack;
+mod tasks;
 mod tenants;
 mod uploads;
 mod upstream;

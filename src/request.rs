@@ -253,7 +253,7 @@ fn shown(s: &str) -> Cow<'_, str> {
 /// Refuses a body nested deeper than [`MAX_JSON_DEPTH`], in one pass over
 /// its bytes before any parsing. Only brackets outside strings count; what
 /// is not JSON at all is left to the parser to name.
-fn check_depth(body: &[u8]) -> Result<(), GatewayError> {
+pub(crate) fn check_depth(body: &[u8]) -> Result<(), GatewayError> {
     let mut depth = 0usize;
     let mut in_string = false;
     let mut escaped = false;

@@ -87,8 +87,11 @@ use crate::rate_limit::RateLimitLayer;
 use crate::request_id::{self, MakeUuid};
 use crate::rescue::{self, RescueLayer};
 use crate::response::{self, Framing};
-use crate::upstream::{EMBEDDING_PATH, UPLOADS_PATH};
+use crate::upstream::{
+    COMPATIBLE_PATH, EMBEDDING_PATH, TASKS_PATH, TEXT_EMBEDDING_PATH, UPLOADS_PATH,
+};
 use crate::{admin, embeddings, uploads};
+use crate::{family, tasks};
 
 /// Added to twice the upstream timeout for the whole-request deadline:
 /// room for a follower that leads after its leader failed, and for Redis.
@@ -207,6 +210,9 @@ pub(crate) struct Router {
 
 struct Routes {
     embeddings: Route,
+    text: Route,
+    compatible: Route,
+    tasks: Route,
     uploads: Route,
     admin: Route,
 }
@@ -219,6 +225,26 @@ impl Router {
                 Framing::SseIfAsked,
                 RateBucket::Embeddings,
                 Handler::new(app, |app, req| Box::pin(embeddings::serve(app, req))),
+            ),
+            text: tenant_route(
+                app,
+                Framing::SseIfAsked,
+                RateBucket::Embeddings,
+                Handler::new(app, |app, req| Box::pin(family::serve_text(app, req))),
+            ),
+            compatible: tenant_route(
+                app,
+                Framing::Json,
+                RateBucket::Embeddings,
+                Handler::new(app, |app, req| Box::pin(family::serve_compatible(app, req))),
+            ),
+            // Polls are cheap and frequent (the SDK's `wait`): the uploads'
+            // bucket, not the embeddings'.
+            tasks: tenant_route(
+                app,
+                Framing::Json,
+                RateBucket::Uploads,
+                Handler::new(app, |app, req| Box::pin(tasks::serve(app, req))),
             ),
             uploads: tenant_route(
                 app,
@@ -251,7 +277,10 @@ impl Service<Request<ReqBody>> for Router {
         let (name, route) = match (req.method(), path) {
             (&Method::POST, EMBEDDING_PATH) => ("embeddings", &self.routes.embeddings),
             (&Method::GET, UPLOADS_PATH) => ("uploads", &self.routes.uploads),
-            (_, EMBEDDING_PATH | UPLOADS_PATH) => {
+            (&Method::POST, TEXT_EMBEDDING_PATH) => ("text", &self.routes.text),
+            (&Method::POST, COMPATIBLE_PATH) => ("compatible", &self.routes.compatible),
+            (&Method::GET | &Method::POST, p) if is_task_path(p) => ("tasks", &self.routes.tasks),
+            (_, EMBEDDING_PATH | UPLOADS_PATH | TEXT_EMBEDDING_PATH | COMPATIBLE_PATH) => {
                 return refuse(&req, GatewayError::MethodNotAllowed);
             }
             (_, p) if p.starts_with("/admin/") => ("admin", &self.routes.admin),
@@ -263,6 +292,19 @@ impl Service<Request<ReqBody>> for Router {
             r.extensions_mut().insert(RouteName(name));
             Ok(r)
         })
+    }
+}
+
+/// `/api/v1/tasks`, `/api/v1/tasks/{id}`, `/api/v1/tasks/{id}/cancel`.
+fn is_task_path(p: &str) -> bool {
+    match p.strip_prefix(TASKS_PATH) {
+        Some("") | Some("/") => true,
+        Some(rest) => {
+            let rest = rest.trim_start_matches('/');
+            let id = rest.strip_suffix("/cancel").unwrap_or(rest);
+            !id.is_empty() && !id.contains('/')
+        }
+        None => false,
     }
 }
 

@@ -21,6 +21,17 @@ pub(crate) struct Tenant {
     pub(crate) quota: Option<QuotaConfig>,
     /// Requests in flight at once (the fair-share layer).
     pub(crate) max_in_flight: usize,
+    /// The models it may call; `None`: every model served.
+    pub(crate) models: Option<Vec<String>>,
+}
+
+impl Tenant {
+    /// May this tenant call `model`?
+    pub(crate) fn may_use(&self, model: &str) -> bool {
+        self.models
+            .as_ref()
+            .is_none_or(|allowed| allowed.iter().any(|m| m == model))
+    }
 }
 
 /// Everything that hot reload swaps.
@@ -44,6 +55,7 @@ impl TenantTable {
             uploads_rate,
             quota,
             max_in_flight,
+            models,
         } in &config.tenants
         {
             let t = Arc::new(Tenant {
@@ -53,6 +65,7 @@ impl TenantTable {
                 uploads_rate: *uploads_rate,
                 quota: *quota,
                 max_in_flight: server.tenant_max_in_flight(*max_in_flight),
+                models: models.clone(),
             });
             for k in keys {
                 by_digest.insert(*k, t.clone());

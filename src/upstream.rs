@@ -38,6 +38,14 @@ const POOL_IDLE: Duration = Duration::from_secs(60);
 /// The embedding endpoint, as the SDK builds it.
 pub(crate) const EMBEDDING_PATH: &str =
     "/api/v1/services/embeddings/multimodal-embedding/multimodal-embedding";
+/// The synchronous text embedding endpoint (and the batch submit, with
+/// `X-DashScope-Async: enable`).
+pub(crate) const TEXT_EMBEDDING_PATH: &str =
+    "/api/v1/services/embeddings/text-embedding/text-embedding";
+/// The OpenAI-compatible embedding endpoint.
+pub(crate) const COMPATIBLE_PATH: &str = "/compatible-mode/v1/embeddings";
+/// Batch tasks: `GET /api/v1/tasks[/{id}]`, `POST /api/v1/tasks/{id}/cancel`.
+pub(crate) const TASKS_PATH: &str = "/api/v1/tasks";
 /// The SDK's upload-certificate endpoint.
 pub(crate) const UPLOADS_PATH: &str = "/api/v1/uploads";
 
@@ -121,6 +129,21 @@ impl Upstream {
         workspace: Option<&str>,
         body: Bytes,
     ) -> Sent {
+        self.send_via(None, method, path_and_query, forwarded, workspace, body)
+            .await
+    }
+
+    /// [`send`](Upstream::send) to `base` instead of `upstream.base_url`
+    /// when given (a model served in another region).
+    pub(crate) async fn send_via(
+        &self,
+        base: Option<&Uri>,
+        method: Method,
+        path_and_query: &str,
+        forwarded: &ForwardedHeaders,
+        workspace: Option<&str>,
+        body: Bytes,
+    ) -> Sent {
         let mut unknown_outcomes = 0;
         let mut cut = self.cut.subscribe();
         if *cut.borrow_and_update() {
@@ -131,6 +154,7 @@ impl Upstream {
             };
         }
         let attempts = self.attempts(
+            base,
             method,
             path_and_query,
             forwarded,
@@ -155,6 +179,7 @@ impl Upstream {
 
     async fn attempts(
         &self,
+        base: Option<&Uri>,
         method: Method,
         path_and_query: &str,
         forwarded: &ForwardedHeaders,
@@ -162,8 +187,14 @@ impl Upstream {
         body: Bytes,
         unknown_outcomes: &mut u32,
     ) -> Result<UpstreamResponse, GatewayError> {
-        let uri = self.uri(path_and_query)?;
-        let headers = self.headers(forwarded, workspace, !body.is_empty());
+        let uri = self.uri(base, path_and_query)?;
+        let mut headers = self.headers(forwarded, workspace, !body.is_empty());
+        if let Some(host) = base
+            .and_then(|b| b.authority())
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+        {
+            headers.insert(HOST, host);
+        }
         let deadline = Instant::now() + self.timeout;
         let mut attempt = 0u32;
         loop {
@@ -266,8 +297,8 @@ impl Upstream {
             .min(MAX_BACKOFF)
     }
 
-    fn uri(&self, path_and_query: &str) -> Result<Uri, GatewayError> {
-        let mut parts = self.base.clone().into_parts();
+    fn uri(&self, base: Option<&Uri>, path_and_query: &str) -> Result<Uri, GatewayError> {
+        let mut parts = base.unwrap_or(&self.base).clone().into_parts();
         parts.path_and_query = Some(
             path_and_query
                 .parse()

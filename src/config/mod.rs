@@ -22,6 +22,7 @@ mod check;
 mod ledger;
 mod limits;
 mod metering;
+mod models;
 mod server;
 mod state;
 mod tenants;
@@ -41,6 +42,7 @@ pub use cache::{CacheConfig, CacheScope};
 pub use ledger::LedgerConfig;
 pub use limits::{LimitsConfig, StoreErrorPolicy};
 pub use metering::{MeteringConfig, Weights};
+pub use models::{ModelApi, ModelSpec, ModelTable, Vectors};
 pub use server::ServerConfig;
 pub use state::StateConfig;
 pub use tenants::{QuotaConfig, QuotaPeriod, RateConfig, TenantConfig};
@@ -62,6 +64,8 @@ pub struct Config {
     /// `None`: admin routes answer 404.
     pub admin: Option<AdminConfig>,
     pub tenants: Vec<TenantConfig>,
+    /// Every model served (`[[models]]` over the built-in table).
+    pub models: ModelTable,
     /// Where the config came from, for SIGHUP reloads.
     pub source: Option<PathBuf>,
 }
@@ -129,8 +133,14 @@ struct RawConfig {
     admin: Option<admin::RawAdmin>,
     #[serde(default, deserialize_with = "tenants::list")]
     tenants: Vec<tenants::RawTenant>,
+    #[serde(default, deserialize_with = "models_list")]
+    models: Vec<models::RawModel>,
     /// SPEC §5 names this setting without a section; accepted here too.
     quota_on_store_error: Option<StoreErrorPolicy>,
+}
+
+fn models_list<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<models::RawModel>, D::Error> {
+    values::list(d, "a list of tables ([[models]])")
 }
 
 impl Config {
@@ -165,8 +175,19 @@ impl Config {
             ledger: raw.ledger.load(&mut c),
             admin: raw.admin.and_then(|a| a.load(&mut c)),
             tenants: tenants::load(raw.tenants, &mut c),
+            models: models::load(raw.models, &mut c),
             source: None,
         };
+        for (i, t) in config.tenants.iter().enumerate() {
+            for m in t.models.iter().flatten() {
+                if config.models.get(m).is_none() && !config.upstream.models.contains(m) {
+                    c.err(
+                        &format!("tenants[{i}].models"),
+                        format!("`{m}` is not a model this gateway serves (see [[models]])"),
+                    );
+                }
+            }
+        }
         c.finish(config).map_err(ConfigErrors)
     }
 

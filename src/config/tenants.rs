@@ -59,6 +59,8 @@ pub struct TenantConfig {
     /// Requests of this tenant in flight at once; `None`: its share of
     /// `server.max_in_flight` (`server.tenant_in_flight_share`).
     pub max_in_flight: Option<usize>,
+    /// The models this tenant may call; `None`: every model served.
+    pub models: Option<Vec<String>>,
 }
 
 /// One `[[tenants]]` entry as written.
@@ -73,6 +75,8 @@ pub(crate) struct RawTenant {
     uploads_rate: Option<RawRate>,
     quota: Option<RawQuota>,
     max_in_flight: Option<i64>,
+    #[serde(default, deserialize_with = "values::strings")]
+    models: Option<Vec<String>>,
 }
 
 /// `rate = { per_second, burst }` (and `uploads_rate`) as written.
@@ -175,6 +179,7 @@ pub(crate) fn load(raw: Vec<RawTenant>, c: &mut Check<'_>) -> Vec<TenantConfig> 
             uploads_rate,
             quota,
             max_in_flight,
+            models: t.models,
         });
     }
     tenants

@@ -172,7 +172,7 @@ impl RawUpstream {
 }
 
 /// An http(s) URL with a host and no path; a trailing slash is dropped.
-fn base_url(raw: &str) -> Option<http::Uri> {
+pub(crate) fn base_url(raw: &str) -> Option<http::Uri> {
     let uri = raw.trim_end_matches('/').parse::<http::Uri>().ok()?;
     let ok = matches!(uri.scheme_str(), Some("http") | Some("https"))
         && uri.authority().is_some()

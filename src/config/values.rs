@@ -148,6 +148,12 @@ pub(crate) fn strings<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<Stri
     list(d, "a list of strings").map(Some)
 }
 
+/// For `#[serde(default, deserialize_with = "integers")]` on an
+/// `Option<Vec<i64>>`.
+pub(crate) fn integers<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<i64>>, D::Error> {
+    list(d, "a list of integers").map(Some)
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]

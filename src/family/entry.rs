@@ -1,0 +1,512 @@
+//! What the family's cache holds, how upstream's answer is read into it,
+//! and how an answer is written from entries.
+//!
+//! An [`Entry`] is one item's answer (per-item models) or a whole request's
+//! (fused models): each answer object's fields as upstream wrote them
+//! (vectors byte for byte), less its index, plus the units it cost. A
+//! merged answer renumbers the objects in the client's order.
+
+use base64::Engine as _;
+use bytes::{BufMut, Bytes, BytesMut};
+use serde_json::value::RawValue;
+use serde_json::Value;
+
+use super::parse::Api;
+use crate::cache::valid_embedding;
+use crate::error::GatewayError;
+use crate::metering::Usage;
+use crate::request::Modality;
+
+/// Bump when the encoding changes: old entries then read as misses.
+const MAGIC: &[u8] = b"egi1 ";
+
+/// One object of an answer, less its index field.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Out {
+    /// The index field came first in upstream's object.
+    pub(crate) index_first: bool,
+    /// `"k":v` pairs, comma-separated, as upstream wrote them.
+    pub(crate) fields: Bytes,
+}
+
+/// A cached answer (one item's, or a fused request's whole).
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Entry {
+    /// Units known exactly (a single-item call, or a whole answer) rather
+    /// than apportioned from a batch total.
+    pub(crate) exact: bool,
+    /// Items and units per modality this answer cost.
+    pub(crate) usage: Usage,
+    /// Images among its items (the usage's `image_count`).
+    pub(crate) images: u64,
+    pub(crate) outs: Vec<Out>,
+}
+
+impl Entry {
+    pub(crate) fn encode(&self) -> Bytes {
+        let size: usize = self.outs.iter().map(|o| o.fields.len() + 24).sum();
+        let mut b = BytesMut::with_capacity(size + 96);
+        b.put_slice(MAGIC);
+        let mut head = format!("{} {}", u8::from(self.exact), self.images);
+        for m in Modality::ALL {
+            head.push_str(&format!(
+                " {} {}",
+                self.usage.items.get(m),
+                self.usage.units.get(m)
+            ));
+        }
+        head.push_str(&format!(" {}\n", self.outs.len()));
+        b.put_slice(head.as_bytes());
+        for o in &self.outs {
+            b.put_slice(format!("{} {}\n", u8::from(o.index_first), o.fields.len()).as_bytes());
+            b.put_slice(&o.fields);
+        }
+        b.freeze()
+    }
+
+    /// `None` for anything that is not a whole entry of this version.
+    pub(crate) fn decode(raw: &Bytes) -> Option<Entry> {
+        let rest = raw.strip_prefix(MAGIC)?;
+        let nl = rest.iter().position(|&b| b == b'\n')?;
+        let head = std::str::from_utf8(&rest[..nl]).ok()?;
+        let mut f = head.split(' ').map(|s| s.parse::<u64>());
+        let exact = f.next()?.ok()? == 1;
+        let images = f.next()?.ok()?;
+        let mut usage = Usage::default();
+        for m in Modality::ALL {
+            usage.items.set(m, f.next()?.ok()?);
+            usage.units.set(m, f.next()?.ok()?);
+        }
+        let n = usize::try_from(f.next()?.ok()?).ok()?;
+        if f.next().is_some() || n == 0 || n > 4096 {
+            return None;
+        }
+        let base = raw.len() - rest.len();
+        let mut at = base + nl + 1;
+        let mut outs = Vec::with_capacity(n);
+        for _ in 0..n {
+            let line_end = at + raw.get(at..)?.iter().position(|&b| b == b'\n')?;
+            let line = std::str::from_utf8(&raw[at..line_end]).ok()?;
+            let (first, len) = line.split_once(' ')?;
+            let len: usize = len.parse().ok()?;
+            let start = line_end + 1;
+            let end = start.checked_add(len)?;
+            if end > raw.len() {
+                return None;
+            }
+            outs.push(Out {
+                index_first: first == "1",
+                fields: raw.slice(start..end),
+            });
+            at = end;
+        }
+        (at == raw.len()).then_some(Entry {
+            exact,
+            usage,
+            images,
+            outs,
+        })
+    }
+}
+
+/// Upstream's successful answer, read once.
+pub(crate) struct Answer {
+    /// One object per item sent (per-item), or the fused object(s), in
+    /// index order.
+    pub(crate) outs: Vec<Out>,
+    /// Upstream's `usage` object, as sent.
+    pub(crate) usage: Option<Value>,
+    pub(crate) request_id: String,
+}
+
+fn unusable(why: impl Into<String>) -> GatewayError {
+    GatewayError::BadGateway(format!(
+        "upstream answered 200 without a usable embedding: {}",
+        why.into()
+    ))
+}
+
+#[derive(serde::Deserialize)]
+struct Wire<'a> {
+    #[serde(borrow)]
+    output: Option<&'a RawValue>,
+    #[serde(borrow)]
+    data: Option<&'a RawValue>,
+    usage: Option<Value>,
+    request_id: Option<String>,
+    id: Option<String>,
+    code: Option<Value>,
+}
+
+#[derive(serde::Deserialize)]
+struct WireOutput<'a> {
+    #[serde(borrow)]
+    embeddings: Option<Vec<&'a RawValue>>,
+}
+
+/// Reads a 200 from upstream: `expect` objects (items sent, or 1 when
+/// fused), each with a dense vector of `dimension` numbers when `dense`.
+pub(crate) fn parse_answer(
+    body: &[u8],
+    api: Api,
+    expect: Option<usize>,
+    dimension: usize,
+    dense: bool,
+) -> Result<Answer, GatewayError> {
+    let wire: Wire<'_> =
+        serde_json::from_slice(body).map_err(|e| unusable(format!("not JSON ({e})")))?;
+    if wire
+        .code
+        .as_ref()
+        .is_some_and(|c| !matches!(c, Value::Null) && c.as_str() != Some(""))
+    {
+        return Err(unusable("it carries an error code"));
+    }
+    let list: Vec<&RawValue> = match api {
+        Api::Compatible => wire
+            .data
+            .and_then(|d| serde_json::from_str::<Vec<&RawValue>>(d.get()).ok())
+            .ok_or_else(|| unusable("no data list"))?,
+        Api::Text | Api::Multimodal => wire
+            .output
+            .and_then(|o| serde_json::from_str::<WireOutput<'_>>(o.get()).ok())
+            .and_then(|o| o.embeddings)
+            .ok_or_else(|| unusable("no output.embeddings list"))?,
+    };
+    if list.is_empty() || expect.is_some_and(|n| n != list.len()) {
+        return Err(unusable(format!(
+            "{} embeddings for {} items",
+            list.len(),
+            expect.map_or("some".to_string(), |n| n.to_string())
+        )));
+    }
+    let index_field = api.index_field();
+    let mut slots: Vec<Option<Out>> = vec![None; list.len()];
+    for obj in list {
+        let fields: Vec<(String, &RawValue)> = serde_json::from_str::<RawFields<'_>>(obj.get())
+            .map(|f| f.0)
+            .map_err(|_| unusable("an embedding is not an object"))?;
+        let mut index = None;
+        let mut index_first = false;
+        let mut out = BytesMut::new();
+        let mut has_vector = false;
+        for (pos, (k, v)) in fields.iter().enumerate() {
+            if k == index_field {
+                index = v.get().parse::<usize>().ok();
+                index_first = pos == 0;
+                continue;
+            }
+            if k == "embedding" {
+                let ok = match api {
+                    // A base64 string despite asking for floats: decoded.
+                    Api::Compatible if v.get().starts_with('"') => false,
+                    _ => valid_embedding(v.get().as_bytes(), dimension),
+                };
+                if !ok {
+                    if let Some(floats) = (api == Api::Compatible)
+                        .then(|| decode_base64_vector(v.get(), dimension))
+                        .flatten()
+                    {
+                        push_field(&mut out, k, floats.as_bytes());
+                        has_vector = true;
+                        continue;
+                    }
+                    return Err(unusable(format!("a vector is not {dimension} numbers")));
+                }
+                has_vector = true;
+            }
+            push_field(&mut out, k, v.get().as_bytes());
+        }
+        if dense && !has_vector {
+            return Err(unusable("an item has no embedding"));
+        }
+        let i = index
+            .filter(|&i| i < slots.len())
+            .ok_or_else(|| unusable(format!("an item has no valid {index_field}")))?;
+        if slots[i].is_some() {
+            return Err(unusable(format!("{index_field} {i} repeated")));
+        }
+        slots[i] = Some(Out {
+            index_first,
+            fields: out.freeze(),
+        });
+    }
+    let outs = slots
+        .into_iter()
+        .collect::<Option<Vec<_>>>()
+        .ok_or_else(|| unusable("indices are not 0..n"))?;
+    Ok(Answer {
+        outs,
+        usage: wire.usage,
+        request_id: wire.request_id.or(wire.id).unwrap_or_default(),
+    })
+}
+
+fn push_field(out: &mut BytesMut, key: &str, raw: &[u8]) {
+    if !out.is_empty() {
+        out.put_u8(b',');
+    }
+    if let Ok(k) = serde_json::to_string(key) {
+        out.put_slice(k.as_bytes());
+    }
+    out.put_u8(b':');
+    out.put_slice(raw);
+}
+
+/// A JSON string of base64 little-endian f32s as a JSON list of numbers.
+fn decode_base64_vector(raw: &str, dimension: usize) -> Option<String> {
+    let s: String = serde_json::from_str(raw).ok()?;
+    let bytes = base64::engine::general_purpose::STANDARD.decode(s).ok()?;
+    if bytes.len() != dimension * 4 {
+        return None;
+    }
+    let mut out = String::with_capacity(dimension * 12);
+    out.push('[');
+    for (i, c) in bytes.chunks_exact(4).enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        let f = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+        if !f.is_finite() {
+            return None;
+        }
+        out.push_str(&f.to_string());
+    }
+    out.push(']');
+    Some(out)
+}
+
+/// A JSON list of numbers as a JSON string of base64 little-endian f32s
+/// (what the `openai` SDK decodes).
+fn encode_base64_vector(raw: &[u8]) -> Option<String> {
+    let floats: Vec<f64> = serde_json::from_slice(raw).ok()?;
+    let mut bytes = Vec::with_capacity(floats.len() * 4);
+    for f in floats {
+        bytes.extend_from_slice(&(f as f32).to_le_bytes());
+    }
+    Some(format!(
+        "\"{}\"",
+        base64::engine::general_purpose::STANDARD.encode(bytes)
+    ))
+}
+
+/// Writes one answer object at position `index`.
+fn write_out(b: &mut BytesMut, api: Api, o: &Out, index: usize, base64: bool) {
+    let idx = format!("\"{}\":{index}", api.index_field());
+    b.put_u8(b'{');
+    if o.index_first {
+        b.put_slice(idx.as_bytes());
+        b.put_u8(b',');
+    }
+    if base64 {
+        // Rewrite `embedding` only; other fields as stored.
+        let wrapped = format!("{{{}}}", String::from_utf8_lossy(&o.fields));
+        let mut first = true;
+        if let Ok(RawFields(fields)) = serde_json::from_str::<RawFields<'_>>(&wrapped) {
+            for (k, v) in fields {
+                if !first {
+                    b.put_u8(b',');
+                }
+                first = false;
+                let encoded = (k == "embedding")
+                    .then(|| encode_base64_vector(v.get().as_bytes()))
+                    .flatten();
+                if let Ok(key) = serde_json::to_string(&k) {
+                    b.put_slice(key.as_bytes());
+                }
+                b.put_u8(b':');
+                match encoded {
+                    Some(e) => b.put_slice(e.as_bytes()),
+                    None => b.put_slice(v.get().as_bytes()),
+                }
+            }
+        }
+    } else {
+        b.put_slice(&o.fields);
+    }
+    if !o.index_first {
+        b.put_u8(b',');
+        b.put_slice(idx.as_bytes());
+    }
+    b.put_u8(b'}');
+}
+
+/// An object's fields in order, values unparsed.
+struct RawFields<'a>(Vec<(String, &'a RawValue)>);
+
+impl<'de> serde::Deserialize<'de> for RawFields<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = RawFields<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("an object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<Self::Value, A::Error> {
+                let mut v = Vec::new();
+                while let Some((k, val)) = m.next_entry::<String, &'de RawValue>()? {
+                    v.push((k, val));
+                }
+                Ok(RawFields(v))
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
+/// The `usage` object of an answer that cost `usage` (`images` images),
+/// in the API's own shape.
+pub(crate) fn usage_json(api: Api, usage: &Usage, images: u64) -> String {
+    let total = usage.total();
+    match api {
+        Api::Text => format!("{{\"total_tokens\":{total}}}"),
+        Api::Compatible => format!("{{\"prompt_tokens\":{total},\"total_tokens\":{total}}}"),
+        Api::Multimodal => {
+            let visual = usage.units.get(Modality::Image) + usage.units.get(Modality::Video);
+            let mut s = format!("{{\"input_tokens\":{total}");
+            if visual > 0 || images > 0 || usage.items.get(Modality::Video) > 0 {
+                s.push_str(&format!(",\"image_tokens\":{visual}"));
+            }
+            if images > 0 {
+                s.push_str(&format!(",\"image_count\":{images}"));
+            }
+            s.push('}');
+            s
+        }
+    }
+}
+
+/// A whole answer: `outs` in the client's order (index = position).
+pub(crate) fn render(
+    api: Api,
+    model: &str,
+    outs: &[&Out],
+    usage: &str,
+    request_id: &str,
+    base64: bool,
+) -> Bytes {
+    let size: usize = outs.iter().map(|o| o.fields.len() + 32).sum();
+    let mut b = BytesMut::with_capacity(size + usage.len() + 160);
+    match api {
+        Api::Compatible => b.put_slice(b"{\"data\":["),
+        Api::Text | Api::Multimodal => b.put_slice(b"{\"output\":{\"embeddings\":["),
+    }
+    for (i, o) in outs.iter().enumerate() {
+        if i > 0 {
+            b.put_u8(b',');
+        }
+        write_out(&mut b, api, o, i, base64);
+    }
+    match api {
+        Api::Compatible => {
+            b.put_slice(b"],\"model\":");
+            b.put_slice(serde_json::to_string(model).unwrap_or_default().as_bytes());
+            b.put_slice(b",\"object\":\"list\",\"usage\":");
+            b.put_slice(usage.as_bytes());
+            b.put_slice(b",\"id\":");
+        }
+        Api::Text | Api::Multimodal => {
+            b.put_slice(b"]},\"usage\":");
+            b.put_slice(usage.as_bytes());
+            b.put_slice(b",\"request_id\":");
+        }
+    }
+    b.put_slice(
+        serde_json::to_string(request_id)
+            .unwrap_or_default()
+            .as_bytes(),
+    );
+    b.put_u8(b'}');
+    b.freeze()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entries_round_trip() {
+        let mut usage = Usage::default();
+        usage.items.set(Modality::Text, 1);
+        usage.units.set(Modality::Text, 7);
+        let e = Entry {
+            exact: true,
+            usage,
+            images: 0,
+            outs: vec![Out {
+                index_first: false,
+                fields: Bytes::from_static(b"\"embedding\":[1,2]"),
+            }],
+        };
+        let raw = e.encode();
+        assert_eq!(Entry::decode(&raw), Some(e));
+        assert_eq!(Entry::decode(&raw.slice(..raw.len() - 1)), None);
+        assert_eq!(Entry::decode(&Bytes::from_static(b"[1,2]")), None);
+    }
+
+    #[test]
+    fn text_answers_are_read_and_rewritten_in_client_order() {
+        let body = br#"{"output":{"embeddings":[{"embedding":[0.5,1],"text_index":1},{"embedding":[2,3],"text_index":0}]},"usage":{"total_tokens":4},"request_id":"r"}"#;
+        let a = parse_answer(body, Api::Text, Some(2), 2, true).unwrap();
+        assert_eq!(&a.outs[0].fields[..], b"\"embedding\":[2,3]");
+        let merged = render(
+            Api::Text,
+            "m",
+            &[&a.outs[1], &a.outs[0]],
+            "{\"total_tokens\":4}",
+            "x",
+            false,
+        );
+        assert_eq!(
+            &merged[..],
+            br#"{"output":{"embeddings":[{"embedding":[0.5,1],"text_index":0},{"embedding":[2,3],"text_index":1}]},"usage":{"total_tokens":4},"request_id":"x"}"#
+        );
+        assert!(parse_answer(body, Api::Text, Some(3), 2, true).is_err());
+        assert!(parse_answer(body, Api::Text, Some(2), 3, true).is_err());
+        assert!(parse_answer(
+            br#"{"code":"X","output":{"embeddings":[]}}"#,
+            Api::Text,
+            None,
+            2,
+            true
+        )
+        .is_err());
+    }
+
+    #[test]
+    fn multimodal_keeps_index_first_and_type() {
+        let body = br#"{"output":{"embeddings":[{"index":0,"embedding":[1,2],"type":"image"}]},"usage":{"input_tokens":256,"image_tokens":256}}"#;
+        let a = parse_answer(body, Api::Multimodal, Some(1), 2, true).unwrap();
+        let out = render(Api::Multimodal, "m", &[&a.outs[0]], "{}", "r", false);
+        assert!(out.starts_with(
+            br#"{"output":{"embeddings":[{"index":0,"embedding":[1,2],"type":"image"}]}"#
+        ));
+    }
+
+    #[test]
+    fn compatible_base64_round_trip() {
+        let body = br#"{"data":[{"embedding":[0.5,-1.25],"index":0,"object":"embedding"}],"model":"m","object":"list","usage":{"prompt_tokens":1,"total_tokens":1}}"#;
+        let a = parse_answer(body, Api::Compatible, Some(1), 2, true).unwrap();
+        let out = render(Api::Compatible, "m", &[&a.outs[0]], "{}", "r", true);
+        let v: Value = serde_json::from_slice(&out).unwrap();
+        let s = v["data"][0]["embedding"].as_str().unwrap();
+        let bytes = base64::engine::general_purpose::STANDARD.decode(s).unwrap();
+        assert_eq!(f32::from_le_bytes(bytes[4..8].try_into().unwrap()), -1.25);
+        assert_eq!(v["data"][0]["index"], 0);
+        // An upstream that answers base64 anyway is read back to floats.
+        let b64 = base64::engine::general_purpose::STANDARD.encode(
+            [0.5f32, 2.0]
+                .iter()
+                .flat_map(|f| f.to_le_bytes())
+                .collect::<Vec<u8>>(),
+        );
+        let body = format!(
+            r#"{{"data":[{{"embedding":"{b64}","index":0}}],"usage":{{"total_tokens":1}}}}"#
+        );
+        let a = parse_answer(body.as_bytes(), Api::Compatible, Some(1), 2, true).unwrap();
+        assert_eq!(&a.outs[0].fields[..], b"\"embedding\":[0.5,2]");
+    }
+}
