@@ -819,7 +819,8 @@ async fn tasks_are_scoped_to_the_key_that_made_them() {
 async fn a_wrong_key_gets_401_on_every_route() {
     let (s, addr) = fake(Some(KEY)).await;
     let bad = [("Authorization", "Bearer nope"), ASYNC];
-    let routes: [(&str, &str, &[(&str, &str)], Option<Value>); 7] = [
+    type Route<'a> = (&'a str, &'a str, &'a [(&'a str, &'a str)], Option<Value>);
+    let routes: [Route; 7] = [
         (
             "POST",
             MULTIMODAL_PATH,
