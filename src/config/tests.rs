@@ -473,7 +473,7 @@ fn uploads_rate_defaults_for_every_tenant_and_is_checked_like_rate() {
 fn reference_file_documents_every_key() {
     let src = reference_with_examples();
     let doc: toml_edit::DocumentMut = src.parse().unwrap();
-    let sections: [(&str, &[&str]); 14] = [
+    let sections: [(&str, &[&str]); 15] = [
         ("", keys_of::<RawConfig>()),
         ("server", keys_of::<server::RawServer>()),
         ("upstream", keys_of::<upstream::RawUpstream>()),
@@ -488,6 +488,7 @@ fn reference_file_documents_every_key() {
         ("tenants[0].rate", keys_of::<tenants::RawRate>()),
         ("tenants[0].uploads_rate", keys_of::<tenants::RawRate>()),
         ("tenants[0].quota", keys_of::<tenants::RawQuota>()),
+        ("models[0]", keys_of::<models::RawModel>()),
     ];
     let mut missing = Vec::new();
     for (section, keys) in sections {
