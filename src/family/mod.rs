@@ -415,7 +415,9 @@ async fn answer(
     let mut hits = 0usize;
     for (u, unit) in units.iter().enumerate() {
         let e = &entries[u];
-        for (n, _) in unit.positions.iter().enumerate() {
+        // A fused unit is one answer (and one bill) for all its items.
+        let answers = if fused { 1 } else { unit.positions.len() };
+        for n in 0..answers {
             served_usage.push(e.usage);
             images += e.images;
             if fetched[u] && n == 0 {

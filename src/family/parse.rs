@@ -298,10 +298,12 @@ fn content_item(v: Value, at: &str, spec: &ModelSpec) -> Result<FamilyItem, Gate
                     spec.name
                 )))
             }
-            other => return Err(bad(format!(
+            other => {
+                return Err(bad(format!(
                 "{at} is not supported; an item has text, image, video or multi_images (got `{}`)",
                 other.escape_debug()
-            ))),
+            )))
+            }
         }
         kinds += 1;
     }

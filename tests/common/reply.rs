@@ -9,6 +9,10 @@ pub struct Reply {
 }
 
 impl Reply {
+    pub async fn from_response(r: reqwest::Response) -> Reply {
+        Reply::from(r).await
+    }
+
     pub(super) async fn from(r: reqwest::Response) -> Reply {
         let status = r.status().as_u16();
         let headers = r.headers().clone();
