@@ -29,7 +29,9 @@ async fn unknown_paths_are_404_and_never_forwarded() {
     // Near misses of the real path.
     for p in [
         "/api/v1/services/embeddings/multimodal-embedding/multimodal-embedding/",
-        "/api/v1/services/embeddings/text-embedding/text-embedding",
+        // (The text path is served since the family landed.)
+        "/api/v1/services/embeddings/text-embedding/text-embedding/x",
+        "/api/v1/services/aigc/text-generation/generation",
         "/api/v2/services/embeddings/multimodal-embedding/multimodal-embedding",
     ] {
         let resp = gw

@@ -99,8 +99,9 @@ async fn upload_policy_refuses_everything_but_get_policy_for_a_served_model() {
             "`model`: `qwen-vl-max` is not a model this gateway serves",
         ),
         (
-            "?action=getPolicy&model=multimodal-embedding-v1".to_string(),
-            "`model`: `multimodal-embedding-v1` is not",
+            // Text models take no files (multimodal ones are served since the family landed).
+            "?action=getPolicy&model=text-embedding-v4".to_string(),
+            "`model`: `text-embedding-v4` is not",
         ),
         (
             format!("?action=getPolicy&model={m}&model=qwen-vl-max"),
