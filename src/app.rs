@@ -126,6 +126,9 @@ impl App {
         self.tenant_slots.retain(configured);
         let mut restart = Vec::new();
         let c = &self.config;
+        if c.models != new.models {
+            restart.push("models");
+        }
         if c.server.listen != new.server.listen
             || c.server.metrics_listen != new.server.metrics_listen
         {

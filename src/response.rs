@@ -19,6 +19,9 @@ use crate::request_id;
 /// The gateway's refusal of `req`, framed as its route frames answers,
 /// with the request's id.
 pub(crate) fn refusal<B>(req: &Request<B>, e: GatewayError, framing: Framing) -> Response<Body> {
+    if framing == Framing::OpenAi {
+        return crate::family::compatible_error(e, &request_id::of(req));
+    }
     e.into_response(&request_id::of(req), framing.sse(req.headers()))
 }
 
@@ -51,12 +54,14 @@ pub(crate) enum Framing {
     Json,
     /// SSE when the client asks for it (the embedding endpoints).
     SseIfAsked,
+    /// JSON, errors in OpenAI's shape (`/compatible-mode/v1/embeddings`).
+    OpenAi,
 }
 
 impl Framing {
     pub(crate) fn sse(self, h: &HeaderMap) -> bool {
         match self {
-            Framing::Json => false,
+            Framing::Json | Framing::OpenAi => false,
             Framing::SseIfAsked => wants_sse(h),
         }
     }

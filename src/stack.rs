@@ -234,7 +234,7 @@ impl Router {
             ),
             compatible: tenant_route(
                 app,
-                Framing::Json,
+                Framing::OpenAi,
                 RateBucket::Embeddings,
                 Handler::new(app, |app, req| Box::pin(family::serve_compatible(app, req))),
             ),
