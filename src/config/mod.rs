@@ -22,6 +22,7 @@ mod check;
 mod ledger;
 mod limits;
 mod metering;
+mod prices;
 mod server;
 mod state;
 mod tenants;
