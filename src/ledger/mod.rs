@@ -762,4 +762,53 @@ mod tests {
         assert_eq!(units(&only), 8);
         assert!(only.rows.iter().all(|row| row.model == v4));
     }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_journal_left_by_the_version_before_models_ships_as_one_peace() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(dir.path());
+        std::fs::create_dir_all(&cfg.journal_dir).unwrap();
+        let today = Day::today();
+        // Two rows as the version before models wrote them (three
+        // modalities, no model), checksums computed the way it did.
+        let mut seg = Vec::new();
+        for body in [
+            format!("1 {} miss 3 2 0 1 2 0 2 2 0 2 search ", today.days()),
+            format!("2 {} hit 0 1 0 0 1 0 0 1 0 0 search ", today.days()),
+        ] {
+            let sum = body.bytes().fold(0x811c_9dc5u32, |h, b| {
+                (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+            });
+            seg.extend_from_slice(format!("{body}{sum:08x}\n").as_bytes());
+        }
+        let run = "0123456789abcdef0123456789abcdef";
+        std::fs::write(cfg.journal_dir.join(format!("{run}-000000.jnl")), &seg).unwrap();
+        let metrics = Arc::new(Metrics::new().unwrap());
+        let l = Ledger::open(&cfg, None, metrics.clone()).unwrap();
+        let r = l
+            .report(
+                today,
+                today,
+                None,
+                None,
+                &[],
+                &Prices::from([(M.to_string(), 2.0)]),
+            )
+            .await
+            .unwrap();
+        assert_eq!(metrics.journal_damaged_rows.get(), 0);
+        assert_eq!(units(&r), 5);
+        assert!(r.rows.iter().all(|row| row.model == M), "{:?}", r.rows);
+        assert_eq!(r.figures[0].requests, 2);
+        assert_eq!(r.figures[0].mismatches, 1);
+        assert_eq!(
+            r.totals
+                .iter()
+                .map(|t| (t.model.as_str(), t.cost))
+                .collect::<Vec<_>>(),
+            vec![(M, Some(10.0))]
+        );
+        // Shipped, the leftover is deleted.
+        assert!(!cfg.journal_dir.join(format!("{run}-000000.jnl")).exists());
+    }
 }
