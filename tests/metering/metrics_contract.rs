@@ -158,14 +158,14 @@ async fn metrics_contract_names_labels_and_hygiene() {
     }
     assert!(
         requests.contains_key(
-            &["(none)", "none", "none", "InvalidApiKey"]
+            ["(none)", "none", "none", "InvalidApiKey"]
                 .map(String::from)
-                .to_vec()
+                .as_slice()
         ),
         "{requests:?}"
     );
     assert!(
-        requests.contains_key(&["alpha", MODEL, "hit", "ok"].map(String::from).to_vec()),
+        requests.contains_key(["alpha", MODEL, "hit", "ok"].map(String::from).as_slice()),
         "{requests:?}"
     );
     for name in ["embedgate_usage_units_total", "embedgate_items_total"] {
