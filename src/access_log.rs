@@ -2,7 +2,8 @@
 //! callbacks: one `embedgate::access` line and one
 //! `embedgate_requests_total` / `embedgate_request_duration_seconds` sample
 //! per answered request, labelled from what the inner layers put on the
-//! response (route, [`TenantName`], [`CacheStatus`], [`ErrorCode`]).
+//! response (route, [`TenantName`], [`ModelName`], [`CacheStatus`],
+//! [`ErrorCode`]).
 //! [`InFlight`] keeps `embedgate_in_flight_requests` true, also for
 //! requests whose client went away.
 //!
@@ -25,8 +26,8 @@ use tracing::Span;
 use crate::app::App;
 use crate::auth::TenantName;
 use crate::error::ErrorCode;
-use crate::metering::CacheStatus;
-use crate::metrics::{Metrics, NO_TENANT};
+use crate::metering::{CacheStatus, ModelName};
+use crate::metrics::{model_label, Metrics, NO_MODEL, NO_TENANT};
 
 /// Which route answered, on the response; set by the router.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,6 +68,10 @@ impl<B> OnResponse<B> for AccessLog {
         let ext = r.extensions();
         let route = ext.get::<RouteName>().map(|r| r.0).unwrap_or("none");
         let tenant = ext.get::<TenantName>().map(|t| &*t.0).unwrap_or(NO_TENANT);
+        let model = ext
+            .get::<ModelName>()
+            .map(|m| model_label(&m.0))
+            .unwrap_or(NO_MODEL);
         let cache = ext
             .get::<CacheStatus>()
             .map(|c| c.as_str())
@@ -86,7 +91,7 @@ impl<B> OnResponse<B> for AccessLog {
         if !UNMETERED_ROUTES.contains(&route) {
             metrics
                 .requests
-                .with_label_values(&[tenant, cache, &code])
+                .with_label_values(&[tenant, model, cache, &code])
                 .inc();
             metrics
                 .request_duration
@@ -100,6 +105,7 @@ impl<B> OnResponse<B> for AccessLog {
             target: "embedgate::access",
             route,
             tenant,
+            model,
             cache,
             status = status.as_u16(),
             code = %code,

@@ -1,10 +1,13 @@
 //! Admin routes under `/admin/`, behind the admin token (compared by
 //! digest). Without `[admin]` in config they answer 404.
 //!
-//! `GET /admin/usage?from=YYYY-MM-DD&to=YYYY-MM-DD[&tenant=NAME][&format=csv][&view=reconciliation]`
+//! `GET /admin/usage?from=YYYY-MM-DD&to=YYYY-MM-DD[&tenant=NAME][&model=NAME][&format=csv][&view=reconciliation|totals]`
 //!
-//! JSON: `{"from","to","rows":[…],"reconciliation":[…]}`; CSV: the rows, or
-//! with `view=reconciliation` the figures per tenant and day.
+//! JSON: `{"from","to","rows":[…],"reconciliation":[…],"totals":[…]}`;
+//! CSV: the rows (per tenant, day, model, modality and cache status, with
+//! their cost), or with `view=reconciliation` the figures per tenant, day
+//! and model, or with `view=totals` the totals and cost per tenant and
+//! model. `model=` keeps one model's.
 
 use std::sync::Arc;
 
@@ -49,22 +52,35 @@ async fn handle(app: &App, req: &http::request::Parts) -> Result<Response<Body>,
     }
 }
 
+/// What a CSV report lists.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum View {
+    Rows,
+    /// The reconciliation figures per tenant, day and model.
+    Reconciliation,
+    /// Totals and cost per tenant and model.
+    Totals,
+}
+
 /// Query parameters of a usage report.
 pub(crate) struct UsageQuery {
     pub(crate) from: Day,
     pub(crate) to: Day,
     pub(crate) tenant: Option<String>,
+    /// Only this model's rows.
+    pub(crate) model: Option<String>,
     pub(crate) csv: bool,
-    /// CSV of the reconciliation figures instead of the rows.
-    pub(crate) reconciliation: bool,
+    pub(crate) view: View,
 }
 
 impl UsageQuery {
     /// The report as its answer's body and content type.
     pub(crate) fn render(&self, r: &Report) -> (String, &'static str) {
-        match (self.csv, self.reconciliation) {
-            (true, false) => (report::rows_csv(&r.rows), "text/csv; charset=utf-8"),
-            (true, true) => (report::figures_csv(&r.figures), "text/csv; charset=utf-8"),
+        const CSV: &str = "text/csv; charset=utf-8";
+        match (self.csv, self.view) {
+            (true, View::Rows) => (report::rows_csv(&r.rows), CSV),
+            (true, View::Reconciliation) => (report::figures_csv(&r.figures), CSV),
+            (true, View::Totals) => (report::totals_csv(&r.totals), CSV),
             (false, _) => (report::json(self.from, self.to, r), "application/json"),
         }
     }
@@ -76,8 +92,9 @@ impl UsageQuery {
         let mut from = None;
         let mut to = None;
         let mut tenant = None;
+        let mut model = None;
         let mut csv = false;
-        let mut reconciliation = false;
+        let mut view = View::Rows;
         for pair in query.split('&').filter(|p| !p.is_empty()) {
             let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
             let v = percent_decode(v);
@@ -86,6 +103,8 @@ impl UsageQuery {
                 "to" => to = Some(day_param("to", &v)?),
                 "tenant" if !v.is_empty() => tenant = Some(v),
                 "tenant" => {}
+                "model" if !v.is_empty() => model = Some(v),
+                "model" => {}
                 "format" => {
                     csv = match v.as_str() {
                         "csv" => true,
@@ -98,19 +117,20 @@ impl UsageQuery {
                     }
                 }
                 "view" => {
-                    reconciliation = match v.as_str() {
-                        "reconciliation" => true,
-                        "rows" | "" => false,
+                    view = match v.as_str() {
+                        "reconciliation" => View::Reconciliation,
+                        "totals" => View::Totals,
+                        "rows" | "" => View::Rows,
                         _ => {
                             return Err(GatewayError::InvalidParameter(
-                                "view must be rows or reconciliation".into(),
+                                "view must be rows, reconciliation or totals".into(),
                             ))
                         }
                     }
                 }
                 other => {
                     return Err(GatewayError::InvalidParameter(format!(
-                        "unknown parameter `{}`; use from, to, tenant, format, view",
+                        "unknown parameter `{}`; use from, to, tenant, model, format, view",
                         other.chars().take(32).collect::<String>()
                     )))
                 }
@@ -135,8 +155,9 @@ impl UsageQuery {
             from,
             to,
             tenant,
+            model,
             csv,
-            reconciliation,
+            view,
         })
     }
 }
@@ -150,7 +171,14 @@ async fn usage(app: &App, query: &str, known: &[String]) -> Result<Response<Body
     let q = UsageQuery::parse(query)?;
     let r = app
         .ledger
-        .report(q.from, q.to, q.tenant.as_deref(), known)
+        .report(
+            q.from,
+            q.to,
+            q.tenant.as_deref(),
+            q.model.as_deref(),
+            known,
+            &app.config.unit_prices(),
+        )
         .await
         .map_err(|e| {
             tracing::warn!(error = %e, "usage report failed");
@@ -168,9 +196,11 @@ pub struct UsageArgs {
     pub from: Option<String>,
     pub to: Option<String>,
     pub tenant: Option<String>,
+    /// Only this model.
+    pub model: Option<String>,
     /// `json` (default) or `csv`.
     pub format: Option<String>,
-    /// `rows` (default) or `reconciliation` (CSV).
+    /// `rows` (default), `reconciliation` or `totals` (CSV).
     pub view: Option<String>,
     /// The text of an upstream usage export to compare the ledger with.
     pub reconcile: Option<String>,
@@ -206,13 +236,22 @@ pub async fn usage_report(config: &crate::Config, args: &UsageArgs) -> Result<Us
             ("format", &args.format),
             ("view", &args.view),
             ("tenant", &args.tenant),
+            ("model", &args.model),
         ] {
             if let Some(v) = v {
                 query.push_str(&format!("&{k}={v}"));
             }
         }
         let q = UsageQuery::parse(&query).map_err(|e| e.message())?;
-        let r = cli_report(config, q.from, q.to, q.tenant.as_deref(), &names).await?;
+        let r = cli_report(
+            config,
+            q.from,
+            q.to,
+            q.tenant.as_deref(),
+            q.model.as_deref(),
+            &names,
+        )
+        .await?;
         let (mut text, _) = q.render(&r);
         if !q.csv {
             text.push('\n');
@@ -223,8 +262,9 @@ pub async fn usage_report(config: &crate::Config, args: &UsageArgs) -> Result<Us
             mismatches: 0,
         });
     };
-    if args.tenant.is_some() || args.format.is_some() || args.view.is_some() {
-        return Err("--reconcile compares every tenant and prints CSV: leave out --tenant, --format and --view".into());
+    if args.tenant.is_some() || args.format.is_some() || args.view.is_some() || args.model.is_some()
+    {
+        return Err("--reconcile compares every tenant and model and prints CSV: leave out --tenant, --model, --format and --view".into());
     }
     let export = export::parse(export_text)?;
     let Some((first, last)) = export.days() else {
@@ -249,7 +289,7 @@ pub async fn usage_report(config: &crate::Config, args: &UsageArgs) -> Result<Us
             "{outside} export lines are outside {from}..{to} and were not compared"
         ));
     }
-    let r = cli_report(config, from, to, None, &names).await?;
+    let r = cli_report(config, from, to, None, None, &names).await?;
     let workspace_of = |tenant: &str| {
         config
             .tenant(tenant)
@@ -277,6 +317,7 @@ async fn cli_report(
     from: Day,
     to: Day,
     tenant: Option<&str>,
+    model: Option<&str>,
     names: &[String],
 ) -> Result<Report, String> {
     // The ledger lives in the state's Redis (state.redis_url, which
@@ -301,7 +342,7 @@ async fn cli_report(
             Some(redis)
         }
     };
-    crate::ledger::read_report(config, redis, from, to, tenant, names).await
+    crate::ledger::read_report(config, redis, from, to, tenant, model, names).await
 }
 
 /// The CLI waits this long per Redis call; it has no request deadline.
@@ -354,6 +395,16 @@ mod tests {
         assert_eq!(q.from.to_string(), "2026-11-01");
         assert_eq!(q.tenant.as_deref(), Some("search"));
         assert!(q.csv);
+        assert_eq!((q.model, q.view), (None, View::Rows));
+        let q = UsageQuery::parse(
+            "from=2026-11-01&to=2026-11-01&model=text-embedding-v4&view=totals&format=csv",
+        )
+        .unwrap();
+        assert_eq!(q.model.as_deref(), Some("text-embedding-v4"));
+        assert_eq!(q.view, View::Totals);
+        let (body, ct) = q.render(&Report::default());
+        assert!(ct.starts_with("text/csv"));
+        assert!(body.starts_with("tenant,model,requests,"), "{body}");
         for (bad, want) in [
             ("to=2026-11-01", "from is required"),
             ("from=2026-11-01", "to is required"),
@@ -366,6 +417,10 @@ mod tests {
             (
                 "from=2026-11-01&to=2026-11-01&format=xml",
                 "format must be json or csv",
+            ),
+            (
+                "from=2026-11-01&to=2026-11-01&view=models",
+                "view must be rows, reconciliation or totals",
             ),
             ("from=2026-11-01&to=2026-11-01&x=1", "unknown parameter `x`"),
         ] {

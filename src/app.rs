@@ -14,7 +14,7 @@ use crate::fair_share::TenantSlots;
 use crate::ledger::Ledger;
 use crate::limits::Limits;
 use crate::metering::{CacheStatus, Reconciled, Usage};
-use crate::metrics::Metrics;
+use crate::metrics::{model_label, Metrics};
 use crate::redis_store::{Holds, RedisStore};
 use crate::tasks::TaskStore;
 use crate::tenants::TenantTable;
@@ -93,27 +93,55 @@ impl App {
         }))
     }
 
-    /// Upstream attempts of unknown outcome for one request: counted, and
-    /// their possible cost in the ledger (journaled) as `unknown`.
-    pub(crate) fn meter_unknown(&self, tenant: &Arc<str>, attempts: u32, exposure: &Usage) {
+    /// Upstream attempts of unknown outcome for one request to `model`:
+    /// counted, and their possible cost in the ledger (journaled) as
+    /// `unknown`.
+    pub(crate) fn meter_unknown(
+        &self,
+        tenant: &Arc<str>,
+        model: &str,
+        attempts: u32,
+        exposure: &Usage,
+    ) {
         self.metrics
             .upstream_unknown_outcomes
             .with_label_values(&[tenant])
             .inc_by(u64::from(attempts));
         self.metrics
             .unknown_outcome_units
-            .with_label_values(&[tenant])
+            .with_label_values(&[tenant, model_label(model)])
             .inc_by(exposure.total());
-        self.ledger
-            .record(tenant, CacheStatus::Unknown, &Reconciled::own(*exposure));
+        self.ledger.record(
+            tenant,
+            model,
+            CacheStatus::Unknown,
+            &Reconciled::own(*exposure),
+        );
     }
 
-    /// Counters and ledger for one successful answer; returns once it is
-    /// in the journal, so the caller may send the answer.
-    pub(crate) fn meter(&self, tenant: &Arc<str>, cache: CacheStatus, r: &Reconciled) {
-        self.metrics.record_usage(tenant, cache, &r.record);
+    /// Counters and ledger for one successful call to `model` (`cache` is
+    /// hit or miss; a partial answer is metered as two calls, its hit items
+    /// and its miss items); returns once it is in the journal, so the
+    /// caller may send the answer. A mismatch of upstream's usage with the
+    /// gateway's is counted here (`embedgate_usage_mismatch_total`).
+    pub(crate) fn meter(&self, tenant: &Arc<str>, model: &str, cache: CacheStatus, r: &Reconciled) {
+        if !cache.is_row_status() {
+            tracing::error!(
+                %tenant,
+                model = model_label(model),
+                "an answer metered as partial: meter its hit items and its miss items instead; not metered"
+            );
+            return;
+        }
+        self.metrics.record_usage(tenant, model, cache, &r.record);
         self.metrics.record_reconciliation(tenant, cache, r);
-        self.ledger.record(tenant, cache, r);
+        if r.mismatch {
+            self.metrics
+                .usage_mismatch
+                .with_label_values(&[tenant, model_label(model)])
+                .inc();
+        }
+        self.ledger.record(tenant, model, cache, r);
     }
 
     /// Applies a reloaded config's tenants and admin token. Settings that

@@ -39,7 +39,7 @@ use crate::error::{Fault, GatewayError};
 use crate::family::{self, Api};
 use crate::fault;
 use crate::forwarded::ForwardedHeaders;
-use crate::metering::{self, CacheStatus, Reconciled, Usage};
+use crate::metering::{self, CacheStatus, ModelName, Reconciled, Usage};
 use crate::request::{EmbeddingRequest, ParseRules};
 use crate::request_id;
 use crate::response::{self, Framing};
@@ -54,6 +54,7 @@ const MAX_FOLLOW_ATTEMPTS: usize = 3;
 #[derive(Default)]
 struct Seen {
     cache: Option<CacheStatus>,
+    model: Option<Arc<str>>,
     quota_remaining: Option<u64>,
 }
 
@@ -113,6 +114,9 @@ pub(crate) async fn serve(
     }
     if let Some(q) = seen.quota_remaining {
         response::set_quota_header(r.headers_mut(), q);
+    }
+    if let Some(m) = seen.model {
+        r.extensions_mut().insert(ModelName(m));
     }
     Ok(r)
 }
@@ -192,6 +196,8 @@ async fn answer(
 ) -> Result<Answer, GatewayError> {
     // 1. parse
     let parsed = EmbeddingRequest::parse(&body, &ParseRules::of(&app.config.upstream))?;
+    let model: Arc<str> = Arc::from(parsed.model.as_str());
+    seen.model = Some(model.clone());
     if !tenant.may_use(&parsed.model) {
         return Err(GatewayError::ModelNotAllowed(parsed.model.clone()));
     }
@@ -212,7 +218,7 @@ async fn answer(
     loop {
         if !cc.no_cache {
             if let Lookup::Hit(embedding) = app.cache.get(&key, dimension).await {
-                return answer_hit(app, &tenant, embedding, usage, request_id, seen).await;
+                return answer_hit(app, &tenant, &model, embedding, usage, request_id, seen).await;
             }
         }
         // 3. coalescing
@@ -223,14 +229,20 @@ async fn answer(
                 Role::Leader(g) => {
                     if let Some(embedding) = app.cache.recheck(&key, dimension).await {
                         g.finish(Outcome::Done(embedding.clone()));
-                        return answer_hit(app, &tenant, embedding, usage, request_id, seen).await;
+                        return answer_hit(
+                            app, &tenant, &model, embedding, usage, request_id, seen,
+                        )
+                        .await;
                     }
                     Some(g)
                 }
                 Role::Follower(rx) => match coalesce::wait(rx).await {
                     Outcome::Done(embedding) => {
                         app.metrics.coalesced.inc();
-                        return answer_hit(app, &tenant, embedding, usage, request_id, seen).await;
+                        return answer_hit(
+                            app, &tenant, &model, embedding, usage, request_id, seen,
+                        )
+                        .await;
                     }
                     // Upstream's answer to this very input, made for the
                     // leader: reported like the leader's, as a miss.
@@ -257,6 +269,7 @@ async fn answer(
         let miss = Miss {
             app: app.clone(),
             tenant: tenant.clone(),
+            model: model.clone(),
             key,
             usage,
             dimension,
@@ -291,6 +304,7 @@ async fn answer(
 async fn answer_hit(
     app: &Arc<App>,
     tenant: &Arc<Tenant>,
+    model: &str,
     embedding: Bytes,
     usage: Usage,
     request_id: &str,
@@ -304,7 +318,12 @@ async fn answer_hit(
         }
     }
     seen.cache = Some(CacheStatus::Hit);
-    app.meter(&tenant.name, CacheStatus::Hit, &Reconciled::own(usage));
+    app.meter(
+        &tenant.name,
+        model,
+        CacheStatus::Hit,
+        &Reconciled::own(usage),
+    );
     Ok(Answer {
         body: response::hit_body(&embedding, &usage, request_id),
         request_id: request_id.to_string(),
@@ -316,6 +335,7 @@ async fn answer_hit(
 struct Miss {
     app: Arc<App>,
     tenant: Arc<Tenant>,
+    model: Arc<str>,
     key: CacheKey,
     /// The gateway's figure: reserved before the call, compared with
     /// upstream's after it.
@@ -354,7 +374,7 @@ impl Miss {
         let exposure = self.usage.times(u64::from(unknown));
         if unknown > 0 {
             self.app
-                .meter_unknown(&self.tenant.name, unknown, &exposure);
+                .meter_unknown(&self.tenant.name, &self.model, unknown, &exposure);
         }
         match result {
             Ok(success) => {
@@ -373,11 +393,7 @@ impl Miss {
                 let reconciled = metering::reconcile(self.usage, success.usage);
                 let record = reconciled.record;
                 if reconciled.mismatch {
-                    self.app
-                        .metrics
-                        .usage_mismatch
-                        .with_label_values(&[&self.tenant.name])
-                        .inc();
+                    // Counted by `App::meter`.
                     tracing::warn!(
                         tenant = %self.tenant.name,
                         expected_units = units,
@@ -391,8 +407,12 @@ impl Miss {
                     remaining = Some(r.remaining.saturating_sub(spent.saturating_sub(units)));
                     self.app.limits.settle(r, spent).await;
                 }
-                self.app
-                    .meter(&self.tenant.name, CacheStatus::Miss, &reconciled);
+                self.app.meter(
+                    &self.tenant.name,
+                    &self.model,
+                    CacheStatus::Miss,
+                    &reconciled,
+                );
                 (
                     Ok(Answer {
                         body: success.body,

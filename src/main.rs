@@ -59,12 +59,17 @@ enum Command {
         /// Only this tenant.
         #[arg(long)]
         tenant: Option<String>,
+        /// Only this model (e.g. text-embedding-v4).
+        #[arg(long)]
+        model: Option<String>,
         /// json (default) or csv.
         #[arg(long)]
         format: Option<String>,
-        /// rows (default) or reconciliation: per tenant and day, the units
+        /// rows (default: per tenant, day, model, modality and cache status,
+        /// with cost), reconciliation (per tenant, day and model: the units
         /// served from cache, billed by upstream, computed by the gateway,
-        /// of unknown outcome, and mismatches (CSV with --format csv).
+        /// of unknown outcome, and mismatches) or totals (per tenant and
+        /// model over the days, with cost); CSV with --format csv.
         #[arg(long)]
         view: Option<String>,
         /// Compare the ledger with upstream's usage export, a CSV file with
@@ -97,6 +102,7 @@ fn main() -> ExitCode {
             from,
             to,
             tenant,
+            model,
             format,
             view,
             reconcile,
@@ -113,6 +119,7 @@ fn main() -> ExitCode {
                 from,
                 to,
                 tenant,
+                model,
                 format,
                 view,
                 reconcile,

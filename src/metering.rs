@@ -8,6 +8,8 @@
 //! ledger ([`Ledger::record`](crate::ledger::Ledger::record)) take a `Usage`
 //! as it is; nothing downstream multiplies weights again.
 
+use std::sync::Arc;
+
 use crate::config::Weights;
 use crate::request::{Counts, Modality};
 
@@ -22,6 +24,13 @@ pub(crate) enum CacheStatus {
     /// a `cache` label value of the usage counters (the answer itself is an
     /// error, `X-Cache: MISS`).
     Unknown,
+    /// Some items of the request were cached, the others fetched upstream.
+    /// A request-level status only: the `cache` label of
+    /// `embedgate_requests_total` and `embedgate_request_duration_seconds`,
+    /// and `X-Cache: PARTIAL`. Never on the units/items counters nor on a
+    /// ledger row: a partial answer is metered as two calls, its hit items
+    /// and its miss items ([`CacheStatus::is_row_status`]).
+    Partial,
 }
 
 impl CacheStatus {
@@ -30,17 +39,55 @@ impl CacheStatus {
             CacheStatus::Hit => "hit",
             CacheStatus::Miss => "miss",
             CacheStatus::Unknown => "unknown",
+            CacheStatus::Partial => "partial",
         }
     }
 
+    /// Any status, as [`Self::as_str`] names it (`partial` included).
     pub(crate) fn from_name(s: &str) -> Option<CacheStatus> {
         match s {
             "hit" => Some(CacheStatus::Hit),
             "miss" => Some(CacheStatus::Miss),
             "unknown" => Some(CacheStatus::Unknown),
+            "partial" => Some(CacheStatus::Partial),
             _ => None,
         }
     }
+
+    /// True for the statuses a metered call (a ledger row, a units/items
+    /// sample) can have: hit, miss, unknown; not partial.
+    pub(crate) fn is_row_status(self) -> bool {
+        self != CacheStatus::Partial
+    }
+
+    /// A ledger row's status: as [`Self::from_name`], `partial` refused.
+    pub(crate) fn row_from_name(s: &str) -> Option<CacheStatus> {
+        CacheStatus::from_name(s).filter(|c| c.is_row_status())
+    }
+}
+
+/// The model a request named, on its response (for the `model` label of
+/// `embedgate_requests_total` and the access log). Absent when the request
+/// never got as far as naming one (a 401 before the body is read).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct ModelName(pub(crate) Arc<str>);
+
+/// The model every row of the ledger had before the ledger carried a
+/// model (journals, Redis fields and SQLite rows of earlier versions).
+pub(crate) const LEGACY_MODEL: &str = "multimodal-embedding-one-peace-v1";
+
+/// The longest model name the ledger records.
+pub(crate) const MAX_MODEL_NAME_BYTES: usize = 64;
+
+/// True when `model` can be a ledger key and a label value: 1 to
+/// [`MAX_MODEL_NAME_BYTES`] bytes of `[A-Za-z0-9._-]` (the journal line is
+/// space-separated, ledger fields `|`-separated). DashScope's names are.
+pub(crate) fn valid_model_name(model: &str) -> bool {
+    !model.is_empty()
+        && model.len() <= MAX_MODEL_NAME_BYTES
+        && model
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
 /// Items and units per modality of one answer.
@@ -163,6 +210,45 @@ mod tests {
             serde_json::from_str(&Usage::of(counts(3, 0, 0), &W).json()).unwrap();
         assert!(only_text.get("image").is_none());
         assert_eq!(only_text["text"]["measure"], 3);
+    }
+
+    #[test]
+    fn partial_is_a_request_status_only() {
+        for c in [
+            CacheStatus::Hit,
+            CacheStatus::Miss,
+            CacheStatus::Unknown,
+            CacheStatus::Partial,
+        ] {
+            assert_eq!(CacheStatus::from_name(c.as_str()), Some(c));
+        }
+        assert!(!CacheStatus::Partial.is_row_status());
+        assert_eq!(CacheStatus::row_from_name("partial"), None);
+        assert_eq!(CacheStatus::row_from_name("miss"), Some(CacheStatus::Miss));
+        assert_eq!(CacheStatus::from_name("none"), None);
+    }
+
+    #[test]
+    fn model_names_fit_the_ledger() {
+        for ok in [
+            LEGACY_MODEL,
+            "text-embedding-v4",
+            "qwen2.5-vl-embedding",
+            "tongyi-embedding-vision-plus",
+            &"a".repeat(MAX_MODEL_NAME_BYTES),
+        ] {
+            assert!(valid_model_name(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            "two words",
+            "a|b",
+            "模型",
+            "new\nline",
+            &"a".repeat(MAX_MODEL_NAME_BYTES + 1),
+        ] {
+            assert!(!valid_model_name(bad), "{bad}");
+        }
     }
 
     #[test]

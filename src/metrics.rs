@@ -1,6 +1,8 @@
 //! Prometheus metrics. The names and labels of the first five are a contract
-//! (the README's metrics table); label values come from config (tenant names) or closed sets,
-//! never from request data.
+//! (the README's metrics table); label values come from config (tenant and
+//! model names) or closed sets, never from free request data: a `model` label
+//! is a model the gateway serves (its model table bounds them), and a name
+//! that could not be a model is counted as [`INVALID_MODEL`].
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -14,12 +16,29 @@ use prometheus::{
 
 use crate::log_writer::LOG_LINES_DROPPED;
 
-use crate::metering::{CacheStatus, Reconciled, Usage};
+use crate::metering::{valid_model_name, CacheStatus, Reconciled, Usage};
 use crate::request::Modality;
 
 /// Label for requests that never got as far as a tenant; not a valid tenant
 /// name, so it cannot collide with one.
 pub(crate) const NO_TENANT: &str = "(none)";
+
+/// `model` label of requests that never named a model (refused before
+/// their body was read).
+pub(crate) const NO_MODEL: &str = "none";
+
+/// `model` label standing in for a name that is not a valid model name
+/// ([`valid_model_name`]); such answers are not in the ledger.
+pub(crate) const INVALID_MODEL: &str = "(invalid)";
+
+/// The `model` label value of a model name.
+pub(crate) fn model_label(model: &str) -> &str {
+    if valid_model_name(model) {
+        model
+    } else {
+        INVALID_MODEL
+    }
+}
 
 /// Latency buckets from a memory hit (tens of µs) to a slow upstream (30 s).
 const LATENCY_BUCKETS: &[f64] = &[
@@ -29,13 +48,14 @@ const LATENCY_BUCKETS: &[f64] = &[
 
 pub(crate) struct Metrics {
     registry: Registry,
-    /// tenant, cache (hit/miss/none), code (`ok` or the error code).
+    /// tenant, model, cache (hit/partial/miss/none), code (`ok` or the
+    /// error code).
     pub(crate) requests: IntCounterVec,
-    /// tenant, modality, cache.
+    /// tenant, model, modality, cache (hit/miss/unknown).
     pub(crate) usage_units: IntCounterVec,
-    /// tenant, modality, cache.
+    /// tenant, model, modality, cache (hit/miss/unknown).
     pub(crate) items: IntCounterVec,
-    /// cache.
+    /// cache (hit/partial/miss/none).
     pub(crate) request_duration: HistogramVec,
     pub(crate) upstream_duration: Histogram,
     /// status (HTTP status, or `connect_error` / `timeout`).
@@ -45,7 +65,7 @@ pub(crate) struct Metrics {
     pub(crate) coalesced: IntCounter,
     /// tenant.
     pub(crate) quota_remaining: IntGaugeVec,
-    /// tenant.
+    /// tenant, model.
     pub(crate) usage_mismatch: IntCounterVec,
     pub(crate) ledger_buffered: IntGauge,
     pub(crate) quota_unsynced: IntGauge,
@@ -60,8 +80,11 @@ pub(crate) struct Metrics {
     pub(crate) in_flight: IntGauge,
     /// tenant: upstream attempts sent whose outcome is unknown.
     pub(crate) upstream_unknown_outcomes: IntCounterVec,
-    /// tenant: units those attempts may have cost.
+    /// tenant, model: units those attempts may have cost.
     pub(crate) unknown_outcome_units: IntCounterVec,
+    /// Metered answers left out of the ledger because their model name
+    /// cannot be a ledger key (see [`valid_model_name`]).
+    pub(crate) ledger_rejected_rows: IntCounter,
     pub(crate) connections_open: IntGauge,
     pub(crate) connections_refused: IntCounter,
     /// store (`cache`, `state`); one Redis holding both sets both.
@@ -95,20 +118,20 @@ impl Metrics {
         let requests = counter_vec(
             &r,
             "embedgate_requests_total",
-            "Requests answered, by tenant, cache status and result code.",
-            &["tenant", "cache", "code"],
+            "Requests answered, by tenant, model, cache status and result code.",
+            &["tenant", "model", "cache", "code"],
         )?;
         let usage_units = counter_vec(
             &r,
             "embedgate_usage_units_total",
             "DashScope usage units (measure x weight) of successful answers.",
-            &["tenant", "modality", "cache"],
+            &["tenant", "model", "modality", "cache"],
         )?;
         let items = counter_vec(
             &r,
             "embedgate_items_total",
             "Content items (measure) of successful answers.",
-            &["tenant", "modality", "cache"],
+            &["tenant", "model", "modality", "cache"],
         )?;
         let request_duration = register(
             &r,
@@ -164,7 +187,7 @@ impl Metrics {
             &r,
             "embedgate_usage_mismatch_total",
             "Misses whose upstream usage block disagreed with the gateway's computation.",
-            &["tenant"],
+            &["tenant", "model"],
         )?;
         let usage_computed_units = counter_vec(
             &r,
@@ -217,7 +240,14 @@ impl Metrics {
             &r,
             "embedgate_unknown_outcome_units_total",
             "Units the unknown-outcome attempts may have cost (recorded in the ledger as cache=unknown).",
-            &["tenant"],
+            &["tenant", "model"],
+        )?;
+        let ledger_rejected_rows = register(
+            &r,
+            IntCounter::new(
+                "embedgate_ledger_rejected_rows_total",
+                "Metered answers not recorded in the ledger because their model name is not 1-64 bytes of [A-Za-z0-9._-].",
+            ),
         )?;
         let connections_open = gauge("embedgate_connections_open", "Client connections open now.")?;
         let connections_refused = register(
@@ -281,6 +311,7 @@ impl Metrics {
             in_flight,
             upstream_unknown_outcomes,
             unknown_outcome_units,
+            ledger_rejected_rows,
             connections_open,
             connections_refused,
             redis_up,
@@ -288,14 +319,29 @@ impl Metrics {
         })
     }
 
-    /// The contract counters for one successful answer's usage.
-    pub(crate) fn record_usage(&self, tenant: &str, cache: CacheStatus, usage: &Usage) {
+    /// The contract counters for one successful answer's usage (one call:
+    /// hit, miss or unknown; a partial answer is two calls).
+    pub(crate) fn record_usage(
+        &self,
+        tenant: &str,
+        model: &str,
+        cache: CacheStatus,
+        usage: &Usage,
+    ) {
+        if !cache.is_row_status() {
+            tracing::error!(
+                cache = cache.as_str(),
+                "usage metered with a request-level cache status; not counted"
+            );
+            return;
+        }
+        let model = model_label(model);
         for m in Modality::ALL {
             let n = usage.items.get(m);
             if n == 0 {
                 continue;
             }
-            let labels = [tenant, m.as_str(), cache.as_str()];
+            let labels = [tenant, model, m.as_str(), cache.as_str()];
             self.items.with_label_values(&labels).inc_by(n);
             self.usage_units
                 .with_label_values(&labels)
@@ -370,6 +416,37 @@ mod tests {
         let m = Metrics::new().unwrap();
         let text = String::from_utf8(m.render()).unwrap();
         assert!(text.contains("embedgate_build_info"));
+    }
+
+    #[test]
+    fn usage_counters_carry_the_model_and_never_partial() {
+        let m = Metrics::new().unwrap();
+        let mut items = crate::request::Counts::default();
+        items.set(Modality::Text, 2);
+        let w = crate::config::Weights {
+            text: 1,
+            image: 1,
+            audio: 2,
+        };
+        let u = Usage::of(items, &w);
+        m.record_usage("search", "text-embedding-v4", CacheStatus::Miss, &u);
+        m.record_usage("search", "bad model", CacheStatus::Hit, &u);
+        m.record_usage("search", "text-embedding-v4", CacheStatus::Partial, &u);
+        let got = |model, cache| {
+            m.usage_units
+                .with_label_values(&["search", model, "text", cache])
+                .get()
+        };
+        assert_eq!(got("text-embedding-v4", "miss"), 2);
+        assert_eq!(got(INVALID_MODEL, "hit"), 2);
+        let text = String::from_utf8(m.render()).unwrap();
+        assert!(
+            !text.contains("cache=\"partial\""),
+            "partial is never a usage label: {text}"
+        );
+        assert!(text.contains(
+            "embedgate_items_total{cache=\"miss\",modality=\"text\",model=\"text-embedding-v4\",tenant=\"search\"} 2"
+        ), "{text}");
     }
 
     #[test]

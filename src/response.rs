@@ -106,12 +106,13 @@ pub(crate) fn hit_body(embedding: &[u8], usage: &Usage, request_id: &str) -> Byt
     Bytes::from(body)
 }
 
-/// `X-Cache: HIT | MISS`.
+/// `X-Cache: HIT | PARTIAL | MISS`.
 pub(crate) fn set_cache_header(h: &mut HeaderMap, cache: CacheStatus) {
     h.insert(
         "x-cache",
         HeaderValue::from_static(match cache {
             CacheStatus::Hit => "HIT",
+            CacheStatus::Partial => "PARTIAL",
             // An unknown outcome is an upstream call too.
             CacheStatus::Miss | CacheStatus::Unknown => "MISS",
         }),

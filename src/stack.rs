@@ -477,7 +477,7 @@ mod tests {
         assert_eq!(app.metrics.in_flight.get(), 0);
         let m = String::from_utf8(app.metrics.render()).unwrap();
         assert!(
-            m.contains("embedgate_requests_total{cache=\"none\",code=\"InternalError\",tenant=\"(none)\"} 1"),
+            m.contains("embedgate_requests_total{cache=\"none\",code=\"InternalError\",model=\"none\",tenant=\"(none)\"} 1"),
             "{m}"
         );
     }

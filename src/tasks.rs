@@ -404,7 +404,7 @@ async fn meter_once(app: &App, tenant: &Arc<Tenant>, id: &str, owner: &Owner, v:
     let Some(tokens) = v["usage"]["total_tokens"].as_u64() else {
         app.metrics
             .usage_mismatch
-            .with_label_values(&[&tenant.name])
+            .with_label_values(&[&*tenant.name, owner.model.as_str()])
             .inc();
         tracing::warn!(tenant = %tenant.name, task_id = id, "a succeeded task without usage.total_tokens; not metered");
         return;
@@ -420,8 +420,7 @@ async fn meter_once(app: &App, tenant: &Arc<Tenant>, id: &str, owner: &Owner, v:
                 upstream: true,
                 mismatch: false,
             };
-            let _ = &owner.model;
-            app.meter(&tenant.name, CacheStatus::Miss, &r);
+            app.meter(&tenant.name, &owner.model, CacheStatus::Miss, &r);
             if let Some(q) = tenant.quota {
                 // Spent after the fact: a batch's size is known only now.
                 if let Ok(res) = app.limits.reserve(&tenant.name, q, 0).await {

@@ -213,3 +213,81 @@ fn check_config_lists_unknown_key_with_the_other_errors() {
     error_line(&err, 4, "server.shutdown_grace");
     error_line(&err, 8, "tenants[0].key_sha256[0]");
 }
+
+/// `embedgate usage` reads a SQLite ledger written before the ledger had a
+/// model (without changing it): its rows are ONE-PEACE's, `--model` filters
+/// by model.
+#[tokio::test]
+async fn usage_reads_a_sqlite_ledger_from_before_models() {
+    let fake = Fake::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let src = TestGateway::builder()
+        .fake(&fake)
+        .tenant("a", "ka")
+        .data_dir(dir.path())
+        .config();
+    let config = dir.path().join("embedgate.toml");
+    std::fs::write(&config, src).unwrap();
+    let day = today();
+    {
+        let db = rusqlite::Connection::open(dir.path().join("ledger.sqlite")).unwrap();
+        db.execute_batch(
+            "CREATE TABLE usage (tenant TEXT NOT NULL, day TEXT NOT NULL, field TEXT NOT NULL,
+               value INTEGER NOT NULL, PRIMARY KEY (tenant, day, field)) WITHOUT ROWID;
+             CREATE TABLE applied (run TEXT NOT NULL, tenant TEXT NOT NULL, day TEXT NOT NULL,
+               last_row INTEGER NOT NULL, updated INTEGER NOT NULL,
+               PRIMARY KEY (run, tenant, day)) WITHOUT ROWID;
+             PRAGMA user_version = 1;",
+        )
+        .unwrap();
+        for (f, v) in [
+            ("text|miss|items", 4),
+            ("text|miss|units", 4),
+            ("requests|miss", 3),
+        ] {
+            db.execute(
+                "INSERT INTO usage VALUES ('a', ?1, ?2, ?3)",
+                rusqlite::params![day, f, v],
+            )
+            .unwrap();
+        }
+    }
+    let usage = |extra: &[&str]| {
+        let out = embedgate()
+            .arg("usage")
+            .arg("--config")
+            .arg(&config)
+            .args(["--from", &day, "--to", &day, "--format", "csv"])
+            .args(extra)
+            .current_dir(dir.path())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let header = "tenant,day,modality,cache,items,units,computed_units,upstream_units,model,cost\n";
+    assert_eq!(
+        usage(&[]),
+        format!("{header}a,{day},text,miss,4,4,0,0,{MODEL},\n")
+    );
+    assert_eq!(usage(&["--model", MODEL]), usage(&[]));
+    assert_eq!(usage(&["--model", "text-embedding-v4"]), header);
+    assert_eq!(
+        usage(&["--view", "totals"]),
+        format!("tenant,model,requests,items,units,hit_units,miss_units,unknown_units,cost,miss_cost\na,{MODEL},3,4,4,0,4,0,,\n")
+    );
+    // Read as it was: not migrated by a report.
+    let db = rusqlite::Connection::open(dir.path().join("ledger.sqlite")).unwrap();
+    let cols: i64 = db
+        .query_row(
+            "SELECT count(*) FROM pragma_table_info('usage') WHERE name = 'model'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(cols, 0);
+}

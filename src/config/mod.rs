@@ -23,6 +23,7 @@ mod ledger;
 mod limits;
 mod metering;
 mod models;
+mod prices;
 mod server;
 mod state;
 mod tenants;

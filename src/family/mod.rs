@@ -43,7 +43,7 @@ use crate::coalesce::{self, Outcome, Role};
 use crate::config::CacheScope;
 use crate::error::{Fault, GatewayError};
 use crate::forwarded::ForwardedHeaders;
-use crate::metering::{CacheStatus, Reconciled, Usage};
+use crate::metering::{CacheStatus, ModelName, Reconciled, Usage};
 use crate::response;
 use crate::tenants::Tenant;
 use crate::upstream::{upstream_error, COMPATIBLE_PATH, EMBEDDING_PATH, TEXT_EMBEDDING_PATH};
@@ -170,8 +170,8 @@ pub(crate) async fn respond(
         );
         r.extensions_mut().insert(match s {
             Served::Hit => CacheStatus::Hit,
-            // TODO(model-dim merge): CacheStatus::Partial
-            Served::Partial | Served::Miss => CacheStatus::Miss,
+            Served::Partial => CacheStatus::Partial,
+            Served::Miss => CacheStatus::Miss,
         });
     }
     if let Some(b) = seen.billed {
@@ -181,13 +181,14 @@ pub(crate) async fn respond(
     if let Some(q) = seen.quota_remaining {
         response::set_quota_header(r.headers_mut(), q);
     }
-    let _ = seen.model;
+    if let Some(m) = seen.model {
+        r.extensions_mut().insert(ModelName(m));
+    }
     r
 }
 
-/// TODO(model-dim merge): the model goes to the metrics and the ledger.
-fn meter(app: &App, tenant: &Arc<str>, _model: &str, cache: CacheStatus, r: &Reconciled) {
-    app.meter(tenant, cache, r);
+fn meter(app: &App, tenant: &Arc<str>, model: &str, cache: CacheStatus, r: &Reconciled) {
+    app.meter(tenant, model, cache, r);
 }
 
 /// The OpenAI-compatible error shape the `openai` SDK reads
@@ -621,7 +622,7 @@ impl Miss {
         let exposure = bound.times(u64::from(unknown));
         if unknown > 0 {
             self.app
-                .meter_unknown(&self.tenant.name, unknown, &exposure);
+                .meter_unknown(&self.tenant.name, &spec.name, unknown, &exposure);
         }
         let expect = (!req.fused).then_some(self.positions.len());
         let result = sent_result.result.and_then(|resp| {
@@ -692,11 +693,7 @@ impl Miss {
                     mismatch: billed.is_none(),
                 };
                 if billed.is_none() {
-                    self.app
-                        .metrics
-                        .usage_mismatch
-                        .with_label_values(&[&self.tenant.name])
-                        .inc();
+                    // Counted by `meter` (the record's `mismatch`).
                     tracing::warn!(
                         tenant = %self.tenant.name,
                         model = %spec.name,

@@ -13,12 +13,19 @@
 //!   keeps, per run, tenant and day, the highest number applied, which makes
 //!   shipping idempotent (see [`super`]).
 //!
-//! A row is one text line, `<row> <day> <cache> <flags> <items×3> <units×3>
-//! <computed×3> <tenant> <fnv1a32>` (days since 1970-01-01; text, image,
-//! audio; flags: 1 = the units are upstream's usage, 2 = upstream's usage
-//! disagreed with the gateway's), its checksum over everything before it, so
-//! a torn or damaged line is recognised and skipped (and counted), never
-//! misread.
+//! A row is one text line, `<row> v2 <day> <cache> <flags> <model> <n>
+//! <items×n> <units×n> <computed×n> <tenant> <fnv1a32>` (`v2` the format's
+//! version; days since 1970-01-01; cache `hit`, `miss` or `unknown`; flags:
+//! 1 = the units are upstream's usage, 2 = upstream's usage disagreed with
+//! the gateway's; `n` counts per figure, one per modality in
+//! [`Modality::ALL`] order, so a modality added later reads back), its
+//! checksum over everything before it, so a torn or damaged line is
+//! recognised and skipped (and counted), never misread.
+//!
+//! Lines of earlier versions (no version marker, no model: `<row> <day>
+//! <cache> <flags> <items×3> <units×3> <computed×3> <tenant> <fnv1a32>`, or
+//! ×4 with video) are still read, as model [`LEGACY_MODEL`], so a journal
+//! left by an older gateway ships after an upgrade.
 //!
 //! Appending is one `write(2)` of one line (`O_APPEND`) under a mutex: when
 //! the response is sent the row is in the OS page cache, so a crash of the
@@ -42,7 +49,7 @@ use std::time::{Duration, Instant};
 
 use crate::config::LedgerConfig;
 use crate::date::Day;
-use crate::metering::{CacheStatus, Reconciled};
+use crate::metering::{CacheStatus, Reconciled, LEGACY_MODEL};
 use crate::metrics::Metrics;
 use crate::request::{Counts, Modality};
 
@@ -53,11 +60,16 @@ pub(crate) const ROTATE_BYTES: u64 = 4 << 20;
 const REOPEN_EVERY: Duration = Duration::from_secs(5);
 const LOCK_FILE: &str = "lock";
 const SEGMENT_SUFFIX: &str = ".jnl";
+/// The line format's version marker (the second field of a line).
+const FORMAT: &str = "v2";
 
 /// One metered answer, as the journal and the ledger keep it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Entry {
     pub(crate) tenant: Arc<str>,
+    /// The model called: 1-64 bytes of `[A-Za-z0-9._-]` (the ledger checks
+    /// it before a row is made: [`crate::metering::valid_model_name`]).
+    pub(crate) model: Arc<str>,
     pub(crate) day: Day,
     pub(crate) cache: CacheStatus,
     /// The record: items and units per modality.
@@ -72,9 +84,16 @@ pub(crate) struct Entry {
 }
 
 impl Entry {
-    pub(crate) fn new(tenant: &Arc<str>, day: Day, cache: CacheStatus, r: &Reconciled) -> Entry {
+    pub(crate) fn new(
+        tenant: &Arc<str>,
+        model: &str,
+        day: Day,
+        cache: CacheStatus,
+        r: &Reconciled,
+    ) -> Entry {
         Entry {
             tenant: tenant.clone(),
+            model: Arc::from(model),
             day,
             cache,
             items: r.record.items,
@@ -89,7 +108,14 @@ impl Entry {
     /// before the checksum.
     fn encode_body(&self, out: &mut String) {
         let flags = u8::from(self.upstream) | (u8::from(self.mismatch) << 1);
-        let _ = write!(out, " {} {} {flags}", self.day.days(), self.cache.as_str());
+        let _ = write!(
+            out,
+            " {FORMAT} {} {} {flags} {} {}",
+            self.day.days(),
+            self.cache.as_str(),
+            self.model,
+            Modality::ALL.len()
+        );
         for counts in [&self.items, &self.units, &self.computed] {
             for m in Modality::ALL {
                 let _ = write!(out, " {}", counts.get(m));
@@ -122,35 +148,86 @@ pub(crate) fn decode_line(line: &[u8]) -> Option<(u64, Entry)> {
     if sum.len() != 8 || u32::from_str_radix(sum, 16).ok()? != fnv1a(&line[..=head.len()]) {
         return None;
     }
-    let mut f = head.split(' ');
-    let row = f.next()?.parse().ok()?;
-    let day = Day::from_days(f.next()?.parse().ok()?);
-    let cache = CacheStatus::from_name(f.next()?)?;
-    let flags: u8 = f.next()?.parse().ok()?;
-    let mut counts = [Counts::default(); 3];
-    for c in &mut counts {
-        for m in Modality::ALL {
-            c.set(m, f.next()?.parse().ok()?);
-        }
-    }
-    let tenant = f.next()?;
-    if tenant.is_empty() || f.next().is_some() || flags > 3 {
+    let fields: Vec<&str> = head.split(' ').collect();
+    let (&row, rest) = fields.split_first()?;
+    let row = row.parse().ok()?;
+    let entry = match rest.split_first() {
+        Some((&FORMAT, rest)) => decode_v2(rest)?,
+        _ => decode_v1(rest)?,
+    };
+    Some((row, entry))
+}
+
+/// Counts in [`Modality::ALL`] order, `n` of them per figure.
+fn decode_counts<'a>(n: usize, f: &mut impl Iterator<Item = &'a str>) -> Option<[Counts; 3]> {
+    if n > Modality::ALL.len() {
         return None;
     }
-    let [items, units, computed] = counts;
-    Some((
-        row,
-        Entry {
-            tenant: Arc::from(tenant),
-            day,
-            cache,
-            items,
-            units,
-            computed,
-            upstream: flags & 1 != 0,
-            mismatch: flags & 2 != 0,
-        },
-    ))
+    let mut counts = [Counts::default(); 3];
+    for c in &mut counts {
+        for m in &Modality::ALL[..n] {
+            c.set(*m, f.next()?.parse().ok()?);
+        }
+    }
+    Some(counts)
+}
+
+fn entry(
+    tenant: &str,
+    model: &str,
+    day: Day,
+    cache: CacheStatus,
+    flags: u8,
+    [items, units, computed]: [Counts; 3],
+) -> Option<Entry> {
+    if tenant.is_empty() || flags > 3 || !crate::metering::valid_model_name(model) {
+        return None;
+    }
+    Some(Entry {
+        tenant: Arc::from(tenant),
+        model: Arc::from(model),
+        day,
+        cache,
+        items,
+        units,
+        computed,
+        upstream: flags & 1 != 0,
+        mismatch: flags & 2 != 0,
+    })
+}
+
+/// `<day> <cache> <flags> <model> <n> <items×n> <units×n> <computed×n> <tenant>`.
+fn decode_v2(f: &[&str]) -> Option<Entry> {
+    let mut f = f.iter().copied();
+    let day = Day::from_days(f.next()?.parse().ok()?);
+    let cache = CacheStatus::row_from_name(f.next()?)?;
+    let flags: u8 = f.next()?.parse().ok()?;
+    let model = f.next()?;
+    let n: usize = f.next()?.parse().ok()?;
+    let counts = decode_counts(n, &mut f)?;
+    let tenant = f.next()?;
+    if f.next().is_some() {
+        return None;
+    }
+    entry(tenant, model, day, cache, flags, counts)
+}
+
+/// The format before the ledger had a model: `<day> <cache> <flags>
+/// <items×n> <units×n> <computed×n> <tenant>`, `n` 3 (text, image, audio)
+/// or 4 (and video); its rows are [`LEGACY_MODEL`]'s.
+fn decode_v1(f: &[&str]) -> Option<Entry> {
+    let n = match f.len() {
+        13 => 3,
+        16 => 4,
+        _ => return None,
+    };
+    let mut f = f.iter().copied();
+    let day = Day::from_days(f.next()?.parse().ok()?);
+    let cache = CacheStatus::row_from_name(f.next()?)?;
+    let flags: u8 = f.next()?.parse().ok()?;
+    let counts = decode_counts(n, &mut f)?;
+    let tenant = f.next()?;
+    entry(tenant, LEGACY_MODEL, day, cache, flags, counts)
 }
 
 /// What the journal did since the shipper last asked, in order.
@@ -669,7 +746,13 @@ mod tests {
         let mut billed = items;
         billed.set(Modality::Image, 3);
         let r = reconcile(computed, Some(Usage::of(billed, &w)));
-        Entry::new(&Arc::from(tenant), Day::from_days(20_000), cache, &r)
+        Entry::new(
+            &Arc::from(tenant),
+            "text-embedding-v4",
+            Day::from_days(20_000),
+            cache,
+            &r,
+        )
     }
 
     fn config(dir: &Path) -> LedgerConfig {
@@ -722,6 +805,92 @@ mod tests {
             let mut bad = text.to_vec();
             bad[i] ^= 0x01;
             assert_eq!(decode_line(&bad), None, "byte {i} changed");
+        }
+    }
+
+    /// A line as the gateway wrote it before the ledger had a model (three
+    /// modalities, no version marker), checksum and all.
+    fn v1_line(body: &str) -> Vec<u8> {
+        let mut line = Vec::new();
+        let head = format!("{body} ");
+        line.extend_from_slice(head.as_bytes());
+        let sum = fnv1a(&line);
+        line.extend_from_slice(format!("{sum:08x}").as_bytes());
+        line
+    }
+
+    #[test]
+    fn lines_of_the_format_before_models_are_read_as_one_peace() {
+        // Written by hand as the main branch before ca8dec8 wrote them:
+        // `<row> <day> <cache> <flags> <items×3> <units×3> <computed×3> <tenant>`.
+        let line = v1_line("7 20000 miss 3 2 1 1 2 1 2 2 0 2 search");
+        assert_eq!(
+            std::str::from_utf8(&line).unwrap(),
+            format!(
+                "7 20000 miss 3 2 1 1 2 1 2 2 0 2 search {:08x}",
+                fnv1a(b"7 20000 miss 3 2 1 1 2 1 2 2 0 2 search ")
+            )
+        );
+        let (row, e) = decode_line(&line).unwrap();
+        assert_eq!(row, 7);
+        assert_eq!(&*e.model, LEGACY_MODEL);
+        assert_eq!(&*e.tenant, "search");
+        assert_eq!(e.day, Day::from_days(20_000));
+        assert_eq!(e.cache, CacheStatus::Miss);
+        assert!(e.upstream && e.mismatch);
+        assert_eq!(
+            [
+                Modality::Text,
+                Modality::Image,
+                Modality::Audio,
+                Modality::Video
+            ]
+            .map(|m| (e.items.get(m), e.units.get(m), e.computed.get(m))),
+            [(2, 2, 2), (1, 1, 0), (1, 2, 2), (0, 0, 0)]
+        );
+        // With video (four modalities), as main wrote after ca8dec8.
+        let (_, e4) = decode_line(&v1_line("1 20000 hit 0 1 0 0 5 1 0 0 5 1 0 0 5 ads")).unwrap();
+        assert_eq!(
+            (&*e4.model, e4.items.get(Modality::Video)),
+            (LEGACY_MODEL, 5)
+        );
+        // Wrong arity, a partial row and a damaged checksum are refused.
+        for bad in [
+            "1 20000 hit 0 1 0 0 1 0 0 1 0 ads",
+            "1 20000 partial 0 1 0 0 1 0 0 1 0 0 ads",
+        ] {
+            assert_eq!(decode_line(&v1_line(bad)), None, "{bad}");
+        }
+        let mut damaged = line.clone();
+        damaged[2] = b'3';
+        assert_eq!(decode_line(&damaged), None);
+    }
+
+    #[test]
+    fn v2_lines_carry_the_model_and_refuse_bad_ones() {
+        let e = entry("search", CacheStatus::Hit);
+        let mut body = String::new();
+        e.encode_body(&mut body);
+        assert!(
+            body.starts_with(" v2 20000 hit 3 text-embedding-v4 4 "),
+            "{body}"
+        );
+        // A v2 line written with fewer modalities than this build knows
+        // (and a bad model, a partial row) by hand.
+        let with = |s: &str| v1_line(s);
+        let (_, e3) = decode_line(&with(
+            "2 v2 20000 miss 1 qwen3-vl-embedding 3 1 2 3 1 2 3 1 2 3 ads",
+        ))
+        .unwrap();
+        assert_eq!(&*e3.model, "qwen3-vl-embedding");
+        assert_eq!(e3.items.get(Modality::Audio), 3);
+        for bad in [
+            "2 v2 20000 miss 1 bad|model 3 1 2 3 1 2 3 1 2 3 ads",
+            "2 v2 20000 partial 1 m 3 1 2 3 1 2 3 1 2 3 ads",
+            "2 v2 20000 miss 1 m 9 1 2 3 1 2 3 1 2 3 ads",
+            "2 v2 20000 miss 1 m 3 1 2 3 1 2 3 1 2 3 ads extra",
+        ] {
+            assert_eq!(decode_line(&with(bad)), None, "{bad}");
         }
     }
 

@@ -1,6 +1,9 @@
-//! The usage ledger: per tenant, UTC day, modality and cache status, the
-//! items and units of every metered answer, with the figures to reconcile
-//! them with upstream's bill ([`report`]).
+//! The usage ledger: per tenant, UTC day, model, modality and cache status
+//! (hit, miss or unknown: a partial answer is two calls), the items and
+//! units of every metered call, with the figures to reconcile them with
+//! upstream's bill and their cost ([`report`]). A model name must be 1-64
+//! bytes of `[A-Za-z0-9._-]`; a call to another is logged, counted
+//! (`embedgate_ledger_rejected_rows_total`) and not recorded.
 //!
 //! The path of one answer:
 //!
@@ -38,13 +41,13 @@ use tokio::sync::Notify;
 
 use crate::config::LedgerConfig;
 use crate::date::Day;
-use crate::metering::{CacheStatus, Reconciled};
+use crate::metering::{valid_model_name, CacheStatus, Reconciled};
 use crate::metrics::Metrics;
 use crate::redis_store::RedisStore;
 
 use journal::{Entry, Event, Journal, Leftover, Line, SegmentReader};
 pub(crate) use report::Report;
-use report::Sums;
+use report::{Prices, Sums};
 use store::{Batch, Fields, Sink, SinkError, Sqlite};
 
 /// How long the shipper gathers answers before a shipment.
@@ -231,10 +234,35 @@ impl Ledger {
         Ok(ledger)
     }
 
-    /// Records one metered answer; returns once it is in the journal.
-    pub(crate) fn record(&self, tenant: &Arc<str>, cache: CacheStatus, r: &Reconciled) {
+    /// Records one metered call to `model`; returns once it is in the
+    /// journal. A model name that cannot be a ledger key, or a `partial`
+    /// status (a request's, not a call's), is refused: logged and counted.
+    pub(crate) fn record(
+        &self,
+        tenant: &Arc<str>,
+        model: &str,
+        cache: CacheStatus,
+        r: &Reconciled,
+    ) {
+        if !valid_model_name(model) || !cache.is_row_status() {
+            self.metrics.ledger_rejected_rows.inc();
+            let shown: String = model
+                .chars()
+                .take(80)
+                .collect::<String>()
+                .escape_debug()
+                .collect();
+            tracing::error!(
+                %tenant,
+                model = %shown,
+                cache = cache.as_str(),
+                units = r.record.total(),
+                "a metered call is not recorded in the ledger: its model name is not 1-64 bytes of [A-Za-z0-9._-], or its status is partial"
+            );
+            return;
+        }
         self.journal
-            .append(&Entry::new(tenant, Day::today(), cache, r));
+            .append(&Entry::new(tenant, model, Day::today(), cache, r));
         self.wake.notify_one();
     }
 
@@ -519,14 +547,18 @@ impl Ledger {
         clean
     }
 
-    /// The report of `from..=to`, for all tenants (or one), with everything
-    /// this replica has metered so far: it ships first.
+    /// The report of `from..=to`, for all tenants (or one) and all models
+    /// (or one), costed with `prices`, with everything this replica has
+    /// metered so far: it ships first.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) async fn report(
         self: &Arc<Self>,
         from: Day,
         to: Day,
         tenant: Option<&str>,
+        model: Option<&str>,
         known_tenants: &[String],
+        prices: &Prices,
     ) -> Result<Report, LedgerError> {
         let _round = self.round.lock().await;
         self.ship_once().await;
@@ -538,7 +570,7 @@ impl Ledger {
             .read(from, to, tenant, known_tenants)
             .await
             .map_err(LedgerError::Store)?;
-        Ok(report::build(stored))
+        Ok(report::build(stored, prices, model))
     }
 }
 
@@ -570,13 +602,14 @@ pub(crate) fn journal_note(config: &LedgerConfig) -> Option<String> {
 }
 
 /// `embedgate usage`: the report straight from the store (Redis, or the
-/// SQLite file), without a journal.
+/// SQLite file), without a journal; costed with the config's prices.
 pub(crate) async fn read_report(
     config: &crate::Config,
     redis: Option<Arc<RedisStore>>,
     from: Day,
     to: Day,
     tenant: Option<&str>,
+    model: Option<&str>,
     known: &[String],
 ) -> Result<Report, String> {
     let sink = match redis {
@@ -587,7 +620,7 @@ pub(crate) async fn read_report(
         .read(from, to, tenant, known)
         .await
         .map_err(|e| e.to_string())?;
-    Ok(report::build(stored))
+    Ok(report::build(stored, &config.unit_prices(), model))
 }
 
 #[cfg(test)]
@@ -619,6 +652,8 @@ mod tests {
         }
     }
 
+    const M: &str = "multimodal-embedding-one-peace-v1";
+
     fn units(r: &Report) -> u64 {
         r.rows.iter().map(|r| r.units).sum()
     }
@@ -631,16 +666,19 @@ mod tests {
         let t: Arc<str> = Arc::from("search");
         let l = Ledger::open(&config(dir.path()), None, metrics.clone()).unwrap();
         for _ in 0..10 {
-            l.record(&t, CacheStatus::Miss, &reconcile(usage(1, 1), None));
-            l.record(&t, CacheStatus::Hit, &Reconciled::own(usage(1, 0)));
+            l.record(&t, M, CacheStatus::Miss, &reconcile(usage(1, 1), None));
+            l.record(&t, M, CacheStatus::Hit, &Reconciled::own(usage(1, 0)));
         }
         // At once, not after a flush: read-your-writes.
-        let r = l.report(today, today, None, &[]).await.unwrap();
+        let r = l
+            .report(today, today, None, None, &[], &Prices::new())
+            .await
+            .unwrap();
         assert_eq!(units(&r), 40);
         assert_eq!(r.figures[0].mismatches, 10);
         assert_eq!(r.figures[0].requests, 20);
         assert!(l
-            .report(today, today, Some("ads"), &[])
+            .report(today, today, Some("ads"), None, &[], &Prices::new())
             .await
             .unwrap()
             .rows
@@ -648,7 +686,7 @@ mod tests {
 
         // More rows, then the process "dies": nothing shipped them. The
         // journal lock goes with the journal, as with a killed process.
-        l.record(&t, CacheStatus::Hit, &Reconciled::own(usage(5, 0)));
+        l.record(&t, M, CacheStatus::Hit, &Reconciled::own(usage(5, 0)));
         let journal = dir.path().join("journal");
         let copy = dir.path().join("copy");
         std::fs::create_dir(&copy).unwrap();
@@ -663,7 +701,10 @@ mod tests {
         cfg.journal_dir = copy.clone();
         std::fs::remove_file(copy.join("lock")).unwrap();
         let l = Ledger::open(&cfg, None, metrics).unwrap();
-        let r = l.report(today, today, None, &[]).await.unwrap();
+        let r = l
+            .report(today, today, None, None, &[], &Prices::new())
+            .await
+            .unwrap();
         // The copy holds every row: 40 units shipped before, 5 not; the
         // shipped ones are recognised by their ids.
         assert_eq!(units(&r), 45);
@@ -679,5 +720,95 @@ mod tests {
             })
             .count();
         assert_eq!(left, 1, "only the new process's own segment is left");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn calls_are_recorded_per_model_and_bad_names_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let metrics = Arc::new(Metrics::new().unwrap());
+        let today = Day::today();
+        let t: Arc<str> = Arc::from("search");
+        let l = Ledger::open(&config(dir.path()), None, metrics.clone()).unwrap();
+        let v4 = "text-embedding-v4";
+        l.record(&t, v4, CacheStatus::Miss, &reconcile(usage(4, 0), None));
+        l.record(&t, v4, CacheStatus::Hit, &Reconciled::own(usage(4, 0)));
+        l.record(&t, M, CacheStatus::Miss, &reconcile(usage(1, 1), None));
+        // Refused: a name that cannot be a journal field, a request status.
+        l.record(
+            &t,
+            "bad model",
+            CacheStatus::Miss,
+            &reconcile(usage(9, 0), None),
+        );
+        l.record(&t, v4, CacheStatus::Partial, &Reconciled::own(usage(9, 0)));
+        assert_eq!(metrics.ledger_rejected_rows.get(), 2);
+        let prices = Prices::from([(v4.to_string(), 0.25)]);
+        let r = l
+            .report(today, today, None, None, &[], &prices)
+            .await
+            .unwrap();
+        assert_eq!(units(&r), 11);
+        let totals: Vec<(&str, u64, Option<f64>)> = r
+            .totals
+            .iter()
+            .map(|t| (t.model.as_str(), t.units, t.cost))
+            .collect();
+        assert_eq!(totals, vec![(M, 3, None), (v4, 8, Some(2.0))]);
+        assert!(r.rows.iter().all(|row| row.cache != "partial"));
+        let only = l
+            .report(today, today, None, Some(v4), &[], &prices)
+            .await
+            .unwrap();
+        assert_eq!(units(&only), 8);
+        assert!(only.rows.iter().all(|row| row.model == v4));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_journal_left_by_the_version_before_models_ships_as_one_peace() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(dir.path());
+        std::fs::create_dir_all(&cfg.journal_dir).unwrap();
+        let today = Day::today();
+        // Two rows as the version before models wrote them (three
+        // modalities, no model), checksums computed the way it did.
+        let mut seg = Vec::new();
+        for body in [
+            format!("1 {} miss 3 2 0 1 2 0 2 2 0 2 search ", today.days()),
+            format!("2 {} hit 0 1 0 0 1 0 0 1 0 0 search ", today.days()),
+        ] {
+            let sum = body.bytes().fold(0x811c_9dc5u32, |h, b| {
+                (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+            });
+            seg.extend_from_slice(format!("{body}{sum:08x}\n").as_bytes());
+        }
+        let run = "0123456789abcdef0123456789abcdef";
+        std::fs::write(cfg.journal_dir.join(format!("{run}-000000.jnl")), &seg).unwrap();
+        let metrics = Arc::new(Metrics::new().unwrap());
+        let l = Ledger::open(&cfg, None, metrics.clone()).unwrap();
+        let r = l
+            .report(
+                today,
+                today,
+                None,
+                None,
+                &[],
+                &Prices::from([(M.to_string(), 2.0)]),
+            )
+            .await
+            .unwrap();
+        assert_eq!(metrics.journal_damaged_rows.get(), 0);
+        assert_eq!(units(&r), 5);
+        assert!(r.rows.iter().all(|row| row.model == M), "{:?}", r.rows);
+        assert_eq!(r.figures[0].requests, 2);
+        assert_eq!(r.figures[0].mismatches, 1);
+        assert_eq!(
+            r.totals
+                .iter()
+                .map(|t| (t.model.as_str(), t.cost))
+                .collect::<Vec<_>>(),
+            vec![(M, Some(10.0))]
+        );
+        // Shipped, the leftover is deleted.
+        assert!(!cfg.journal_dir.join(format!("{run}-000000.jnl")).exists());
     }
 }

@@ -1,6 +1,7 @@
 //! Where journaled rows end up: Redis (shared by every replica) or, without
 //! Redis, the embedded SQLite database. Both keep, per tenant and UTC day,
-//! one counter per field (see [`super::report`] for the vocabulary), and per
+//! one counter per field (see [`super::report`] for the vocabulary: the
+//! model is part of a field in Redis, a column of its own in SQLite), and per
 //! journal run, tenant and day the highest row number applied: a batch
 //! carries the number of its last row and is applied only if that number is
 //! higher, atomically with the marker (a Lua script; a transaction), so a
@@ -14,7 +15,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension, TransactionBehavior};
 
+use super::report::{join_model, split_model};
 use crate::date::Day;
+use crate::metering::LEGACY_MODEL;
 use crate::redis_store::{tenant_tag, RedisStore, StoreError};
 
 /// Field deltas (or totals) of one (tenant, day).
@@ -31,7 +34,8 @@ pub(crate) struct Batch {
     pub(crate) fields: Fields,
 }
 
-/// The fields of one (tenant, day) as stored.
+/// The fields of one (tenant, day) as stored, named as in Redis (with
+/// their model).
 #[derive(Debug, Clone)]
 pub(crate) struct Stored {
     pub(crate) tenant: String,
@@ -319,17 +323,45 @@ async fn read_redis(
 /// batch is on disk before its journal rows may be deleted).
 pub(crate) struct Sqlite {
     conn: Mutex<Connection>,
+    /// The `usage` table has the `model` column (a database of an earlier
+    /// version opened by `embedgate usage` may not: its rows are
+    /// [`LEGACY_MODEL`]'s).
+    has_model: bool,
 }
 
-const SCHEMA: &str = "
+/// The `usage` table: per tenant, day and model, one value per field
+/// (the field without its model: `<m>|<c>|<what>`, `requests|<c>`).
+const USAGE_TABLE: &str = "
 CREATE TABLE IF NOT EXISTS usage (
   tenant TEXT NOT NULL,
   day TEXT NOT NULL,
+  model TEXT NOT NULL DEFAULT 'multimodal-embedding-one-peace-v1',
   field TEXT NOT NULL,
   value INTEGER NOT NULL,
-  PRIMARY KEY (tenant, day, field)
+  PRIMARY KEY (tenant, day, model, field)
 ) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS usage_by_day ON usage (day);
+CREATE INDEX IF NOT EXISTS usage_by_day ON usage (day);";
+
+/// An earlier version's `usage` table (no model; its primary key cannot
+/// change in place) becomes this version's: copied under
+/// [`LEGACY_MODEL`], in one transaction.
+const MIGRATE_TO_MODELS: &str = "
+ALTER TABLE usage RENAME TO usage_before_models;
+DROP INDEX IF EXISTS usage_by_day;
+CREATE TABLE usage (
+  tenant TEXT NOT NULL,
+  day TEXT NOT NULL,
+  model TEXT NOT NULL DEFAULT 'multimodal-embedding-one-peace-v1',
+  field TEXT NOT NULL,
+  value INTEGER NOT NULL,
+  PRIMARY KEY (tenant, day, model, field)
+) WITHOUT ROWID;
+INSERT INTO usage (tenant, day, model, field, value)
+  SELECT tenant, day, 'multimodal-embedding-one-peace-v1', field, value FROM usage_before_models;
+DROP TABLE usage_before_models;
+CREATE INDEX usage_by_day ON usage (day);";
+
+const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS applied (
   run TEXT NOT NULL,
   tenant TEXT NOT NULL,
@@ -338,8 +370,36 @@ CREATE TABLE IF NOT EXISTS applied (
   updated INTEGER NOT NULL,
   PRIMARY KEY (run, tenant, day)
 ) WITHOUT ROWID;
-PRAGMA user_version = 1;
+PRAGMA user_version = 2;
 ";
+
+/// True when `usage` exists and has a `model` column; `None` when there
+/// is no `usage` table.
+fn usage_has_model(conn: &Connection) -> rusqlite::Result<Option<bool>> {
+    let mut q = conn.prepare("SELECT name FROM pragma_table_info('usage')")?;
+    let cols: Vec<String> = q
+        .query_map([], |r| r.get::<_, String>(0))?
+        .collect::<Result<_, _>>()?;
+    Ok(if cols.is_empty() {
+        None
+    } else {
+        Some(cols.iter().any(|c| c == "model"))
+    })
+}
+
+/// Brings an earlier version's database to this one (see
+/// [`MIGRATE_TO_MODELS`]); nothing to do for a new or current one.
+fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    if usage_has_model(&tx)? == Some(false) {
+        tx.execute_batch(MIGRATE_TO_MODELS)?;
+        tracing::info!(
+            model = LEGACY_MODEL,
+            "ledger database: the usage table gained a model column; its rows are this model's"
+        );
+    }
+    tx.commit()
+}
 
 fn now_secs() -> i64 {
     SystemTime::now()
@@ -358,11 +418,15 @@ impl Sqlite {
                 format!("ledger.sqlite_path {shown}: cannot create its directory: {e}")
             })?;
         }
-        let db = Sqlite::open_with(path, OpenFlags::SQLITE_OPEN_CREATE)
+        let mut db = Sqlite::open_with(path, OpenFlags::SQLITE_OPEN_CREATE)
             .map_err(|e| format!("ledger.sqlite_path {shown}: {e}"))?;
         {
-            let conn = db.conn();
-            conn.execute_batch(SCHEMA)
+            let mut conn = db.conn();
+            migrate(&mut conn).map_err(|e| {
+                format!("ledger.sqlite_path {shown}: cannot add the model column: {e}")
+            })?;
+            conn.execute_batch(USAGE_TABLE)
+                .and_then(|()| conn.execute_batch(SCHEMA))
                 .and_then(|()| {
                     conn.execute(
                         "DELETE FROM applied WHERE updated < ?1",
@@ -371,6 +435,7 @@ impl Sqlite {
                 })
                 .map_err(|e| format!("ledger.sqlite_path {shown}: {e}"))?;
         }
+        db.has_model = true;
         Ok(db)
     }
 
@@ -382,8 +447,13 @@ impl Sqlite {
                 path.display()
             ));
         }
-        Sqlite::open_with(path, OpenFlags::empty())
-            .map_err(|e| format!("ledger.sqlite_path {}: {e}", path.display()))
+        // Read as it is: a gateway of the earlier version may be writing it.
+        let mut db = Sqlite::open_with(path, OpenFlags::empty())
+            .map_err(|e| format!("ledger.sqlite_path {}: {e}", path.display()))?;
+        let has_model = usage_has_model(&db.conn())
+            .map_err(|e| format!("ledger.sqlite_path {}: {e}", path.display()))?;
+        db.has_model = has_model.unwrap_or(true);
+        Ok(db)
     }
 
     fn open_with(path: &Path, extra: OpenFlags) -> rusqlite::Result<Sqlite> {
@@ -397,6 +467,7 @@ impl Sqlite {
         conn.pragma_update(None, "synchronous", "FULL")?;
         Ok(Sqlite {
             conn: Mutex::new(conn),
+            has_model: false,
         })
     }
 
@@ -413,8 +484,8 @@ impl Sqlite {
                 "SELECT last_row FROM applied WHERE run = ?1 AND tenant = ?2 AND day = ?3",
             )?;
             let mut add = tx.prepare_cached(
-                "INSERT INTO usage (tenant, day, field, value) VALUES (?1, ?2, ?3, ?4)
-                 ON CONFLICT (tenant, day, field) DO UPDATE SET value = value + excluded.value",
+                "INSERT INTO usage (tenant, day, model, field, value) VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT (tenant, day, model, field) DO UPDATE SET value = value + excluded.value",
             )?;
             let mut mark = tx.prepare_cached(
                 "INSERT INTO applied (run, tenant, day, last_row, updated) VALUES (?1, ?2, ?3, ?4, ?5)
@@ -431,7 +502,8 @@ impl Sqlite {
                     continue;
                 }
                 for (f, v) in &b.fields {
-                    add.execute(params![&*b.tenant, &day, f, v])?;
+                    let (model, field) = split_model(f);
+                    add.execute(params![&*b.tenant, &day, model, field, v])?;
                 }
                 mark.execute(params![&*b.run, &*b.tenant, &day, to, now])?;
             }
@@ -466,22 +538,29 @@ impl Sqlite {
         tenant: Option<&str>,
     ) -> rusqlite::Result<Vec<Stored>> {
         let conn = self.conn();
-        let mut q = conn.prepare_cached(
-            "SELECT tenant, day, field, value FROM usage
+        let model = if self.has_model {
+            "model"
+        } else {
+            "'multimodal-embedding-one-peace-v1'"
+        };
+        let mut q = conn.prepare_cached(&format!(
+            "SELECT tenant, day, {model}, field, value FROM usage
              WHERE day >= ?1 AND day <= ?2 AND (?3 IS NULL OR tenant = ?3)
-             ORDER BY tenant, day",
-        )?;
+             ORDER BY tenant, day"
+        ))?;
         let rows = q.query_map(params![from.to_string(), to.to_string(), tenant], |r| {
             Ok((
                 r.get::<_, String>(0)?,
                 r.get::<_, String>(1)?,
                 r.get::<_, String>(2)?,
-                r.get::<_, i64>(3)?,
+                r.get::<_, String>(3)?,
+                r.get::<_, i64>(4)?,
             ))
         })?;
         let mut out: Vec<Stored> = Vec::new();
         for row in rows {
-            let (t, d, f, v) = row?;
+            let (t, d, m, f, v) = row?;
+            let f = join_model(&m, &f);
             let Some(day) = Day::parse(&d) else {
                 continue;
             };
@@ -502,13 +581,15 @@ impl Sqlite {
 mod tests {
     use super::*;
 
+    const F: &str = "text-embedding-v4|text|miss|units";
+
     fn batch(run: &str, to: u64, units: i64) -> Batch {
         Batch {
             run: Arc::from(run),
             tenant: Arc::from("search"),
             day: Day::from_days(20_000),
             to,
-            fields: Fields::from([("text|miss|units".to_string(), units)]),
+            fields: Fields::from([(F.to_string(), units)]),
         }
     }
 
@@ -534,8 +615,106 @@ mod tests {
         let db = Sqlite::open_existing(&path).unwrap();
         let stored = db.read(day, day, None).unwrap();
         assert_eq!(stored.len(), 1);
-        assert_eq!(stored[0].fields, vec![("text|miss|units".to_string(), 16)]);
+        assert_eq!(stored[0].fields, vec![(F.to_string(), 16)]);
         assert!(db.read(day, day, Some("ads")).unwrap().is_empty());
         assert!(db.read(day.next(), day.next(), None).unwrap().is_empty());
+        // The model is a column of its own.
+        let (model, field): (String, String) = db
+            .conn()
+            .query_row("SELECT model, field FROM usage", [], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+            .unwrap();
+        assert_eq!(
+            (model.as_str(), field.as_str()),
+            ("text-embedding-v4", "text|miss|units")
+        );
+    }
+
+    /// The schema of the version before models, as it created it.
+    const SCHEMA_BEFORE_MODELS: &str = "
+CREATE TABLE usage (
+  tenant TEXT NOT NULL,
+  day TEXT NOT NULL,
+  field TEXT NOT NULL,
+  value INTEGER NOT NULL,
+  PRIMARY KEY (tenant, day, field)
+) WITHOUT ROWID;
+CREATE INDEX usage_by_day ON usage (day);
+CREATE TABLE applied (
+  run TEXT NOT NULL,
+  tenant TEXT NOT NULL,
+  day TEXT NOT NULL,
+  last_row INTEGER NOT NULL,
+  updated INTEGER NOT NULL,
+  PRIMARY KEY (run, tenant, day)
+) WITHOUT ROWID;
+PRAGMA user_version = 1;
+";
+
+    #[test]
+    fn a_database_from_before_models_is_read_and_migrated() {
+        assert!(USAGE_TABLE.contains(LEGACY_MODEL));
+        assert!(MIGRATE_TO_MODELS.contains(LEGACY_MODEL));
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("old.sqlite");
+        let day = Day::from_days(20_000);
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(SCHEMA_BEFORE_MODELS).unwrap();
+            for (f, v) in [("text|miss|units", 7), ("requests|miss", 2)] {
+                conn.execute(
+                    "INSERT INTO usage (tenant, day, field, value) VALUES ('search', ?1, ?2, ?3)",
+                    params![day.to_string(), f, v],
+                )
+                .unwrap();
+            }
+            conn.execute(
+                "INSERT INTO applied VALUES ('r1', 'search', ?1, 9, ?2)",
+                params![day.to_string(), now_secs()],
+            )
+            .unwrap();
+        }
+        let want = vec![
+            (format!("{LEGACY_MODEL}|text|miss|units"), 7),
+            (format!("requests|{LEGACY_MODEL}|miss"), 2),
+        ];
+        let sorted = |mut v: Vec<(String, i64)>| {
+            v.sort();
+            v
+        };
+        // `embedgate usage` reads it as it is, without changing it.
+        let db = Sqlite::open_existing(&path).unwrap();
+        assert!(!db.has_model);
+        let stored = db.read(day, day, None).unwrap();
+        assert_eq!(sorted(stored[0].fields.clone()), sorted(want.clone()));
+        drop(db);
+        assert_eq!(
+            usage_has_model(&Connection::open(&path).unwrap()).unwrap(),
+            Some(false)
+        );
+        // The gateway migrates it: rows kept as one-peace's, markers kept,
+        // new rows under their model.
+        let db = Sqlite::create(&path).unwrap();
+        assert!(db.has_model);
+        assert_eq!(
+            db.applied("r1", &[(Arc::from("search"), day)]).unwrap(),
+            vec![9]
+        );
+        db.apply(&[batch("r1", 9, 100), batch("r2", 1, 3)]).unwrap();
+        let mut want_after = want;
+        want_after.push((F.to_string(), 3));
+        let stored = db.read(day, day, None).unwrap();
+        assert_eq!(sorted(stored[0].fields.clone()), sorted(want_after.clone()));
+        drop(db);
+        // Opening again changes nothing.
+        let db = Sqlite::create(&path).unwrap();
+        let stored = db.read(day, day, None).unwrap();
+        assert_eq!(sorted(stored[0].fields.clone()), sorted(want_after));
+        let version: i64 = db
+            .conn()
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, 2);
     }
 }

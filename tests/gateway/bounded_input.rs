@@ -113,6 +113,8 @@ async fn oversized_inputs_get_a_precise_400_and_nothing_is_forwarded_or_metered(
             "embedgate_requests_total",
             &[
                 ("tenant", "search"),
+                // Refused by the parser: no model was read.
+                ("model", "none"),
                 ("cache", "none"),
                 ("code", "InvalidParameter")
             ]

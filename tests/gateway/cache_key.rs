@@ -162,7 +162,12 @@ async fn shared_scope_shares_between_tenants() {
         metric(
             &m,
             "embedgate_usage_units_total",
-            &[("tenant", "ads"), ("modality", "text"), ("cache", "hit")]
+            &[
+                ("tenant", "ads"),
+                ("model", MODEL),
+                ("modality", "text"),
+                ("cache", "hit")
+            ]
         ),
         1.0
     );

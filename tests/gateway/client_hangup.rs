@@ -33,6 +33,7 @@ async fn a_miss_whose_client_hangs_up_is_still_cached_and_metered() {
             "embedgate_usage_units_total",
             &[
                 ("tenant", "search"),
+                ("model", MODEL),
                 ("modality", "audio"),
                 ("cache", "miss"),
             ],

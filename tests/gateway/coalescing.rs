@@ -35,7 +35,12 @@ async fn identical_concurrent_misses_make_one_call() {
         metric(
             &m,
             "embedgate_usage_units_total",
-            &[("tenant", "search"), ("modality", "text"), ("cache", "hit")]
+            &[
+                ("tenant", "search"),
+                ("model", MODEL),
+                ("modality", "text"),
+                ("cache", "hit")
+            ]
         ),
         9.0
     );
@@ -45,6 +50,7 @@ async fn identical_concurrent_misses_make_one_call() {
             "embedgate_usage_units_total",
             &[
                 ("tenant", "search"),
+                ("model", MODEL),
                 ("modality", "text"),
                 ("cache", "miss")
             ]

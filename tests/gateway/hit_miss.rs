@@ -50,6 +50,7 @@ async fn miss_then_hit_with_usage_and_fresh_request_id() {
             "embedgate_usage_units_total",
             &[
                 ("tenant", "search"),
+                ("model", MODEL),
                 ("modality", modality),
                 ("cache", cache),
             ],
@@ -64,7 +65,12 @@ async fn miss_then_hit_with_usage_and_fresh_request_id() {
         metric(
             &m,
             "embedgate_requests_total",
-            &[("tenant", "search"), ("cache", "hit"), ("code", "ok")]
+            &[
+                ("tenant", "search"),
+                ("model", MODEL),
+                ("cache", "hit"),
+                ("code", "ok")
+            ]
         ),
         2.0
     );

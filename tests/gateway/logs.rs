@@ -101,7 +101,12 @@ async fn a_stderr_nobody_reads_costs_log_lines_not_answers() {
         metric(
             &m,
             "embedgate_requests_total",
-            &[("tenant", "search"), ("cache", "hit"), ("code", "ok")]
+            &[
+                ("tenant", "search"),
+                ("model", MODEL),
+                ("cache", "hit"),
+                ("code", "ok")
+            ]
         ),
         1000.0
     );
@@ -193,7 +198,12 @@ async fn refusals_at_full_rate_are_logged_at_a_bounded_rate_and_all_counted() {
         metric(
             &m,
             "embedgate_requests_total",
-            &[("tenant", tenant), ("cache", "none"), ("code", code)],
+            &[
+                ("tenant", tenant),
+                ("model", "none"),
+                ("cache", "none"),
+                ("code", code),
+            ],
         )
     };
     assert_eq!(count("ads", "Throttling.RateQuota"), EACH as f64);

@@ -51,6 +51,8 @@ async fn excess_work_is_shed_fast_with_503() {
             "embedgate_requests_total",
             &[
                 ("tenant", "search"),
+                // Shed before the body (and its model) was read.
+                ("model", "none"),
                 ("cache", "none"),
                 ("code", "ServiceUnavailable")
             ]

@@ -102,7 +102,7 @@ async fn sigterm_with_a_slow_upstream_exits_within_the_budget() {
     // Its possible cost is on record: 1 unit of unknown outcome, spent.
     let unknown: Option<i64> = redis::cmd("HGET")
         .arg(format!("{{eg:search}}:ledger:{}", today()))
-        .arg("text|unknown|units")
+        .arg(format!("{MODEL}|text|unknown|units"))
         .query(&mut redis.conn())
         .unwrap();
     assert_eq!(unknown, Some(1), "{logs}");
@@ -184,7 +184,7 @@ async fn sigterm_with_everything_shipped_exits_0_at_once() {
     assert_eq!(quota, Some(1));
     let units: Option<i64> = redis::cmd("HGET")
         .arg(format!("{{eg:search}}:ledger:{}", today()))
-        .arg("text|miss|units")
+        .arg(format!("{MODEL}|text|miss|units"))
         .query(&mut redis.conn())
         .unwrap();
     assert_eq!(units, Some(1), "{logs}");

@@ -42,6 +42,7 @@ async fn upstream_errors_pass_through_uncached() {
             "embedgate_usage_units_total",
             &[
                 ("tenant", "search"),
+                ("model", MODEL),
                 ("modality", "image"),
                 ("cache", "miss")
             ]

@@ -135,7 +135,12 @@ async fn a_tenant_stalling_bodies_gets_its_share_and_the_others_are_served() {
         metric(
             &m,
             "embedgate_requests_total",
-            &[("tenant", "a"), ("cache", "none"), ("code", "Throttling")]
+            &[
+                ("tenant", "a"),
+                ("model", "none"),
+                ("cache", "none"),
+                ("code", "Throttling")
+            ]
         ),
         8.0
     );

@@ -28,7 +28,8 @@ const BETA_KEY: &str = "sk-tenant-beta-SECRET-0002";
 const UNKNOWN_KEY: &str = "sk-unknown-\"evil-key-0003";
 const MODALITIES: [&str; 3] = ["text", "image", "audio"];
 /// The report's columns: the original six, then the ones added since.
-const CSV_HEADER: &str = "tenant,day,modality,cache,items,units,computed_units,upstream_units";
+const CSV_HEADER: &str =
+    "tenant,day,modality,cache,items,units,computed_units,upstream_units,model,cost";
 const ORIGINAL_COLUMNS: &str = "tenant,day,modality,cache,items,units";
 
 /// Tenant `alpha` (key `ALPHA_KEY`).
@@ -216,15 +217,17 @@ impl Tally {
 
 // ---------- Prometheus text ----------
 
-/// usage_units_total and items_total as cells (zero series dropped).
+/// usage_units_total and items_total as cells (zero series dropped); every
+/// series is of the one model these tests call.
 fn metric_cells(text: &str) -> Cells {
-    let keys = ["tenant", "modality", "cache"];
+    let keys = ["tenant", "modality", "cache", "model"];
     let mut cells = Cells::new();
     for (name, units) in [
         ("embedgate_items_total", false),
         ("embedgate_usage_units_total", true),
     ] {
         for (k, v) in series(text, name, &keys) {
+            assert_eq!(k[3], MODEL, "{name} {k:?}");
             if v == 0.0 {
                 continue;
             }
@@ -241,14 +244,24 @@ fn metric_cells(text: &str) -> Cells {
     cells
 }
 
+/// requests_total by (tenant, cache, code); the model of a successful
+/// answer is the one these tests call, of others that or `none` (refused
+/// before the body was read).
 fn metric_requests(text: &str) -> BTreeMap<(String, String, String), u64> {
     series(
         text,
         "embedgate_requests_total",
-        &["tenant", "cache", "code"],
+        &["tenant", "cache", "code", "model"],
     )
     .into_iter()
     .filter(|(_, v)| *v > 0.0)
+    .inspect(|(k, _)| {
+        if k[2] == "ok" {
+            assert_eq!(k[3], MODEL, "{k:?}");
+        } else {
+            assert!(k[3] == MODEL || k[3] == "none", "{k:?}");
+        }
+    })
     .map(|(k, v)| ((k[0].clone(), k[1].clone(), k[2].clone()), v as u64))
     .collect()
 }
@@ -285,6 +298,9 @@ fn rows_cells(v: &Value) -> Cells {
         let keys: BTreeSet<&str> = o.keys().map(String::as_str).collect();
         assert_eq!(keys, want_keys, "row {row}");
         assert_eq!(row["day"], json!(d));
+        assert_eq!(row["model"], json!(MODEL), "{row}");
+        // No price is configured: no cost.
+        assert_eq!(row["cost"], Value::Null, "{row}");
         let cell = (
             row["tenant"].as_str().unwrap().to_string(),
             row["modality"].as_str().unwrap().to_string(),
@@ -307,8 +323,9 @@ fn csv_cells(text: &str) -> Cells {
     let mut cells = Cells::new();
     for line in lines {
         let f: Vec<&str> = line.split(',').collect();
-        assert_eq!(f.len(), 8, "{line}");
+        assert_eq!(f.len(), 10, "{line}");
         assert_eq!(f[1], d);
+        assert_eq!((f[8], f[9]), (MODEL, ""), "{line}");
         let cell = (f[0].to_string(), f[2].to_string(), f[3].to_string());
         let val = (f[4].parse().unwrap(), f[5].parse().unwrap());
         assert!(cells.insert(cell, val).is_none(), "duplicate row {line}");

@@ -82,12 +82,18 @@ async fn metrics_contract_names_labels_and_hygiene() {
 
     // Exactly these label sets (and each contract series is present).
     let contract: &[(&str, &[&str])] = &[
-        ("embedgate_requests_total", &["tenant", "cache", "code"]),
+        (
+            "embedgate_requests_total",
+            &["tenant", "model", "cache", "code"],
+        ),
         (
             "embedgate_usage_units_total",
-            &["tenant", "modality", "cache"],
+            &["tenant", "model", "modality", "cache"],
         ),
-        ("embedgate_items_total", &["tenant", "modality", "cache"]),
+        (
+            "embedgate_items_total",
+            &["tenant", "model", "modality", "cache"],
+        ),
         (
             "embedgate_request_duration_seconds_bucket",
             &["cache", "le"],
@@ -100,7 +106,7 @@ async fn metrics_contract_names_labels_and_hygiene() {
         ("embedgate_upstream_responses_total", &["status"]),
         ("embedgate_coalesced_requests_total", &[]),
         ("embedgate_quota_remaining", &["tenant"]),
-        ("embedgate_usage_mismatch_total", &["tenant"]),
+        ("embedgate_usage_mismatch_total", &["tenant", "model"]),
         ("embedgate_ledger_buffered_entries", &[]),
         ("embedgate_build_info", &["version"]),
     ];
@@ -134,31 +140,51 @@ async fn metrics_contract_names_labels_and_hygiene() {
             || (c.chars().next().is_some_and(|f| f.is_ascii_uppercase())
                 && c.chars().all(|ch| ch.is_ascii_alphanumeric() || ch == '.'))
     };
-    for k in series(&m, "embedgate_requests_total", &["tenant", "cache", "code"]).keys() {
+    let requests = series(
+        &m,
+        "embedgate_requests_total",
+        &["tenant", "model", "cache", "code"],
+    );
+    for k in requests.keys() {
         assert!(
             tenants.contains(&k[0].as_str()) || k[0] == "(none)",
             "{k:?}"
         );
-        assert!(["hit", "miss", "none"].contains(&k[1].as_str()), "{k:?}");
-        assert!(code_re(&k[2]), "{k:?}");
+        // The model the request named; `none` when refused before its
+        // body was read (the unknown key).
+        assert!([MODEL, "none"].contains(&k[1].as_str()), "{k:?}");
+        assert!(["hit", "miss", "none"].contains(&k[2].as_str()), "{k:?}");
+        assert!(code_re(&k[3]), "{k:?}");
     }
+    assert!(
+        requests.contains_key(
+            ["(none)", "none", "none", "InvalidApiKey"]
+                .map(String::from)
+                .as_slice()
+        ),
+        "{requests:?}"
+    );
+    assert!(
+        requests.contains_key(["alpha", MODEL, "hit", "ok"].map(String::from).as_slice()),
+        "{requests:?}"
+    );
     for name in ["embedgate_usage_units_total", "embedgate_items_total"] {
-        for k in series(&m, name, &["tenant", "modality", "cache"]).keys() {
+        for k in series(&m, name, &["tenant", "model", "modality", "cache"]).keys() {
             assert!(tenants.contains(&k[0].as_str()), "{name} {k:?}");
-            assert!(MODALITIES.contains(&k[1].as_str()), "{name} {k:?}");
-            assert!(["hit", "miss"].contains(&k[2].as_str()), "{name} {k:?}");
+            assert_eq!(k[1], MODEL, "{name} {k:?}");
+            assert!(MODALITIES.contains(&k[2].as_str()), "{name} {k:?}");
+            assert!(["hit", "miss"].contains(&k[3].as_str()), "{name} {k:?}");
         }
     }
     for k in series(&m, "embedgate_request_duration_seconds_count", &["cache"]).keys() {
         assert!(["hit", "miss", "none"].contains(&k[0].as_str()), "{k:?}");
     }
-    for name in [
-        "embedgate_quota_remaining",
-        "embedgate_usage_mismatch_total",
-    ] {
-        for k in series(&m, name, &["tenant"]).keys() {
-            assert!(tenants.contains(&k[0].as_str()), "{name} {k:?}");
-        }
+    for k in series(&m, "embedgate_quota_remaining", &["tenant"]).keys() {
+        assert!(tenants.contains(&k[0].as_str()), "{k:?}");
+    }
+    for k in series(&m, "embedgate_usage_mismatch_total", &["tenant", "model"]).keys() {
+        assert!(tenants.contains(&k[0].as_str()), "{k:?}");
+        assert_eq!(k[1], MODEL, "{k:?}");
     }
     assert!(metric(&m, "embedgate_quota_remaining", &[("tenant", "alpha")]) > 0.0);
     for k in series(&m, "embedgate_upstream_responses_total", &["status"]).keys() {
@@ -220,5 +246,26 @@ async fn metrics_contract_names_labels_and_hygiene() {
     .await;
     for bad in [ALPHA_KEY, BETA_KEY, UNKNOWN_KEY, "SECRET", UPSTREAM_KEY] {
         assert!(!logs.contains(bad), "{bad:?} leaked into the gateway log");
+    }
+    // Access lines carry the model as the metrics do: the one asked for,
+    // `none` when the request was refused before its body was read.
+    let access: Vec<serde_json::Value> = logs
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["target"] == "embedgate::access" && v["message"] == "request")
+        .collect();
+    let answered: Vec<&serde_json::Value> = access
+        .iter()
+        .filter(|v| v["status"] == 200 && v["tenant"] != "(none)")
+        .collect();
+    assert!(!answered.is_empty(), "{logs}");
+    for v in answered {
+        assert_eq!(v["model"], MODEL, "{v}");
+    }
+    let unauthorized: Vec<&serde_json::Value> =
+        access.iter().filter(|v| v["status"] == 401).collect();
+    assert!(!unauthorized.is_empty(), "{logs}");
+    for v in unauthorized {
+        assert_eq!(v["model"], "none", "{v}");
     }
 }

@@ -69,6 +69,7 @@ async fn figures_per_tenant_and_day_and_the_upstream_export() {
                 "tenant": t, "day": d, "requests": if t == "alpha" { 11 } else { 10 },
                 "hit_units": hit, "miss_units": miss, "upstream_units": miss,
                 "computed_units": computed, "unknown_units": 0, "mismatches": mismatches,
+                "model": MODEL,
             }),
             "{t}"
         );
@@ -93,10 +94,13 @@ async fn figures_per_tenant_and_day_and_the_upstream_export() {
         )
         .await
         .text;
-    assert!(csv.starts_with("tenant,day,requests,hit_units,miss_units,upstream_units,computed_units,unknown_units,mismatches\n"), "{csv}");
+    assert!(csv.starts_with("tenant,day,requests,hit_units,miss_units,upstream_units,computed_units,unknown_units,mismatches,model\n"), "{csv}");
     let (ah, am) = units["alpha"];
     assert!(
-        csv.contains(&format!("alpha,{d},11,{ah},{am},{am},{},0,1\n", am - 1)),
+        csv.contains(&format!(
+            "alpha,{d},11,{ah},{am},{am},{},0,1,{MODEL}\n",
+            am - 1
+        )),
         "{csv}"
     );
     assert_eq!(

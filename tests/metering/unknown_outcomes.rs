@@ -48,7 +48,7 @@ async fn an_answer_broken_off_is_recorded_as_unknown_and_spends_quota() {
         metric(
             &m,
             "embedgate_unknown_outcome_units_total",
-            &[("tenant", "alpha")]
+            &[("tenant", "alpha"), ("model", MODEL)]
         ),
         3.0
     );
@@ -59,6 +59,7 @@ async fn an_answer_broken_off_is_recorded_as_unknown_and_spends_quota() {
             "embedgate_usage_units_total",
             &[
                 ("tenant", "alpha"),
+                ("model", MODEL),
                 ("modality", "audio"),
                 ("cache", "miss")
             ]

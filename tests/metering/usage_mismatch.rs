@@ -22,11 +22,16 @@ async fn usage_mismatch_is_counted_and_upstream_figure_recorded() {
 
     let m = gw.metrics().await;
     assert_eq!(
-        series(&m, "embedgate_usage_mismatch_total", &["tenant"]),
-        BTreeMap::from([(vec!["alpha".to_string()], 1.0)])
+        series(&m, "embedgate_usage_mismatch_total", &["tenant", "model"]),
+        BTreeMap::from([(vec!["alpha".to_string(), MODEL.to_string()], 1.0)])
     );
-    fn cell<'a>(modality: &'a str, c: &'a str) -> [(&'a str, &'a str); 3] {
-        [("tenant", "alpha"), ("modality", modality), ("cache", c)]
+    fn cell<'a>(modality: &'a str, c: &'a str) -> [(&'a str, &'a str); 4] {
+        [
+            ("tenant", "alpha"),
+            ("model", MODEL),
+            ("modality", modality),
+            ("cache", c),
+        ]
     }
     // Upstream's figure is the record: 2 text items, 2 units.
     assert_eq!(
@@ -49,11 +54,19 @@ async fn usage_mismatch_is_counted_and_upstream_figure_recorded() {
     assert_eq!((r.status, r.cache()), (200, "MISS"), "{}", r.text);
     let m = gw.metrics().await;
     assert_eq!(
-        metric(&m, "embedgate_usage_mismatch_total", &[("tenant", "alpha")]),
+        metric(
+            &m,
+            "embedgate_usage_mismatch_total",
+            &[("tenant", "alpha"), ("model", MODEL)]
+        ),
         1.0
     );
     assert_eq!(
-        metric(&m, "embedgate_usage_mismatch_total", &[("tenant", "beta")]),
+        metric(
+            &m,
+            "embedgate_usage_mismatch_total",
+            &[("tenant", "beta"), ("model", MODEL)]
+        ),
         0.0
     );
     assert_eq!(metric_cells(&m), tally.cells);

@@ -326,3 +326,98 @@ async fn without_the_state_redis_deny_refuses_quota_misses_and_hits_are_served()
 async fn without_the_state_redis_allow_serves_quota_misses_and_hits() {
     without_the_state_redis("allow").await;
 }
+
+/// The ledger in Redis names the model in each field; fields written before
+/// the ledger had a model are read as ONE-PEACE's and add up with new ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_redis_ledger_keeps_the_model_and_reads_fields_from_before_models() {
+    let cache = Redis::start();
+    let state = Redis::start();
+    // A day's hash as the version before models left it.
+    redis::cmd("HSET")
+        .arg(ledger_key("t"))
+        .arg(&[
+            "text|miss|units",
+            "7",
+            "text|miss|items",
+            "7",
+            "requests|miss",
+            "2",
+        ])
+        .query::<i64>(&mut state.conn())
+        .unwrap();
+    let gw = split(&cache, &state).tenant("t", "kt").start().await;
+    wait_store(&gw, "redis_state", "up").await;
+    let r = gw.embed("kt", &text_body("model one")).await;
+    assert_eq!((r.status, r.cache()), (200, "MISS"), "{}", r.text);
+    let r = gw.embed("kt", &text_body("model one")).await;
+    assert_eq!((r.status, r.cache()), (200, "HIT"), "{}", r.text);
+    let new_field = format!("{MODEL}|text|miss|units");
+    let fields: std::collections::HashMap<String, i64> =
+        eventually(10, "the new row", async || {
+            let f: std::collections::HashMap<String, i64> = redis::cmd("HGETALL")
+                .arg(ledger_key("t"))
+                .query(&mut state.conn())
+                .unwrap();
+            f.contains_key(&format!("{MODEL}|text|hit|units"))
+                .then_some(f)
+        })
+        .await;
+    assert_eq!(fields.get(&new_field), Some(&1), "{fields:?}");
+    assert_eq!(
+        fields.get(&format!("requests|{MODEL}|miss")),
+        Some(&1),
+        "{fields:?}"
+    );
+    assert_eq!(
+        fields.get("text|miss|units"),
+        Some(&7),
+        "old fields stay: {fields:?}"
+    );
+
+    // One row per (model, modality, cache): old and new fields together.
+    let day = today();
+    let v = gw
+        .get(
+            &format!("/admin/usage?from={day}&to={day}&tenant=t&model={MODEL}"),
+            Some(ADMIN_TOKEN),
+        )
+        .await
+        .json();
+    let rows = v["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 2, "{v}");
+    assert!(rows.iter().all(|r| r["model"] == MODEL), "{v}");
+    assert_eq!(units_of(&v, "miss"), 8, "{v}");
+    assert_eq!(v["reconciliation"][0]["requests"], 4, "{v}");
+    assert_eq!(v["totals"][0]["units"], 9, "{v}");
+    assert_eq!(v["totals"][0]["cost"], Value::Null, "no price: {v}");
+    // Another model has nothing; the CLI filters and totals the same way.
+    let other = gw
+        .get(
+            &format!("/admin/usage?from={day}&to={day}&model=text-embedding-v4"),
+            Some(ADMIN_TOKEN),
+        )
+        .await
+        .json();
+    assert_eq!(other["rows"], serde_json::json!([]), "{other}");
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_embedgate"))
+        .arg("usage")
+        .arg("--config")
+        .arg(&gw.config_path)
+        .args(["--from", &day, "--to", &day, "--model", MODEL])
+        .args(["--view", "totals", "--format", "csv"])
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8(out.stdout).unwrap(),
+        format!(
+            "tenant,model,requests,items,units,hit_units,miss_units,unknown_units,cost,miss_cost\nt,{MODEL},4,9,9,1,8,0,,\n"
+        )
+    );
+}
