@@ -140,6 +140,9 @@ async fn drive(
     for (l, case) in lines.iter().zip(cases) {
         assert_eq!(l["case"], *case);
         println!("sdk: {}", short(l));
+        if let Some(tb) = l["error"].as_str() {
+            println!("{tb}");
+        }
     }
     lines
 }
@@ -185,8 +188,11 @@ fn ensure(cond: bool, what: impl FnOnce() -> String) -> Check {
 }
 
 fn ok_line(l: &Value) -> Check {
+    // The traceback's last line names the exception (the whole one is in
+    // the `sdk:` log line printed by `drive`).
     ensure(l["ok"] == true, || {
-        format!("raised:\n{}", l["error"].as_str().unwrap_or(""))
+        let tb = l["error"].as_str().unwrap_or("");
+        format!("raised {}", tb.trim_end().lines().last().unwrap_or(""))
     })
 }
 
