@@ -14,7 +14,7 @@ use tokio::net::TcpListener;
 #[command(
     name = "fake-dashscope",
     version,
-    about = "A fake DashScope multimodal embedding API for tests, benchmarks and demos"
+    about = "A fake DashScope embedding API (ONE-PEACE, the text and multimodal families, compatible mode, batch tasks) for tests, benchmarks and demos"
 )]
 struct Cli {
     /// Address to listen on (port 0: any free port, printed on stdout).
