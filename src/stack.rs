@@ -238,12 +238,12 @@ impl Router {
                 RateBucket::Embeddings,
                 Handler::new(app, |app, req| Box::pin(family::serve_compatible(app, req))),
             ),
-            // Polls are cheap and frequent (the SDK's `wait`): the uploads'
-            // bucket, not the embeddings'.
+            // Submits and polls spend the tenant's own rate (the SDK's
+            // `wait` polls every 1 to 5 s).
             tasks: tenant_route(
                 app,
                 Framing::Json,
-                RateBucket::Uploads,
+                RateBucket::Embeddings,
                 Handler::new(app, |app, req| Box::pin(tasks::serve(app, req))),
             ),
             uploads: tenant_route(

@@ -95,7 +95,8 @@ async fn five_texts_with_three_cached_forward_exactly_two() {
             &[
                 ("tenant", "search"),
                 ("model", "text-embedding-v4"),
-                ("cache", "partial")
+                ("cache", "partial"),
+                ("code", "ok")
             ]
         ),
         1.0
