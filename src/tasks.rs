@@ -486,7 +486,13 @@ async fn list(
     }
     let mut v: Value = serde_json::from_slice(&resp.body)
         .map_err(|e| GatewayError::BadGateway(format!("task list answer is not JSON: {e}")))?;
-    if let Some(data) = v.get_mut("data").and_then(Value::as_array_mut) {
+    // Captured answers list under `data`; the 2.x SDK reads `tasks`.
+    let key = if v.get("data").is_some_and(Value::is_array) {
+        "data"
+    } else {
+        "tasks"
+    };
+    if let Some(data) = v.get_mut(key).and_then(Value::as_array_mut) {
         let mut mine = Vec::new();
         for t in data.drain(..) {
             let id = t["task_id"].as_str().unwrap_or("");

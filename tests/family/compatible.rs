@@ -75,7 +75,14 @@ async fn errors_are_openai_shaped() {
     assert_eq!(r.json()["error"]["code"], "invalid_parameter_error");
     assert_eq!(r.json()["error"]["type"], "invalid_request_error");
     // The gateway's own layers answer in the same shape (auth here).
-    let r = post(&gw, COMPAT_PATH, "sk-wrong", &json!({"model": "text-embedding-v4", "input": "a"}), &[]).await;
+    let r = post(
+        &gw,
+        COMPAT_PATH,
+        "sk-wrong",
+        &json!({"model": "text-embedding-v4", "input": "a"}),
+        &[],
+    )
+    .await;
     assert_eq!(r.status, 401, "{}", r.text);
     assert_eq!(r.json()["error"]["code"], "invalid_api_key");
     assert_eq!(gw.fake.calls(), 0);
