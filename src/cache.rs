@@ -6,7 +6,7 @@
 //! (a list of `dimension` finite numbers) before they are served; anything
 //! else is treated as a miss and overwritten by the next answer.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -14,6 +14,7 @@ use quick_cache::sync::Cache as QuickCache;
 use quick_cache::Weighter;
 
 use crate::cache_key::CacheKey;
+use crate::gzip::Precompressed;
 use crate::redis_store::RedisStore;
 
 /// Prefix of values in Redis: versioned so a format change never serves
@@ -22,10 +23,39 @@ const REDIS_VALUE_PREFIX: &[u8] = b"eg1:";
 /// A typical entry (1536 floats as JSON text), to size the memory index.
 const TYPICAL_ENTRY_BYTES: u64 = 32 * 1024;
 
+/// The gzip form of an entry, made on its first gzip hit.
+type GzCell = Arc<OnceLock<Option<Precompressed>>>;
+
 #[derive(Clone)]
 struct Entry {
     embedding: Bytes,
+    gz: GzCell,
     expires: Instant,
+}
+
+impl Entry {
+    fn new(embedding: Bytes, expires: Instant) -> Entry {
+        Entry {
+            embedding,
+            gz: GzCell::default(),
+            expires,
+        }
+    }
+}
+
+/// A hit of [`Cache::get_found`]: the vector and its gzip form, which is
+/// compressed once per entry (on the first hit that asks for it).
+pub(crate) struct Found {
+    pub(crate) embedding: Bytes,
+    gz: GzCell,
+}
+
+impl Found {
+    pub(crate) fn gzip(&self) -> Option<&Precompressed> {
+        self.gz
+            .get_or_init(|| Precompressed::of(&self.embedding))
+            .as_ref()
+    }
 }
 
 #[derive(Clone)]
@@ -33,8 +63,9 @@ struct EntryWeight;
 
 impl Weighter<CacheKey, Entry> for EntryWeight {
     fn weight(&self, _key: &CacheKey, val: &Entry) -> u64 {
-        // Key, bookkeeping and the bytes themselves.
-        (val.embedding.len() as u64 + 96).max(1)
+        // Key, bookkeeping, the bytes themselves and room for their gzip
+        // form (made on the first gzip hit: about 45% of float text).
+        (val.embedding.len() as u64 * 3 / 2 + 96).max(1)
     }
 }
 
@@ -80,19 +111,36 @@ impl Cache {
             .await
     }
 
+    /// [`get`](Cache::get), with the entry's gzip form at hand.
+    pub(crate) async fn get_found(&self, key: &CacheKey, dimension: usize) -> Option<Found> {
+        self.lookup(key, |raw| valid_embedding(raw, dimension))
+            .await
+            .map(|e| Found {
+                embedding: e.embedding,
+                gz: e.gz,
+            })
+    }
+
     /// Looks `key` up; an entry read from Redis is served only if `valid`
     /// says it is whole (memory holds only what this process stored).
     pub(crate) async fn get_with(&self, key: &CacheKey, valid: impl Fn(&[u8]) -> bool) -> Lookup {
+        match self.lookup(key, valid).await {
+            Some(e) => Lookup::Hit(e.embedding),
+            None => Lookup::Miss,
+        }
+    }
+
+    async fn lookup(&self, key: &CacheKey, valid: impl Fn(&[u8]) -> bool) -> Option<Entry> {
         if let Some(mem) = &self.memory {
             if let Some(e) = mem.get(key) {
                 if e.expires > Instant::now() {
-                    return Lookup::Hit(e.embedding);
+                    return Some(e);
                 }
                 mem.remove(key);
             }
         }
         let Some(redis) = &self.redis else {
-            return Lookup::Miss;
+            return None;
         };
         let rkey = self.redis_key(key);
         let got = redis
@@ -105,28 +153,22 @@ impl Cache {
             .await;
         let raw = match got {
             Ok(Some(raw)) => raw,
-            Ok(None) | Err(_) => return Lookup::Miss,
+            Ok(None) | Err(_) => return None,
         };
         let Some(body) = raw.strip_prefix(REDIS_VALUE_PREFIX) else {
             tracing::warn!(key = ?key, "cache entry in an unknown format; treated as a miss");
-            return Lookup::Miss;
+            return None;
         };
         if !valid(body) {
             tracing::warn!(key = ?key, "cache entry failed validation; treated as a miss");
-            return Lookup::Miss;
+            return None;
         }
-        let embedding = Bytes::copy_from_slice(body);
+        // The L1 copy expires no later than a fresh Redis entry would.
+        let entry = Entry::new(Bytes::copy_from_slice(body), Instant::now() + self.ttl);
         if let Some(mem) = &self.memory {
-            // The L1 copy expires no later than a fresh Redis entry would.
-            mem.insert(
-                *key,
-                Entry {
-                    embedding: embedding.clone(),
-                    expires: Instant::now() + self.ttl,
-                },
-            );
+            mem.insert(*key, entry.clone());
         }
-        Lookup::Hit(embedding)
+        Some(entry)
     }
 
     /// Stores an embedding that was validated by the caller. With a memory
@@ -170,13 +212,7 @@ impl Cache {
 
     fn put_memory(&self, key: &CacheKey, embedding: Bytes) {
         if let Some(mem) = &self.memory {
-            mem.insert(
-                *key,
-                Entry {
-                    embedding,
-                    expires: Instant::now() + self.ttl,
-                },
-            );
+            mem.insert(*key, Entry::new(embedding, Instant::now() + self.ttl));
         }
     }
 

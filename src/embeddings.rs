@@ -30,7 +30,6 @@ use tokio::sync::OwnedSemaphorePermit;
 use crate::app::App;
 use crate::auth::tenant_of;
 use crate::body::{Body, ReqBody};
-use crate::cache::Lookup;
 use crate::cache_key::{cache_key, CacheKey, KeyScope};
 use crate::coalesce::{self, Outcome, Role};
 use crate::config::CacheScope;
@@ -56,12 +55,17 @@ struct Seen {
     cache: Option<CacheStatus>,
     model: Option<Arc<str>>,
     quota_remaining: Option<u64>,
+    /// The client takes gzip (and not SSE): a hit answers it from the
+    /// entry's gzip form.
+    gzip_ok: bool,
 }
 
 /// A successful answer's body and id.
 struct Answer {
     body: Bytes,
     request_id: String,
+    /// `body` is gzip.
+    gzip: bool,
 }
 
 /// The embedding endpoint (the innermost service of its route).
@@ -71,7 +75,10 @@ pub(crate) async fn serve(
 ) -> Result<Response<Body>, Infallible> {
     let request_id = request_id::of(&req);
     let sse = Framing::SseIfAsked.sse(req.headers());
-    let mut seen = Seen::default();
+    let mut seen = Seen {
+        gzip_ok: !sse && crate::gzip::accepted(req.headers()),
+        ..Seen::default()
+    };
     let result = match tenant_of(&req) {
         Ok(tenant) => {
             seen.quota_remaining = tenant.quota.map(|q| app.limits.remaining(&tenant.name, q));
@@ -105,7 +112,20 @@ pub(crate) async fn serve(
         Err(e) => Err(e),
     };
     let mut r = match result {
-        Ok(a) => response::success(a.body, &a.request_id, sse),
+        Ok(a) => {
+            let mut r = response::success(a.body, &a.request_id, sse);
+            if a.gzip {
+                r.headers_mut().insert(
+                    http::header::CONTENT_ENCODING,
+                    http::HeaderValue::from_static("gzip"),
+                );
+            }
+            r.headers_mut().insert(
+                http::header::VARY,
+                http::HeaderValue::from_static("accept-encoding"),
+            );
+            r
+        }
         Err(e) => e.into_response(&request_id, sse),
     };
     if let Some(c) = seen.cache {
@@ -217,8 +237,26 @@ async fn answer(
     let mut follow_attempts = 0;
     loop {
         if !cc.no_cache {
-            if let Lookup::Hit(embedding) = app.cache.get(&key, dimension).await {
-                return answer_hit(app, &tenant, &model, embedding, usage, request_id, seen).await;
+            if let Some(found) = app.cache.get_found(&key, dimension).await {
+                let gz = seen
+                    .gzip_ok
+                    .then(|| {
+                        found
+                            .gzip()
+                            .map(|p| response::hit_gzip(p, &usage, request_id))
+                    })
+                    .flatten();
+                return answer_hit(
+                    app,
+                    &tenant,
+                    &model,
+                    found.embedding,
+                    gz,
+                    usage,
+                    request_id,
+                    seen,
+                )
+                .await;
             }
         }
         // 3. coalescing
@@ -230,7 +268,7 @@ async fn answer(
                     if let Some(embedding) = app.cache.recheck(&key, dimension).await {
                         g.finish(Outcome::Done(embedding.clone()));
                         return answer_hit(
-                            app, &tenant, &model, embedding, usage, request_id, seen,
+                            app, &tenant, &model, embedding, None, usage, request_id, seen,
                         )
                         .await;
                     }
@@ -240,7 +278,7 @@ async fn answer(
                     Outcome::Done(embedding) => {
                         app.metrics.coalesced.inc();
                         return answer_hit(
-                            app, &tenant, &model, embedding, usage, request_id, seen,
+                            app, &tenant, &model, embedding, None, usage, request_id, seen,
                         )
                         .await;
                     }
@@ -301,11 +339,13 @@ async fn answer(
 }
 
 /// 2. A hit: the cached vector with the gateway's own usage.
+#[allow(clippy::too_many_arguments)]
 async fn answer_hit(
     app: &Arc<App>,
     tenant: &Arc<Tenant>,
     model: &str,
     embedding: Bytes,
+    gzip: Option<Bytes>,
     usage: Usage,
     request_id: &str,
     seen: &mut Seen,
@@ -324,9 +364,11 @@ async fn answer_hit(
         CacheStatus::Hit,
         &Reconciled::own(usage),
     );
+    let gzipped = gzip.is_some();
     Ok(Answer {
-        body: response::hit_body(&embedding, &usage, request_id),
+        body: gzip.unwrap_or_else(|| response::hit_body(&embedding, &usage, request_id)),
         request_id: request_id.to_string(),
+        gzip: gzipped,
     })
 }
 
@@ -417,6 +459,7 @@ impl Miss {
                     Ok(Answer {
                         body: success.body,
                         request_id: success.request_id,
+                        gzip: false,
                     }),
                     remaining,
                 )

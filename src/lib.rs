@@ -72,6 +72,7 @@ mod forwarded;
 /// library's API, only public because the targets are another crate.
 #[doc(hidden)]
 pub mod fuzzing;
+mod gzip;
 mod ledger;
 mod limits;
 mod log_writer;

@@ -106,6 +106,19 @@ pub(crate) fn hit_body(embedding: &[u8], usage: &Usage, request_id: &str) -> Byt
     Bytes::from(body)
 }
 
+/// A hit's answer as gzip, around the entry's precompressed vector.
+pub(crate) fn hit_gzip(
+    embedding: &crate::gzip::Precompressed,
+    usage: &Usage,
+    request_id: &str,
+) -> Bytes {
+    let suffix = format!(
+        "}},\"usage\":{},\"request_id\":\"{request_id}\"}}",
+        usage.json()
+    );
+    crate::gzip::wrap(b"{\"output\":{\"embedding\":", embedding, suffix.as_bytes())
+}
+
 /// `X-Cache: HIT | PARTIAL | MISS`.
 pub(crate) fn set_cache_header(h: &mut HeaderMap, cache: CacheStatus) {
     h.insert(

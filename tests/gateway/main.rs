@@ -14,6 +14,7 @@ mod cache_control;
 mod cache_key;
 mod client_hangup;
 mod coalescing;
+mod compression;
 mod forwarded_headers;
 mod hit_miss;
 mod logs;
