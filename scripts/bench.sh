@@ -12,7 +12,7 @@
 # (2), BENCH_REDIS (auto: also a gateway on Redis if redis-server is
 # installed; 0: never; 1: required), BENCH_BUILD (1; 0 uses the existing
 # target/release/embedgate and target/release/fake-dashscope), BENCH_KEEP (0;
-# 1 keeps the work dir).
+# 1 keeps the work dir), BENCH_OUT (target/bench-latest.txt: the table).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -118,14 +118,14 @@ log "fake upstream $FAKE"
 
 DIGEST=$(printf %s "$KEY" | "$BIN" hash-key)
 
-start_gateway() { # NAME REDIS_LINE [LIMITS=1] [JOURNAL=true] -> sets GW_URL, GW_PID
-  local name=$1 redis_line=$2 limits=${3:-1} journal=${4:-true} drop='^$^'
+start_gateway() { # NAME REDIS_LINE [LIMITS=1] [JOURNAL=true] [LOG=warn] -> sets GW_URL, GW_PID
+  local name=$1 redis_line=$2 limits=${3:-1} journal=${4:-true} loglevel=${5:-warn} drop='^$^'
   [ "$limits" = 1 ] || drop='^(rate|quota) = '
   sed -e "s|@UPSTREAM@|$FAKE|" -e "s|@KEY_SHA256@|$DIGEST|" -e "s|@REDIS_LINE@|$redis_line|" \
     -e "s|@JOURNAL@|$journal|" -e "s|@DATA@|$WORK/$name.data|" \
     "$ROOT/scripts/bench/gateway.toml.tmpl" | grep -Ev "$drop" >"$WORK/$name.toml"
   "$BIN" check-config "$WORK/$name.toml" >/dev/null || die "bad generated config $WORK/$name.toml"
-  BENCH_UPSTREAM_KEY=bench-upstream-key EMBEDGATE_LOG=warn \
+  BENCH_UPSTREAM_KEY=bench-upstream-key EMBEDGATE_LOG=$loglevel \
     "$BIN" --config "$WORK/$name.toml" >"$WORK/$name.out" 2>"$WORK/$name.err" &
   GW_PID=$!; PIDS+=("$GW_PID")
   GW_URL=$(wait_line "$WORK/$name.out" '1s/^embedgate listening on //p' "$GW_PID") \
@@ -144,6 +144,10 @@ GWN=$GW_URL; GW_PID_NOLIM=$GW_PID
 # background) on the hit path.
 start_gateway gwj "" 1 false
 GWJ=$GW_URL; GW_PID_NOJOURNAL=$GW_PID
+# Production settings: the access log on (its default level, to a file),
+# limits and the journal.
+start_gateway gwl "" 1 true info
+GWL=$GW_URL; GW_PID_LOG=$GW_PID
 
 if [ "$USE_REDIS" = 1 ]; then
   mkdir -p "$WORK/redis"
@@ -174,7 +178,8 @@ USER_LINE=""
 started=0
 for _ in 1 2 3 4 5; do
   NPORT=$(free_port)
-  sed -e "s|@DIR@|$WORK/nginx|g" -e "s|@PORT@|$NPORT|" -e "s|@USER_LINE@|$USER_LINE|" \
+  NPORT2=$(free_port)
+  sed -e "s|@DIR@|$WORK/nginx|g" -e "s|@PORT@|$NPORT|" -e "s|@PORT2@|$NPORT2|" -e "s|@USER_LINE@|$USER_LINE|" \
     -e "s|@UPSTREAM_HOSTPORT@|${FAKE#http://}|" \
     "$ROOT/scripts/bench/nginx.conf.tmpl" >"$WORK/nginx/nginx.conf"
   "$NGINX" -p "$WORK/nginx" -c "$WORK/nginx/nginx.conf" -e "$WORK/nginx/error.log" \
@@ -190,6 +195,7 @@ for _ in 1 2 3 4 5; do
 done
 [ $started = 1 ] || die "nginx did not start: $(tail -n5 "$WORK/nginx/error.log" "$WORK/nginx/stdout" 2>/dev/null)"
 NG=http://127.0.0.1:$NPORT
+NGP=http://127.0.0.1:$NPORT2   # access log + gzip
 NGINX_PIDS=("$NGINX_PID" $(ps -o pid= --ppid "$NGINX_PID"))
 log "nginx $NG: $(ps -o args= --ppid "$NGINX_PID" | sort | uniq -c | tr -s ' ' | paste -sd, -)"
 
@@ -231,6 +237,7 @@ run() {
   local before after out line
   before=$(cpu_ticks "$@")
   out=$(BENCH_BODY=$BODY BENCH_AUTH=$auth BENCH_PATH=$API_PATH \
+    BENCH_ACCEPT_ENCODING=${AE:-} BENCH_BATCH_MODE=${BATCH_MODE:-hit} \
     BENCH_NONCE="b$$-$label-r$round-$RANDOM" \
     timeout -k 5 $(( s + 30 )) wrk -t "$t" -c "$c" -d "${s}s" --timeout 5s \
     -s "$ROOT/scripts/bench/$script" "$url") || die "wrk failed for $label: $out"
@@ -274,6 +281,24 @@ if [ "$USE_REDIS" = 1 ]; then
     printf "%d hits, %d non-hits, %d upstream calls", y[1]-x[1], y[2]-x[2], y[3]-x[3] }')
 fi
 
+log "production settings: access log on, gzip, ${ROUNDS} rounds x ${SECS}s"
+for ((r = 1; r <= ROUNDS; r++)); do
+  warm_hit "$GWL" x-cache -H "Authorization: $AUTH"
+  run hitlog_gw "$r" "$GWL" post.lua "$CONNS" "$THREADS" "$SECS" "$AUTH" "$GW_PID_LOG"
+  warm_hit "$NGP" x-cache-status
+  run hitlog_nginx "$r" "$NGP" post.lua "$CONNS" "$THREADS" "$SECS" "$AUTH" "${NGINX_PIDS[@]}"
+  AE=gzip run hitgz_gw "$r" "$GWL" post.lua "$CONNS" "$THREADS" "$SECS" "$AUTH" "$GW_PID_LOG"
+  AE=gzip run hitgz_nginx "$r" "$NGP" post.lua "$CONNS" "$THREADS" "$SECS" "$AUTH" "${NGINX_PIDS[@]}"
+done
+
+log "text-embedding-v4 10-text batches: all hits, 5/10 hits, all misses"
+for ((r = 1; r <= ROUNDS; r++)); do
+  BATCH_MODE=hit run batch_hit "$r" "$GW" batch.lua "$CONNS" "$THREADS" "$SECS" "$AUTH" "${GW_P[@]}"
+  BATCH_MODE=half run batch_half "$r" "$GW" batch.lua "$CONNS" "$THREADS" "$SECS" "$AUTH" "${GW_P[@]}" "${FAKE_P[@]}"
+  BATCH_MODE=miss run batch_miss "$r" "$GW" batch.lua "$CONNS" "$THREADS" "$SECS" "$AUTH" "${GW_P[@]}" "${FAKE_P[@]}"
+done
+RSS_KB=$(awk '/^VmRSS/ {print $2}' "/proc/$GW_PID_MEM/status" 2>/dev/null || echo 0)
+
 log "miss path: ${ROUNDS} rounds x ${SECS}s at -c$CONNS, then x ${LAT_SECS}s at -c1"
 miss_before=$(gw_counts "$GW")
 for ((r = 1; r <= ROUNDS; r++)); do
@@ -301,13 +326,14 @@ MISS_CHECK=$(awk -v a="$miss_before" -v b="$miss_after" 'BEGIN {
 awk -F'\t' -v tck="$CLK_TCK" -v redis="$USE_REDIS" \
     -v secs="$SECS" -v lsecs="$LAT_SECS" -v rounds="$ROUNDS" -v c="$CONNS" -v t="$THREADS" \
     -v ncpu="$(nproc)" -v rb="$RESP_BYTES" -v bb="${#BODY}" \
-    -v hitchk="$HIT_CHECK" -v hitrchk="${HITR_CHECK:-}" -v misschk="$MISS_CHECK" '
+    -v hitchk="$HIT_CHECK" -v hitrchk="${HITR_CHECK:-}" -v misschk="$MISS_CHECK" -v rss="${RSS_KB:-0}" '
 function kv(s, k,   m) { return match(s, k "=[0-9.]+") ? substr(s, RSTART + length(k) + 1, RLENGTH - length(k) - 1) + 0 : 0 }
 {
   a = $1; r = $2
   req[a] += kv($3, "requests"); dur[a] += kv($3, "duration_us")
   p50[a] += kv($3, "p50_us"); p99[a] += kv($3, "p99_us"); n[a]++
   bad[a] += kv($3, "non2xx") + kv($3, "sockerr"); cpu[a] += kv($3, "cpu_ticks")
+  bytes[a] += kv($3, "bytes_per_req")
   rps[a, r] = kv($3, "requests") / (kv($3, "duration_us") / 1e6)
   q50[a, r] = kv($3, "p50_us")
 }
@@ -351,6 +377,18 @@ END {
     RPS("hit_gw") / RPS("hit_gwj"), rounds_ratio("hit_gw", "hit_gwj"), P50("hit_gw") - P50("hit_gwj"),
     CPU("hit_gw") - CPU("hit_gwj")
   if (redis == 1) hitline("hit redis", "hit_gwr")
+  printf "%-11s: %s | %s | ratio %.2f (rounds%s) | p99 ratio %.2f\n", "hit log on", arm("gateway", "hitlog_gw"),
+    arm("nginx", "hitlog_nginx"), RPS("hitlog_gw") / RPS("hitlog_nginx"), rounds_ratio("hitlog_gw", "hitlog_nginx"),
+    P99("hitlog_nginx") ? P99("hitlog_gw") / P99("hitlog_nginx") : 0
+  printf "%-11s: %s | %s | ratio %.2f (rounds%s) | bytes/answer gateway %d nginx %d identity %d (%.0f%%)\n", "hit gzip",
+    arm("gateway", "hitgz_gw"), arm("nginx", "hitgz_nginx"), RPS("hitgz_gw") / RPS("hitgz_nginx"),
+    rounds_ratio("hitgz_gw", "hitgz_nginx"), n["hitgz_gw"] ? bytes["hitgz_gw"] / n["hitgz_gw"] : 0,
+    n["hitgz_nginx"] ? bytes["hitgz_nginx"] / n["hitgz_nginx"] : 0, n["hitlog_gw"] ? bytes["hitlog_gw"] / n["hitlog_gw"] : 0,
+    (n["hitlog_gw"] && bytes["hitlog_gw"]) ? 100 * (bytes["hitgz_gw"] / n["hitgz_gw"]) / (bytes["hitlog_gw"] / n["hitlog_gw"]) : 0
+  printf "%-11s: all hits %s\n", "batch 10", arm("gateway", "batch_hit")
+  printf "%-11s: 5/10 hits %s\n", "batch 10", arm("gateway", "batch_half")
+  printf "%-11s: all miss %s\n", "batch 10", arm("gateway", "batch_miss")
+  printf "%-11s: gateway (memory cache) VmRSS %d KB after the hit and batch phases\n", "rss", rss
   missline("miss -c" c, "miss_gw", "miss_direct")
   if (redis == 1) missline("miss redis", "miss_gwr", "miss_direct")
   missline("miss -c1", "lat_gw", "lat_direct")
@@ -358,4 +396,4 @@ END {
   printf "checks     : gateway hit phase: %s", hitchk
   if (redis == 1) printf "; redis gateway hit phase: %s", hitrchk
   printf "; gateway miss phase: %s\n", misschk
-}' "$RESULTS"
+}' "$RESULTS" | tee "${BENCH_OUT:-$ROOT/target/bench-latest.txt}"
