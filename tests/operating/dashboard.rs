@@ -31,10 +31,7 @@ const EXPECTED_EMPTY: &[(&str, &str, &str)] = &[(
 )];
 
 /// Template variables that may have no values yet, with the reason.
-const EXPECTED_EMPTY_VARIABLES: &[(&str, &str)] = &[(
-    "model",
-    "the `model` label of embedgate_requests_total is being added; until then the variable is empty and `model=~\".*\"` matches every series",
-)];
+const EXPECTED_EMPTY_VARIABLES: &[(&str, &str)] = &[];
 
 /// Every `targets[].expr` of every panel (rows' nested panels too) of
 /// every dashboard: (dashboard file, panel title, refId, expr).
@@ -154,6 +151,28 @@ async fn round(gw: &TestGateway, prom: &Prometheus, n: usize) {
         assert_eq!((r.status, r.cache()), (200, "MISS"), "{}", r.text);
         let r = gw.embed(SEARCH_KEY, &b).await;
         assert_eq!((r.status, r.cache()), (200, "HIT"), "{}", r.text);
+    }
+    // A partial hit of a per-item model: two texts, then three.
+    let text_path = "/api/v1/services/embeddings/text-embedding/text-embedding";
+    for (texts, want) in [
+        (vec![format!("a {n}"), format!("b {n}")], "MISS"),
+        (
+            vec![format!("a {n}"), format!("b {n}"), format!("c {n}")],
+            "PARTIAL",
+        ),
+    ] {
+        let body = json!({"model": "text-embedding-v4", "input": {"texts": texts}});
+        let r = gw
+            .client
+            .post(gw.url(text_path))
+            .header("authorization", format!("Bearer {SEARCH_KEY}"))
+            .header("content-type", "application/json")
+            .body(body.to_string())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.headers()["x-cache"], want);
     }
     // 401: a key nobody has.
     let r = gw.embed("sk-nobody", &text_body("x")).await;
