@@ -754,3 +754,137 @@ fn host_name() -> String {
         .filter(|h| !h.is_empty())
         .unwrap_or_else(|| "unknown-host".to_string())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::LedgerConfig;
+    use crate::date::Day;
+    use crate::ledger::report::Prices;
+    use crate::ledger::Ledger;
+    use crate::metering::{CacheStatus, Reconciled, Usage};
+    use crate::request::Counts;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// A receiver answering 400 to its first batch, 200 after; returns its
+    /// URL and the ids it accepted.
+    async fn receiver() -> (String, Arc<Mutex<Vec<String>>>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/events", listener.local_addr().unwrap());
+        let ids = Arc::new(Mutex::new(Vec::new()));
+        let calls = Arc::new(AtomicUsize::new(0));
+        let got = ids.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let (got, calls) = (got.clone(), calls.clone());
+                tokio::spawn(async move {
+                    let svc =
+                        hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                            let (got, calls) = (got.clone(), calls.clone());
+                            async move {
+                                let body = req.into_body().collect().await.unwrap().to_bytes();
+                                let batch: Vec<Value> = serde_json::from_slice(&body).unwrap();
+                                let status = if calls.fetch_add(1, Ordering::SeqCst) == 0 {
+                                    400
+                                } else {
+                                    got.lock().unwrap().extend(
+                                        batch.iter().map(|e| e["id"].as_str().unwrap().to_string()),
+                                    );
+                                    200
+                                };
+                                Ok::<_, std::convert::Infallible>(
+                                    http::Response::builder()
+                                        .status(status)
+                                        .body(Full::new(Bytes::new()))
+                                        .unwrap(),
+                                )
+                            }
+                        });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        (url, ids)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_refused_batch_is_skipped_and_a_leftover_ships_from_its_cursor() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = LedgerConfig {
+            journal: true,
+            journal_dir: dir.path().join("journal"),
+            fsync_interval: Duration::from_millis(10),
+            sqlite_path: dir.path().join("ledger.sqlite"),
+        };
+        std::fs::create_dir_all(&cfg.journal_dir).unwrap();
+        // A leftover: rows 1-5, a damaged line, a torn end; its cursor
+        // says rows 1-2 were accepted before.
+        let run = "00112233445566778899aabbccddeeff";
+        let seg = cfg.journal_dir.join(format!("{run}-000000.jnl"));
+        let mut items = Counts::default();
+        items.set(Modality::Text, 1);
+        let w = crate::config::Weights {
+            text: 1,
+            image: 1,
+            audio: 2,
+        };
+        let r = Reconciled::own(Usage::of(items, &w));
+        let t: Arc<str> = Arc::from("search");
+        let mut bytes = Vec::new();
+        let mut cursor = 0;
+        for row in 1..=5u64 {
+            let e = Entry::new(&t, "text-embedding-v4", Day::today(), CacheStatus::Hit, &r);
+            let mut line = format!("{row}");
+            e.encode_body_for_test(&mut line);
+            bytes.extend_from_slice(journal::line_for_test(&line).as_bytes());
+            if row == 2 {
+                cursor = bytes.len();
+            }
+        }
+        bytes.extend_from_slice(b"6 v3 garbage\n7 v3 torn");
+        std::fs::write(&seg, &bytes).unwrap();
+        write_cursor(&cursor_path(&seg), cursor as u64).unwrap();
+
+        let (url, ids) = receiver().await;
+        let events = EventsConfig {
+            url: Some(url.parse().unwrap()),
+            source: Some("unit".into()),
+            batch_size: 2,
+            timeout: Duration::from_secs(5),
+            max_backoff: Duration::from_millis(50),
+            authorization_env: None,
+            authorization: None,
+        };
+        let metrics = Arc::new(Metrics::new().unwrap());
+        let l = Ledger::open_with_events(&cfg, &events, None, metrics.clone()).unwrap();
+        let today = Day::today();
+        // Two rows of this process after it.
+        l.record(&t, "text-embedding-v4", CacheStatus::Miss, &r);
+        l.record(&t, "text-embedding-v4", CacheStatus::Miss, &r);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            // Reports ship the ledger and let tidy run.
+            let _ = l
+                .report(today, today, None, None, &[], &Prices::new())
+                .await;
+            let done = metrics.events_backlog.get() == 0
+                && metrics.events_shipped.get() + metrics.events_rejected.get() == 5
+                && !seg.exists();
+            if done {
+                break;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "not delivered");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // The first batch (rows 3 and 4 of the leftover) was refused and
+        // skipped; rows 1 and 2 were accepted before the restart.
+        assert_eq!(metrics.events_rejected.get(), 2);
+        let got = ids.lock().unwrap().clone();
+        assert_eq!(got.len(), 3, "{got:?}");
+        assert_eq!(got[0], format!("{run}-5"));
+        assert!(got[1..].iter().all(|id| !id.starts_with(run)));
+        assert!(!cursor_path(&seg).exists());
+    }
+}

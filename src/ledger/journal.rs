@@ -145,6 +145,20 @@ impl Entry {
     }
 }
 
+#[cfg(test)]
+impl Entry {
+    pub(crate) fn encode_body_for_test(&self, out: &mut String) {
+        self.encode_body(out);
+    }
+}
+
+/// The whole line of `row_and_body` (the row number and the body).
+#[cfg(test)]
+pub(crate) fn line_for_test(row_and_body: &str) -> String {
+    let sum = fnv1a(row_and_body.as_bytes());
+    format!("{row_and_body}{sum:08x}\n")
+}
+
 /// FNV-1a, 32 bits: enough to tell a torn or damaged line from a good one.
 fn fnv1a(bytes: &[u8]) -> u32 {
     bytes.iter().fold(0x811c_9dc5, |h: u32, &b| {
