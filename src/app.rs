@@ -69,7 +69,12 @@ impl App {
             config.limits.quota_on_store_error,
             metrics.clone(),
         );
-        let ledger = Ledger::open(&config.ledger, state_redis.clone(), metrics.clone())?;
+        let ledger = Ledger::open_with_events(
+            &config.ledger,
+            &config.events,
+            state_redis.clone(),
+            metrics.clone(),
+        )?;
         let tasks = TaskStore::open(state_redis.clone(), &config.ledger.sqlite_path)?;
         let tenants = ArcSwap::from_pointee(TenantTable::build(&config, &config.server));
         let in_flight = Arc::new(Semaphore::new(config.server.max_in_flight));
@@ -194,6 +199,9 @@ impl App {
         }
         if c.ledger != new.ledger {
             restart.push("ledger");
+        }
+        if c.events != new.events {
+            restart.push("events");
         }
         restart
     }

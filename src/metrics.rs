@@ -90,6 +90,14 @@ pub(crate) struct Metrics {
     /// store (`cache`, `state`); one Redis holding both sets both.
     pub(crate) redis_up: IntGaugeVec,
     pub(crate) config_reloads: IntCounterVec,
+    /// Usage events accepted by the receiver.
+    pub(crate) events_shipped: IntCounter,
+    /// Usage event batches that failed (each attempt).
+    pub(crate) events_failed: IntCounter,
+    /// Usage events the receiver refused (a 4xx for the batch), skipped.
+    pub(crate) events_rejected: IntCounter,
+    /// Journaled rows whose events are not accepted yet.
+    pub(crate) events_backlog: IntGauge,
 }
 
 /// Creates and registers a metric. Only invalid names or duplicate
@@ -274,6 +282,31 @@ impl Metrics {
             "Config reloads by result (ok, error).",
             &["result"],
         )?;
+        let events_shipped = register(
+            &r,
+            IntCounter::new(
+                "embedgate_events_shipped_total",
+                "Usage events (one per metered answer) accepted by the events receiver (events.url).",
+            ),
+        )?;
+        let events_failed = register(
+            &r,
+            IntCounter::new(
+                "embedgate_events_failed_total",
+                "Attempts to send a batch of usage events that failed (timeout, connection error, 5xx, 401, 403, 404, 408, 429) and are retried.",
+            ),
+        )?;
+        let events_rejected = register(
+            &r,
+            IntCounter::new(
+                "embedgate_events_rejected_total",
+                "Usage events in batches the receiver refused with another 4xx: logged and skipped, not retried.",
+            ),
+        )?;
+        let events_backlog = gauge(
+            "embedgate_events_backlog",
+            "Journaled metered answers whose usage events the receiver has not accepted yet.",
+        )?;
         let build = register(
             &r,
             IntGaugeVec::new(
@@ -316,6 +349,10 @@ impl Metrics {
             connections_refused,
             redis_up,
             config_reloads,
+            events_shipped,
+            events_failed,
+            events_rejected,
+            events_backlog,
         })
     }
 

@@ -19,6 +19,7 @@
 mod admin;
 mod cache;
 mod check;
+mod events;
 mod ledger;
 mod limits;
 mod metering;
@@ -40,6 +41,7 @@ use serde::Deserialize;
 
 pub use admin::AdminConfig;
 pub use cache::{CacheConfig, CacheScope};
+pub use events::EventsConfig;
 pub use ledger::LedgerConfig;
 pub use limits::{LimitsConfig, StoreErrorPolicy};
 pub use metering::{MeteringConfig, Weights};
@@ -62,6 +64,8 @@ pub struct Config {
     pub limits: LimitsConfig,
     pub metering: MeteringConfig,
     pub ledger: LedgerConfig,
+    /// Usage events out (`[events]`).
+    pub events: EventsConfig,
     /// `None`: admin routes answer 404.
     pub admin: Option<AdminConfig>,
     pub tenants: Vec<TenantConfig>,
@@ -131,6 +135,8 @@ struct RawConfig {
     metering: metering::RawMetering,
     #[serde(default)]
     ledger: ledger::RawLedger,
+    #[serde(default)]
+    events: events::RawEvents,
     admin: Option<admin::RawAdmin>,
     #[serde(default, deserialize_with = "tenants::list")]
     tenants: Vec<tenants::RawTenant>,
@@ -174,6 +180,7 @@ impl Config {
             limits: raw.limits.load(raw.quota_on_store_error, &mut c),
             metering: raw.metering.load(&mut c),
             ledger: raw.ledger.load(&mut c),
+            events: raw.events.load(&mut c, env),
             admin: raw.admin.and_then(|a| a.load(&mut c)),
             tenants: tenants::load(raw.tenants, &mut c),
             models: models::load(raw.models, &mut c),

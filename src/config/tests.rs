@@ -473,7 +473,7 @@ fn uploads_rate_defaults_for_every_tenant_and_is_checked_like_rate() {
 fn reference_file_documents_every_key() {
     let src = reference_with_examples();
     let doc: toml_edit::DocumentMut = src.parse().unwrap();
-    let sections: [(&str, &[&str]); 15] = [
+    let sections: [(&str, &[&str]); 16] = [
         ("", keys_of::<RawConfig>()),
         ("server", keys_of::<server::RawServer>()),
         ("upstream", keys_of::<upstream::RawUpstream>()),
@@ -483,6 +483,7 @@ fn reference_file_documents_every_key() {
         ("metering", keys_of::<metering::RawMetering>()),
         ("metering.weights", keys_of::<metering::RawWeights>()),
         ("ledger", keys_of::<ledger::RawLedger>()),
+        ("events", keys_of::<events::RawEvents>()),
         ("admin", keys_of::<admin::RawAdmin>()),
         ("tenants[0]", keys_of::<tenants::RawTenant>()),
         ("tenants[0].rate", keys_of::<tenants::RawRate>()),

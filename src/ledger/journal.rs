@@ -13,19 +13,24 @@
 //!   keeps, per run, tenant and day, the highest number applied, which makes
 //!   shipping idempotent (see [`super`]).
 //!
-//! A row is one text line, `<row> v2 <day> <cache> <flags> <model> <n>
-//! <items×n> <units×n> <computed×n> <tenant> <fnv1a32>` (`v2` the format's
-//! version; days since 1970-01-01; cache `hit`, `miss` or `unknown`; flags:
+//! A row is one text line, `<row> v3 <ms> <day> <cache> <flags> <model> <n>
+//! <items×n> <units×n> <computed×n> <tenant> <fnv1a32>` (`v3` the format's
+//! version; `ms` when it was journaled, milliseconds since 1970-01-01 UTC,
+//! the usage event's `time` ([`super::events`]); days since 1970-01-01;
+//! cache `hit`, `miss` or `unknown`; flags:
 //! 1 = the units are upstream's usage, 2 = upstream's usage disagreed with
 //! the gateway's; `n` counts per figure, one per modality in
 //! [`Modality::ALL`] order, so a modality added later reads back), its
 //! checksum over everything before it, so a torn or damaged line is
 //! recognised and skipped (and counted), never misread.
 //!
-//! Lines of earlier versions (no version marker, no model: `<row> <day>
-//! <cache> <flags> <items×3> <units×3> <computed×3> <tenant> <fnv1a32>`, or
-//! ×4 with video) are still read, as model [`LEGACY_MODEL`], so a journal
-//! left by an older gateway ships after an upgrade.
+//! Lines of earlier versions are still read, so a journal left by an older
+//! gateway ships after an upgrade: `v2` (the same without `<ms>`), and the
+//! one before it (no version marker, no model: `<row> <day> <cache> <flags>
+//! <items×3> <units×3> <computed×3> <tenant> <fnv1a32>`, or ×4 with video),
+//! as model [`LEGACY_MODEL`]. Their rows' time is the start of their day.
+//! (A gateway older than `v3` reads a `v3` line as damaged: do not
+//! downgrade over a journal that is not empty.)
 //!
 //! Appending is one `write(2)` of one line (`O_APPEND`) under a mutex: when
 //! the response is sent the row is in the OS page cache, so a crash of the
@@ -61,7 +66,10 @@ const REOPEN_EVERY: Duration = Duration::from_secs(5);
 const LOCK_FILE: &str = "lock";
 const SEGMENT_SUFFIX: &str = ".jnl";
 /// The line format's version marker (the second field of a line).
-const FORMAT: &str = "v2";
+const FORMAT: &str = "v3";
+/// The format before rows had a time.
+const FORMAT_V2: &str = "v2";
+const MS_PER_DAY: u64 = 86_400_000;
 
 /// One metered answer, as the journal and the ledger keep it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -81,6 +89,16 @@ pub(crate) struct Entry {
     pub(crate) upstream: bool,
     /// Upstream's usage disagreed with the gateway's, or was missing.
     pub(crate) mismatch: bool,
+    /// When it was journaled, ms since 1970-01-01 UTC (rows of formats
+    /// before `v3`: the start of their day).
+    pub(crate) at_ms: u64,
+}
+
+/// Now, in ms since 1970-01-01 UTC.
+pub(crate) fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 impl Entry {
@@ -101,6 +119,7 @@ impl Entry {
             computed: r.computed.units,
             upstream: r.upstream,
             mismatch: r.mismatch,
+            at_ms: now_ms(),
         }
     }
 
@@ -110,7 +129,8 @@ impl Entry {
         let flags = u8::from(self.upstream) | (u8::from(self.mismatch) << 1);
         let _ = write!(
             out,
-            " {FORMAT} {} {} {flags} {} {}",
+            " {FORMAT} {} {} {} {flags} {} {}",
+            self.at_ms,
             self.day.days(),
             self.cache.as_str(),
             self.model,
@@ -123,6 +143,20 @@ impl Entry {
         }
         let _ = write!(out, " {} ", self.tenant);
     }
+}
+
+#[cfg(test)]
+impl Entry {
+    pub(crate) fn encode_body_for_test(&self, out: &mut String) {
+        self.encode_body(out);
+    }
+}
+
+/// The whole line of `row_and_body` (the row number and the body).
+#[cfg(test)]
+pub(crate) fn line_for_test(row_and_body: &str) -> String {
+    let sum = fnv1a(row_and_body.as_bytes());
+    format!("{row_and_body}{sum:08x}\n")
 }
 
 /// FNV-1a, 32 bits: enough to tell a torn or damaged line from a good one.
@@ -152,7 +186,13 @@ pub(crate) fn decode_line(line: &[u8]) -> Option<(u64, Entry)> {
     let (&row, rest) = fields.split_first()?;
     let row = row.parse().ok()?;
     let entry = match rest.split_first() {
-        Some((&FORMAT, rest)) => decode_v2(rest)?,
+        Some((&FORMAT, rest)) => {
+            let (at, rest) = rest.split_first()?;
+            let mut e = decode_v2(rest)?;
+            e.at_ms = at.parse().ok()?;
+            e
+        }
+        Some((&FORMAT_V2, rest)) => decode_v2(rest)?,
         _ => decode_v1(rest)?,
     };
     Some((row, entry))
@@ -193,10 +233,14 @@ fn entry(
         computed,
         upstream: flags & 1 != 0,
         mismatch: flags & 2 != 0,
+        at_ms: u64::try_from(day.days())
+            .unwrap_or(0)
+            .saturating_mul(MS_PER_DAY),
     })
 }
 
-/// `<day> <cache> <flags> <model> <n> <items×n> <units×n> <computed×n> <tenant>`.
+/// `<day> <cache> <flags> <model> <n> <items×n> <units×n> <computed×n>
+/// <tenant>` (`v2`, and `v3` after its `<ms>`).
 fn decode_v2(f: &[&str]) -> Option<Entry> {
     let mut f = f.iter().copied();
     let day = Day::from_days(f.next()?.parse().ok()?);
@@ -231,7 +275,7 @@ fn decode_v1(f: &[&str]) -> Option<Entry> {
 }
 
 /// What the journal did since the shipper last asked, in order.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(crate) enum Event {
     /// A new segment of `run`; the run's earlier segments get no more rows.
     Segment { run: Arc<str>, path: PathBuf },
@@ -872,7 +916,7 @@ mod tests {
         let mut body = String::new();
         e.encode_body(&mut body);
         assert!(
-            body.starts_with(" v2 20000 hit 3 text-embedding-v4 4 "),
+            body.starts_with(&format!(" v3 {} 20000 hit 3 text-embedding-v4 4 ", e.at_ms)),
             "{body}"
         );
         // A v2 line written with fewer modalities than this build knows
@@ -883,6 +927,22 @@ mod tests {
         ))
         .unwrap();
         assert_eq!(&*e3.model, "qwen3-vl-embedding");
+        // A v2 row's time is the start of its day.
+        assert_eq!(e3.at_ms, 20_000 * MS_PER_DAY);
+        let (_, e3b) = decode_line(&with(
+            "2 v3 1728000123456 20000 miss 1 qwen3-vl-embedding 3 1 2 3 1 2 3 1 2 3 ads",
+        ))
+        .unwrap();
+        assert_eq!(
+            (e3b.at_ms, &*e3b.model),
+            (1_728_000_123_456, "qwen3-vl-embedding")
+        );
+        assert_eq!(
+            decode_line(&with(
+                "2 v3 soon 20000 miss 1 qwen3-vl-embedding 3 1 2 3 1 2 3 1 2 3 ads"
+            )),
+            None
+        );
         assert_eq!(e3.items.get(Modality::Audio), 3);
         for bad in [
             "2 v2 20000 miss 1 bad|model 3 1 2 3 1 2 3 1 2 3 ads",

@@ -26,7 +26,12 @@
 //! While the store is down rows wait in the journal (memory holds only
 //! their sums per group). Reports are read-your-writes on the replica that
 //! answered: a report first ships everything journaled so far.
+//!
+//! With `[events]` configured, the same journal lines are also sent out as
+//! CloudEvents ([`events`]): a segment is then deleted only when both the
+//! store and the events receiver have all its rows.
 
+mod events;
 pub(crate) mod export;
 mod journal;
 pub(crate) mod report;
@@ -39,12 +44,13 @@ use std::time::Duration;
 
 use tokio::sync::Notify;
 
-use crate::config::LedgerConfig;
+use crate::config::{EventsConfig, LedgerConfig};
 use crate::date::Day;
 use crate::metering::{valid_model_name, CacheStatus, Reconciled};
 use crate::metrics::Metrics;
 use crate::redis_store::RedisStore;
 
+use events::Events;
 use journal::{Entry, Event, Journal, Leftover, Line, SegmentReader};
 pub(crate) use report::Report;
 use report::{Prices, Sums};
@@ -199,14 +205,28 @@ pub(crate) struct Ledger {
     round: tokio::sync::Mutex<()>,
     wake: Notify,
     metrics: Arc<Metrics>,
+    /// Usage events out (`events.url` set).
+    events: Option<Arc<Events>>,
 }
 
 impl Ledger {
     /// Opens the journal (locking its directory) and the store (SQLite
     /// without Redis), and starts the shipper; leftovers of an earlier
     /// process are shipped first. Must run inside a tokio runtime.
+    #[cfg(test)]
     pub(crate) fn open(
         config: &LedgerConfig,
+        redis: Option<Arc<RedisStore>>,
+        metrics: Arc<Metrics>,
+    ) -> Result<Arc<Ledger>, String> {
+        Ledger::open_with_events(config, &EventsConfig::default(), redis, metrics)
+    }
+
+    /// [`Ledger::open`], and the usage events shipper when `events.url`
+    /// is set.
+    pub(crate) fn open_with_events(
+        config: &LedgerConfig,
+        events: &EventsConfig,
         redis: Option<Arc<RedisStore>>,
         metrics: Arc<Metrics>,
     ) -> Result<Arc<Ledger>, String> {
@@ -215,8 +235,18 @@ impl Ledger {
             None => Sink::Sqlite(Arc::new(Sqlite::create(&config.sqlite_path)?)),
         };
         let (journal, leftovers) = Journal::open(config, metrics.clone())?;
+        let events = Events::new(
+            events,
+            config.journal.then_some(config.journal_dir.as_path()),
+            metrics.clone(),
+        )?;
         let mut ship = Ship::default();
         for l in leftovers {
+            if let Some(e) = &events {
+                for (_, path) in &l.segments {
+                    e.leftover(&l.run, path);
+                }
+            }
             tracing::info!(run = %l.run, segments = l.segments.len(), "journal rows of an earlier process found; shipping them");
             ship.runs.insert(l.run.clone(), Run::leftover(l));
         }
@@ -227,7 +257,11 @@ impl Ledger {
             round: tokio::sync::Mutex::new(()),
             wake: Notify::new(),
             metrics,
+            events,
         });
+        if let Some(e) = &ledger.events {
+            e.start();
+        }
         let l = ledger.clone();
         tokio::spawn(async move { l.shipper().await });
         ledger.wake.notify_one();
@@ -264,6 +298,9 @@ impl Ledger {
         self.journal
             .append(&Entry::new(tenant, model, Day::today(), cache, r));
         self.wake.notify_one();
+        if let Some(e) = &self.events {
+            e.notify();
+        }
     }
 
     /// `ok`, `memory` (the disk failed; rows wait in memory) or `off`.
@@ -370,6 +407,9 @@ impl Ledger {
     /// read, with their groups.
     fn read_journal(&self) -> Vec<(Arc<str>, Vec<GroupKey>)> {
         let events = self.journal.poll();
+        if let Some(e) = &self.events {
+            e.journal_events(&events);
+        }
         let metrics = &*self.metrics;
         let mut st = self.state();
         for ev in events {
@@ -485,9 +525,23 @@ impl Ledger {
                     if !s.done {
                         return true;
                     }
+                    // Its usage events are not all accepted yet.
+                    if self.events.as_ref().is_some_and(|e| e.holds(&s.reader.path)) {
+                        return true;
+                    }
+                    // The segment first, then its events' cursor: a
+                    // cursor left without its segment is tidied at start,
+                    // a segment left without its cursor would send its
+                    // events again.
                     match std::fs::remove_file(&s.reader.path) {
-                        Ok(()) => false,
-                        Err(e) if e.kind() == io::ErrorKind::NotFound => false,
+                        Ok(()) => {
+                            let _ = std::fs::remove_file(events::cursor_path(&s.reader.path));
+                            false
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                            let _ = std::fs::remove_file(events::cursor_path(&s.reader.path));
+                            false
+                        }
                         Err(e) => {
                             tracing::warn!(path = %s.reader.path.display(), error = %e, "cannot delete a shipped journal segment");
                             true
@@ -529,9 +583,38 @@ impl Ledger {
     /// on shutdown. When everything is shipped the journal's segments are
     /// deleted; otherwise they are forced to disk and shipped at the next
     /// start. Returns true when nothing is left unshipped.
+    ///
+    /// With usage events, their shipper flushes at the same time, until the
+    /// same deadline; events it cannot deliver stay in the journal (its
+    /// segments are kept) and are sent at the next start. They do not
+    /// change the result: the ledger is what the exit code reports.
     pub(crate) async fn flush(self: &Arc<Self>, deadline: Duration) -> bool {
         let until = tokio::time::Instant::now() + deadline;
         let _round = self.round.lock().await;
+        let events = async {
+            match &self.events {
+                Some(e) => e.flush(until).await,
+                None => true,
+            }
+        };
+        let (clean, _) = tokio::join!(self.flush_ledger(until), events);
+        if let Some(e) = &self.events {
+            // Once more: the ledger's last round sealed the journal's run.
+            if e.flush(until).await {
+                self.blocking(Ledger::tidy).await;
+                tracing::info!("usage events delivered");
+            } else {
+                tracing::error!(
+                    backlog = self.metrics.events_backlog.get(),
+                    "shutdown: usage events were not all accepted by events.url before exit; they stay in the journal and are sent when the gateway starts on it again"
+                );
+            }
+        }
+        clean
+    }
+
+    /// The ledger's part of [`Ledger::flush`]; the caller holds `round`.
+    async fn flush_ledger(self: &Arc<Self>, until: tokio::time::Instant) -> bool {
         let mut clean = self.ship_once().await;
         while !clean && tokio::time::Instant::now() < until {
             tokio::time::sleep(Duration::from_millis(100)).await;
