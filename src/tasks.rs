@@ -253,7 +253,7 @@ pub(crate) async fn submit(
         }
         let v: Value = serde_json::from_slice(&body)
             .map_err(|e| GatewayError::InvalidParameter(format!("request body is not valid JSON: {e}")))?;
-        if !v["input"]["url"].as_str().is_some_and(|u| !u.is_empty()) {
+        if v["input"]["url"].as_str().is_none_or(|u| u.is_empty()) {
             return Err(GatewayError::InvalidParameter(
                 "input.url is required: the URL of the file of texts".into(),
             ));

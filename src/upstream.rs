@@ -177,6 +177,7 @@ impl Upstream {
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn attempts(
         &self,
         base: Option<&Uri>,

@@ -143,6 +143,7 @@ const DEFAULT_IMAGE_TOKENS: u64 = 1280;
 /// cheaper, but the reservation must not be below what may be billed.
 const DEFAULT_VIDEO_TOKENS: u64 = 64 * 1280;
 
+#[allow(clippy::too_many_arguments)]
 fn builtin(
     name: &str,
     api: ModelApi,

@@ -712,7 +712,7 @@ impl Miss {
                     CacheStatus::Miss,
                     &reconciled,
                 );
-                let passthrough = self.whole.then(|| (raw_body, answer.request_id));
+                let passthrough = self.whole.then_some((raw_body, answer.request_id));
                 (
                     Ok(Fetched {
                         entries: self.unit_ids.iter().copied().zip(entries).collect(),

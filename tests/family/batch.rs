@@ -70,7 +70,7 @@ async fn tasks_belong_to_their_tenant_and_are_metered_once() {
         .iter()
         .map(|t| t["task_id"].as_str().unwrap().to_string())
         .collect();
-    assert_eq!(ids, [id.clone()]);
+    assert_eq!(ids, std::slice::from_ref(&id));
     // Cancel: only the owner; upstream decides the rest.
     let cancel = |key: &'static str, id: String| {
         let gw = &gw;
