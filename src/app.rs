@@ -203,6 +203,9 @@ impl App {
         if c.events != new.events {
             restart.push("events");
         }
+        if c.telemetry != new.telemetry {
+            restart.push("telemetry");
+        }
         restart
     }
 }

@@ -74,7 +74,11 @@ where
     }
 
     fn call(&mut self, mut req: Request<ReqBody>) -> BoxFuture {
-        let Some(tenant) = self.app.tenants.load().authenticate(req.headers()) else {
+        let found = {
+            let _span = tracing::debug_span!(target: crate::telemetry::TARGET, "auth").entered();
+            self.app.tenants.load().authenticate(req.headers())
+        };
+        let Some(tenant) = found else {
             return response::now(response::refusal(
                 &req,
                 GatewayError::InvalidApiKey,

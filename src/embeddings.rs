@@ -26,6 +26,7 @@ use http::{Method, Request, Response, StatusCode};
 use http_body::Body as _;
 use http_body_util::BodyExt;
 use tokio::sync::OwnedSemaphorePermit;
+use tracing::Instrument;
 
 use crate::app::App;
 use crate::auth::tenant_of;
@@ -42,6 +43,7 @@ use crate::metering::{self, CacheStatus, ModelName, Reconciled, Usage};
 use crate::request::{EmbeddingRequest, ParseRules};
 use crate::request_id;
 use crate::response::{self, Framing};
+use crate::telemetry::TARGET;
 use crate::tenants::Tenant;
 use crate::upstream::{parse_success, upstream_error, Success, EMBEDDING_PATH};
 
@@ -237,7 +239,13 @@ async fn answer(
     let mut follow_attempts = 0;
     loop {
         if !cc.no_cache {
-            if let Some(found) = app.cache.get_found(&key, dimension).await {
+            let lookup = tracing::debug_span!(target: TARGET, "cache.lookup");
+            if let Some(found) = app
+                .cache
+                .get_found(&key, dimension)
+                .instrument(lookup)
+                .await
+            {
                 let gz = seen
                     .gzip_ok
                     .then(|| {
@@ -265,7 +273,10 @@ async fn answer(
         } else {
             match app.coalescer.join(key) {
                 Role::Leader(g) => {
-                    if let Some(embedding) = app.cache.recheck(&key, dimension).await {
+                    let lookup = tracing::debug_span!(target: TARGET, "cache.lookup");
+                    if let Some(embedding) =
+                        app.cache.recheck(&key, dimension).instrument(lookup).await
+                    {
                         g.finish(Outcome::Done(embedding.clone()));
                         return answer_hit(
                             app, &tenant, &model, embedding, None, usage, request_id, seen,
@@ -274,7 +285,10 @@ async fn answer(
                     }
                     Some(g)
                 }
-                Role::Follower(rx) => match coalesce::wait(rx).await {
+                Role::Follower(rx) => match coalesce::wait(rx)
+                    .instrument(tracing::debug_span!(target: TARGET, "coalesce.wait"))
+                    .await
+                {
                     Outcome::Done(embedding) => {
                         app.metrics.coalesced.inc();
                         return answer_hit(
@@ -318,7 +332,8 @@ async fn answer(
             guard,
             _slot: slot,
         };
-        let result = match tokio::spawn(miss.run()).await {
+        // In the request's span: its phases are the request's children.
+        let result = match tokio::spawn(miss.run().in_current_span()).await {
             Ok((result, remaining)) => {
                 if remaining.is_some() {
                     seen.quota_remaining = remaining;

@@ -42,12 +42,13 @@
 //! type and its wire mapping), [`body`] (the stack's body types),
 //! [`secret`], [`date`], [`app`] (shared state), [`fault`] (injected
 //! faults for tests, debug builds only), [`log_writer`] (the bounded,
-//! lossy log queue and its writer thread), `fuzzing` (entry points for the
+//! lossy log queue and its writer thread), [`telemetry`] (OpenTelemetry
+//! traces over OTLP, off unless configured), `fuzzing` (entry points for the
 //! `cargo fuzz` targets in `fuzz/`; hidden, not part of the API).
 //!
 //! The library's API is what the `embedgate` command needs: [`Gateway`]
-//! (and [`run`]), [`Config`], [`Digest`], [`usage_report`] and
-//! [`LogQueue`]; [`Stopped`] says how a run ended.
+//! (and [`run`]), [`Config`], [`Digest`], [`usage_report`], [`LogQueue`]
+//! and [`Traces`]; [`Stopped`] says how a run ended.
 
 mod access_log;
 mod admin;
@@ -90,6 +91,7 @@ mod server;
 mod shutdown;
 mod stack;
 mod tasks;
+mod telemetry;
 mod tenants;
 mod uploads;
 mod upstream;
@@ -101,6 +103,7 @@ pub use admin::{usage_report, UsageArgs, UsageOutput};
 pub use config::Config;
 pub use log_writer::{LogGuard, LogQueue, DEFAULT_QUEUE_LINES};
 pub use secret::Digest;
+pub use telemetry::Traces;
 
 /// How a shutdown ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1,7 +1,7 @@
 //! The `embedgate` command: parse the CLI and config, bind, run.
 //!
 //! Exit status: 0 done; 1 could not start (listen address, runtime, log
-//! writer) or `hash-key` without a key; 2 invalid config (or a bad
+//! writer, trace exporter) or `hash-key` without a key; 2 invalid config (or a bad
 //! `usage` request); 3 the gateway stopped with something unshipped
 //! (quota transitions or ledger rows Redis did not confirm, or upstream
 //! calls that did not end when the shutdown cut them; the log says which).
@@ -14,8 +14,11 @@ use clap::{Parser, Subcommand};
 use tokio::net::TcpListener;
 
 use embedgate::{
-    Config, Digest, Gateway, LogGuard, LogQueue, Stopped, UsageArgs, DEFAULT_QUEUE_LINES,
+    Config, Digest, Gateway, LogGuard, LogQueue, Stopped, Traces, UsageArgs, DEFAULT_QUEUE_LINES,
 };
+use tracing_subscriber::layer::SubscriberExt as _;
+use tracing_subscriber::util::SubscriberInitExt as _;
+use tracing_subscriber::Layer as _;
 
 /// Exit status of a run that stopped with something unshipped.
 const EXIT_UNSHIPPED: u8 = 3;
@@ -184,7 +187,12 @@ fn load(path: Option<PathBuf>) -> Result<Config, ExitCode> {
 /// slow, lines are dropped and counted in
 /// `embedgate_log_lines_dropped_total`. The returned guard writes what is
 /// queued at exit (waiting at most a second).
-fn init_logs() -> Result<LogGuard, ExitCode> {
+///
+/// With `traces` (`[telemetry] endpoint` set), the registry also has the
+/// OpenTelemetry layer, each layer with its own filter: `EMBEDGATE_LOG`
+/// for the log lines, the gateway's own spans for the exporter. Without,
+/// the subscriber is the plain log one, nothing added.
+fn init_logs(traces: Option<Traces>) -> Result<LogGuard, ExitCode> {
     let filter = tracing_subscriber::EnvFilter::try_from_env("EMBEDGATE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let text = std::env::var("EMBEDGATE_LOG_FORMAT").is_ok_and(|v| v == "text");
@@ -201,13 +209,29 @@ fn init_logs() -> Result<LogGuard, ExitCode> {
                 return Err(ExitCode::FAILURE);
             }
         };
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(writer);
-    if text {
-        builder.init();
-    } else {
-        builder.json().flatten_event(true).init();
+    match traces {
+        None => {
+            let builder = tracing_subscriber::fmt()
+                .with_env_filter(filter)
+                .with_writer(writer);
+            if text {
+                builder.init();
+            } else {
+                builder.json().flatten_event(true).init();
+            }
+        }
+        Some(traces) => {
+            let logs = tracing_subscriber::fmt::layer().with_writer(writer);
+            let logs = if text {
+                logs.with_filter(filter).boxed()
+            } else {
+                logs.json().flatten_event(true).with_filter(filter).boxed()
+            };
+            tracing_subscriber::registry()
+                .with(traces.layer())
+                .with(logs)
+                .init();
+        }
     }
     if let (Some(v), None) = (&queue, lines) {
         tracing::warn!(
@@ -220,12 +244,21 @@ fn init_logs() -> Result<LogGuard, ExitCode> {
 }
 
 async fn run(path: Option<PathBuf>) -> ExitCode {
-    let _log_guard = match init_logs() {
-        Ok(g) => g,
-        Err(code) => return code,
-    };
+    // The config first: it says whether traces are exported. Its errors go
+    // to stderr directly, as before the logs start.
     let config = match load(path) {
         Ok(c) => c,
+        Err(code) => return code,
+    };
+    let traces = match Traces::start(&config.telemetry) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("embedgate: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let _log_guard = match init_logs(traces) {
+        Ok(g) => g,
         Err(code) => return code,
     };
     if config.upstream.api_key.is_none() {

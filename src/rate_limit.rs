@@ -11,6 +11,7 @@ use std::task::{Context, Poll};
 
 use http::{Request, Response};
 use tower::{Layer, Service};
+use tracing::Instrument;
 
 use crate::app::App;
 use crate::auth::tenant_of;
@@ -91,7 +92,13 @@ where
             let Some(cfg) = cfg else {
                 return inner.call(req).await;
             };
-            match app.limits.check_rate(bucket, &tenant.name, cfg).await {
+            let span = tracing::debug_span!(target: crate::telemetry::TARGET, "rate_limit");
+            match app
+                .limits
+                .check_rate(bucket, &tenant.name, cfg)
+                .instrument(span)
+                .await
+            {
                 Ok(state) => {
                     let mut r = inner.call(req).await?;
                     set_rate_headers(r.headers_mut(), &state);

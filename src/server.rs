@@ -103,6 +103,8 @@ pub(crate) async fn serve(
     }
     let abandoned = shutdown::drain(&app, &shared.slots, max_connections, &budget).await;
     let flushed = shutdown::final_flush(&app, &budget).await;
+    // Traces last, in what is left of the budget: they are not owed.
+    crate::telemetry::shutdown(budget.end).await;
     abandoned == 0 && flushed
 }
 

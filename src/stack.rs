@@ -15,6 +15,8 @@
 //!    `embedgate_requests_total` / `…_duration_seconds` sample per answer,
 //!    labelled from what the inner layers put on the response; refusals'
 //!    lines (503, 429) are limited to a few a second plus a summary.
+//!    With `[telemetry]` on, its span is the exported request span
+//!    ([`crate::telemetry`]), filled in from the same response.
 //! 5. **propagate request id** (`tower-http`): `x-request-id` on every
 //!    answer (the body's `request_id` where the answer has one).
 //! 6. **rescue** ([`RescueLayer`]): the one place where the errors and bare
@@ -75,7 +77,7 @@ use tower_http::request_id::{PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
 use tower_http::trace::TraceLayer;
 
-use crate::access_log::{AccessLog, InFlight, RequestSpan, RouteName};
+use crate::access_log::{AccessLog, InFlight, RouteName};
 use crate::app::App;
 use crate::auth::AuthLayer;
 use crate::body::{self, Body, BoxError, BoxFuture, ReqBody};
@@ -87,6 +89,7 @@ use crate::rate_limit::RateLimitLayer;
 use crate::request_id::{self, MakeUuid};
 use crate::rescue::{self, RescueLayer};
 use crate::response::{self, Framing};
+use crate::telemetry::{self, RequestSpan};
 use crate::upstream::{
     COMPATIBLE_PATH, EMBEDDING_PATH, TASKS_PATH, TEXT_EMBEDDING_PATH, UPLOADS_PATH,
 };
@@ -153,6 +156,7 @@ where
                 .on_response(AccessLog::new(app.clone()))
                 .on_failure(()),
         )
+        .map_response(telemetry::on_response)
         // 5.
         .layer(PropagateRequestIdLayer::x_request_id())
         // 6.

@@ -13,6 +13,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use rand::Rng;
+use tracing::Instrument;
 
 use serde::Deserialize;
 use serde_json::value::RawValue;
@@ -209,6 +210,8 @@ impl Upstream {
                 .body(Full::new(body.clone()))
                 .map_err(|e| GatewayError::Internal(format!("building upstream request: {e}")))?;
             *req.headers_mut() = headers.clone();
+            // Each attempt its own span, and its `traceparent` upstream.
+            let span = crate::telemetry::upstream_span(&method, &uri, attempt, req.headers_mut());
             let started = Instant::now();
             let outcome = tokio::time::timeout(remaining, async {
                 let resp = self.client.request(req).await?;
@@ -224,7 +227,16 @@ impl Upstream {
                     body,
                 })
             })
+            .instrument(span.clone())
             .await;
+            crate::telemetry::upstream_ended(
+                &span,
+                match &outcome {
+                    Ok(Ok(resp)) => Ok(resp.status),
+                    Ok(Err(_)) => Err("connect_error"),
+                    Err(_) => Err("timeout"),
+                },
+            );
             self.metrics
                 .upstream_duration
                 .observe(started.elapsed().as_secs_f64());

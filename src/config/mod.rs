@@ -27,6 +27,7 @@ mod models;
 mod prices;
 mod server;
 mod state;
+mod telemetry;
 mod tenants;
 mod upstream;
 mod values;
@@ -48,6 +49,7 @@ pub use metering::{MeteringConfig, Weights};
 pub use models::{ModelApi, ModelSpec, ModelTable, Vectors};
 pub use server::ServerConfig;
 pub use state::StateConfig;
+pub use telemetry::TelemetryConfig;
 pub use tenants::{QuotaConfig, QuotaPeriod, RateConfig, TenantConfig};
 pub use upstream::{UpstreamConfig, ONE_PEACE_MODEL};
 
@@ -68,6 +70,8 @@ pub struct Config {
     pub events: EventsConfig,
     /// `None`: admin routes answer 404.
     pub admin: Option<AdminConfig>,
+    /// Traces over OTLP; off without an endpoint (restart).
+    pub telemetry: TelemetryConfig,
     pub tenants: Vec<TenantConfig>,
     /// Every model served (`[[models]]` over the built-in table).
     pub models: ModelTable,
@@ -138,6 +142,8 @@ struct RawConfig {
     #[serde(default)]
     events: events::RawEvents,
     admin: Option<admin::RawAdmin>,
+    #[serde(default)]
+    telemetry: telemetry::RawTelemetry,
     #[serde(default, deserialize_with = "tenants::list")]
     tenants: Vec<tenants::RawTenant>,
     #[serde(default, deserialize_with = "models_list")]
@@ -182,6 +188,7 @@ impl Config {
             ledger: raw.ledger.load(&mut c),
             events: raw.events.load(&mut c, env),
             admin: raw.admin.and_then(|a| a.load(&mut c)),
+            telemetry: raw.telemetry.load(&mut c),
             tenants: tenants::load(raw.tenants, &mut c),
             models: models::load(raw.models, &mut c),
             source: None,

@@ -473,7 +473,7 @@ fn uploads_rate_defaults_for_every_tenant_and_is_checked_like_rate() {
 fn reference_file_documents_every_key() {
     let src = reference_with_examples();
     let doc: toml_edit::DocumentMut = src.parse().unwrap();
-    let sections: [(&str, &[&str]); 16] = [
+    let sections: [(&str, &[&str]); 17] = [
         ("", keys_of::<RawConfig>()),
         ("server", keys_of::<server::RawServer>()),
         ("upstream", keys_of::<upstream::RawUpstream>()),
@@ -485,6 +485,7 @@ fn reference_file_documents_every_key() {
         ("ledger", keys_of::<ledger::RawLedger>()),
         ("events", keys_of::<events::RawEvents>()),
         ("admin", keys_of::<admin::RawAdmin>()),
+        ("telemetry", keys_of::<telemetry::RawTelemetry>()),
         ("tenants[0]", keys_of::<tenants::RawTenant>()),
         ("tenants[0].rate", keys_of::<tenants::RawRate>()),
         ("tenants[0].uploads_rate", keys_of::<tenants::RawRate>()),

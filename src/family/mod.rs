@@ -34,6 +34,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, Response, StatusCode};
 use tokio::sync::{watch, OwnedSemaphorePermit};
+use tracing::Instrument;
 
 use crate::app::App;
 use crate::body::Body;
@@ -45,6 +46,7 @@ use crate::error::{Fault, GatewayError};
 use crate::forwarded::ForwardedHeaders;
 use crate::metering::{CacheStatus, ModelName, Reconciled, Usage};
 use crate::response;
+use crate::telemetry::{self, TARGET};
 use crate::tenants::Tenant;
 use crate::upstream::{upstream_error, COMPATIBLE_PATH, EMBEDDING_PATH, TEXT_EMBEDDING_PATH};
 
@@ -66,6 +68,8 @@ struct Seen {
     quota_remaining: Option<u64>,
     billed: Option<u64>,
     model: Option<Arc<str>>,
+    /// Tokens the answer's input cost, for the request's span.
+    input_tokens: Option<u64>,
 }
 
 /// One cache unit of a request: a distinct item, or the whole request.
@@ -183,6 +187,9 @@ pub(crate) async fn respond(
     }
     if let Some(m) = seen.model {
         r.extensions_mut().insert(ModelName(m));
+    }
+    if let Some(n) = seen.input_tokens {
+        telemetry::set_input_tokens(&mut r, n);
     }
     r
 }
@@ -307,6 +314,12 @@ async fn answer(
     let mut found: Vec<Option<Entry>> = vec![None; units.len()];
     let mut lead: Vec<(usize, Option<coalesce::LeaderGuard>)> = Vec::new();
     let mut follow: Vec<(usize, watch::Receiver<coalesce::Slot>)> = Vec::new();
+    // One span over every unit's lookup (entered by each).
+    let lookup = if cc.no_cache {
+        tracing::Span::none()
+    } else {
+        tracing::debug_span!(target: TARGET, "cache.lookup")
+    };
     for (u, unit) in units.iter().enumerate() {
         if cc.no_cache {
             lead.push((u, None));
@@ -317,6 +330,7 @@ async fn answer(
             .get_with(&unit.key, |b| {
                 Entry::decode(&Bytes::copy_from_slice(b)).is_some()
             })
+            .instrument(lookup.clone())
             .await
         {
             if let Some(e) = decode_unit(&raw, fused) {
@@ -327,7 +341,8 @@ async fn answer(
         match app.coalescer.join(unit.key) {
             Role::Leader(g) => {
                 // The previous leader may have stored it since the lookup.
-                if let Lookup::Hit(raw) = app.cache.get_with(&unit.key, |_| true).await {
+                let again = app.cache.get_with(&unit.key, |_| true);
+                if let Lookup::Hit(raw) = again.instrument(lookup.clone()).await {
                     if let Some(e) = decode_unit(&raw, fused) {
                         g.finish(Outcome::Done(raw));
                         found[u] = Some(e);
@@ -339,6 +354,7 @@ async fn answer(
             Role::Follower(rx) => follow.push((u, rx)),
         }
     }
+    drop(lookup);
 
     // 4. the units this request leads, upstream
     let mut fetched: Vec<bool> = vec![false; units.len()];
@@ -366,7 +382,8 @@ async fn answer(
     // Units in flight for other requests: their leaders' answers.
     let mut again = Vec::new();
     for (u, rx) in follow {
-        match coalesce::wait(rx).await {
+        let wait = tracing::debug_span!(target: TARGET, "coalesce.wait");
+        match coalesce::wait(rx).instrument(wait).await {
             Outcome::Done(raw) => match decode_unit(&raw, fused) {
                 Some(e) => {
                     app.metrics.coalesced.inc();
@@ -455,6 +472,8 @@ async fn answer(
         _ => Served::Partial,
     });
     seen.billed = Some(billed_total);
+    let served = usage::sum(served_usage.iter());
+    seen.input_tokens = Some(served.total());
     if hits == 0 && !req.base64 {
         if let Some(p) = passthrough {
             // Every item went upstream in one call, in the client's order:
@@ -462,7 +481,6 @@ async fn answer(
             return Ok(p);
         }
     }
-    let served = usage::sum(served_usage.iter());
     let usage_json = entry::usage_json(api, &served, images);
     let outs: Vec<&Out> = if fused {
         entries[0].outs.iter().collect()
@@ -535,7 +553,8 @@ async fn fetch(
         _slot: slot,
     };
     seen.served = Some(Served::Miss);
-    match tokio::spawn(miss.run()).await {
+    // In the request's span: its phases are the request's children.
+    match tokio::spawn(miss.run().in_current_span()).await {
         Ok((result, remaining)) => {
             if remaining.is_some() {
                 seen.quota_remaining = remaining;

@@ -11,6 +11,8 @@ mod rate;
 
 use std::sync::Arc;
 
+use tracing::Instrument;
+
 pub(crate) use quota::Reservation;
 pub(crate) use rate::{RateRefusal, RateState};
 
@@ -84,7 +86,11 @@ impl Limits {
         quota: QuotaConfig,
         units: u64,
     ) -> Result<Reservation, GatewayError> {
-        self.quotas.reserve(tenant, quota, units).await
+        let span = tracing::debug_span!(target: crate::telemetry::TARGET, "quota");
+        self.quotas
+            .reserve(tenant, quota, units)
+            .instrument(span)
+            .await
     }
 
     /// The request succeeded and upstream billed `actual` units.
