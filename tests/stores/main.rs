@@ -122,9 +122,15 @@ async fn cache_entries_and_state_keys_land_in_their_own_redis() {
         assert_eq!((r.status, r.cache()), (200, "HIT"), "{}", r.text);
     }
     assert_eq!(gw.fake.calls(), 3);
-    eventually(10, "the ledger row in the state Redis", async || {
-        state.keys().contains(&ledger_key("t")).then_some(())
-    })
+    eventually(
+        10,
+        "the ledger row and tenant index in the state Redis",
+        async || {
+            let keys = state.keys();
+            (keys.contains(&ledger_key("t")) && keys.iter().any(|k| k == "eg:ledger:tenants"))
+                .then_some(())
+        },
+    )
     .await;
 
     let cache_keys = cache.keys();
