@@ -49,6 +49,10 @@ pub(crate) struct App {
     pub(crate) refusal_lines: RefusalLines,
     /// Batch tasks' owners (state Redis, or SQLite beside the ledger's).
     pub(crate) tasks: TaskStore,
+    /// The models upload policies are fetched for: ONE-PEACE's and every
+    /// multimodal model of the table (the SDK uploads local files for
+    /// them all).
+    pub(crate) upload_models: Vec<String>,
 }
 
 impl App {
@@ -75,6 +79,19 @@ impl App {
             state_redis.clone(),
             metrics.clone(),
         )?;
+        let upload_models = config
+            .upstream
+            .models
+            .iter()
+            .cloned()
+            .chain(
+                config
+                    .models
+                    .iter()
+                    .filter(|m| m.api == crate::config::ModelApi::Multimodal)
+                    .map(|m| m.name.clone()),
+            )
+            .collect();
         let tasks = TaskStore::open(state_redis.clone(), &config.ledger.sqlite_path)?;
         let tenants = ArcSwap::from_pointee(TenantTable::build(&config, &config.server));
         let in_flight = Arc::new(Semaphore::new(config.server.max_in_flight));
@@ -95,6 +112,7 @@ impl App {
             tenant_slots: Arc::new(TenantSlots::default()),
             refusal_lines: RefusalLines::default(),
             tasks,
+            upload_models,
         }))
     }
 

@@ -136,7 +136,7 @@ pub(crate) fn cache_key(
 }
 
 /// Bump when the family's item encoding changes.
-const ITEM_KEY_VERSION: &[u8] = b"embedgate-item-key/v1";
+const ITEM_KEY_VERSION: &[u8] = b"embedgate-item-key/v2";
 const TAG_API: u8 = 14;
 const TAG_ITEM: u8 = 15;
 
@@ -154,54 +154,65 @@ pub(crate) struct FamilyKeyParts<'a> {
     pub(crate) input_extra: &'a Map<String, Value>,
 }
 
-/// The key of one item (per-item caching) or of a whole request's items in
-/// order (fused models): each item is its canonical JSON (an object's keys
-/// sorted, a text a JSON string).
-pub(crate) fn family_key<'v>(
-    scope: KeyScope<'_>,
-    workspace: Option<&str>,
-    parts: &FamilyKeyParts<'_>,
-    items: impl ExactSizeIterator<Item = &'v Value>,
-    headers: &ForwardedHeaders,
-) -> CacheKey {
-    let mut e = Encoder(Sha256::new());
-    e.0.update(ITEM_KEY_VERSION);
-    match scope {
-        KeyScope::Tenant(name) => e.field(TAG_SCOPE_TENANT, name.as_bytes()),
-        KeyScope::Shared => e.field(TAG_SCOPE_SHARED, b""),
+/// What every key of one family request shares (scope, API, model,
+/// parameters, keyed headers), hashed once; [`FamilyKeyBase::key`] adds the
+/// item(s): one item (per-item caching) or a whole request's items in order
+/// (fused models), each as its canonical JSON (an object's keys sorted, a
+/// text a JSON string).
+pub(crate) struct FamilyKeyBase(Sha256);
+
+impl FamilyKeyBase {
+    pub(crate) fn new(
+        scope: KeyScope<'_>,
+        workspace: Option<&str>,
+        parts: &FamilyKeyParts<'_>,
+        headers: &ForwardedHeaders,
+    ) -> FamilyKeyBase {
+        let mut e = Encoder(Sha256::new());
+        e.0.update(ITEM_KEY_VERSION);
+        match scope {
+            KeyScope::Tenant(name) => e.field(TAG_SCOPE_TENANT, name.as_bytes()),
+            KeyScope::Shared => e.field(TAG_SCOPE_SHARED, b""),
+        }
+        e.field(TAG_WORKSPACE, workspace.unwrap_or("").as_bytes());
+        e.field(TAG_API, parts.api.as_bytes());
+        e.field(TAG_MODEL, parts.model.as_bytes());
+        e.field(
+            TAG_PARAMETERS,
+            canonical_object(parts.parameters).as_bytes(),
+        );
+        e.field(TAG_EXTRA, canonical_object(parts.extra).as_bytes());
+        e.field(
+            TAG_INPUT_EXTRA,
+            canonical_object(parts.input_extra).as_bytes(),
+        );
+        let ForwardedHeaders {
+            data_inspection,
+            oss_resource_resolve,
+            user_agent: _,
+            sdk_client: _,
+            sdk_session_id: _,
+            accept_language: _,
+            // Only on batch submits, which are never cached.
+            dashscope_async: _,
+        } = headers;
+        e.field(TAG_DATA_INSPECTION, header_bytes(data_inspection));
+        e.field(TAG_OSS_RESOURCE_RESOLVE, header_bytes(oss_resource_resolve));
+        FamilyKeyBase(e.0)
     }
-    e.field(TAG_WORKSPACE, workspace.unwrap_or("").as_bytes());
-    e.field(TAG_API, parts.api.as_bytes());
-    e.field(TAG_MODEL, parts.model.as_bytes());
-    e.field(
-        TAG_PARAMETERS,
-        canonical_object(parts.parameters).as_bytes(),
-    );
-    e.field(TAG_EXTRA, canonical_object(parts.extra).as_bytes());
-    e.field(
-        TAG_INPUT_EXTRA,
-        canonical_object(parts.input_extra).as_bytes(),
-    );
-    e.field(TAG_ITEM_COUNT, &(items.len() as u64).to_be_bytes());
-    let mut buf = String::new();
-    for item in items {
-        buf.clear();
-        write_value(item, &mut buf);
-        e.field(TAG_ITEM, buf.as_bytes());
+
+    /// The key of `items` (one, or a fused request's all).
+    pub(crate) fn key<'v>(&self, items: impl ExactSizeIterator<Item = &'v Value>) -> CacheKey {
+        let mut e = Encoder(self.0.clone());
+        e.field(TAG_ITEM_COUNT, &(items.len() as u64).to_be_bytes());
+        let mut buf = String::new();
+        for item in items {
+            buf.clear();
+            write_value(item, &mut buf);
+            e.field(TAG_ITEM, buf.as_bytes());
+        }
+        CacheKey(e.0.finalize().into())
     }
-    let ForwardedHeaders {
-        data_inspection,
-        oss_resource_resolve,
-        user_agent: _,
-        sdk_client: _,
-        sdk_session_id: _,
-        accept_language: _,
-        // Only on batch submits, which are never cached.
-        dashscope_async: _,
-    } = headers;
-    e.field(TAG_DATA_INSPECTION, header_bytes(data_inspection));
-    e.field(TAG_OSS_RESOURCE_RESOLVE, header_bytes(oss_resource_resolve));
-    CacheKey(e.0.finalize().into())
 }
 
 /// An absent header is written as empty: `ForwardedHeaders` never holds a

@@ -89,12 +89,13 @@ pub(crate) async fn serve(
                 Ok((parts, forwarded, body)) => {
                     // Every multimodal model but ONE-PEACE's kind goes the
                     // family's way.
-                    if let Some(spec) = family::peek_model(&body)
+                    let family_model = family::peek_model(&body)
                         .filter(|m| !app.config.upstream.models.contains(m))
                         .and_then(|m| app.config.models.get(&m))
-                        .filter(|s| s.api == ModelApi::Multimodal && s.vectors != Vectors::Weighted)
-                    {
-                        let _ = spec;
+                        .is_some_and(|s| {
+                            s.api == ModelApi::Multimodal && s.vectors != Vectors::Weighted
+                        });
+                    if family_model {
                         return Ok(family::respond(
                             &app,
                             tenant,

@@ -195,10 +195,6 @@ impl TaskStore {
     }
 }
 
-fn tenant(req: &Request<ReqBody>) -> Result<Arc<Tenant>, GatewayError> {
-    tenant_of(req)
-}
-
 /// A JSON answer passed through from upstream, its status kept.
 fn pass(status: StatusCode, body: Bytes) -> Response<Body> {
     let mut r = Response::new(full(body));
@@ -208,18 +204,6 @@ fn pass(status: StatusCode, body: Bytes) -> Response<Body> {
     r
 }
 
-fn finish(
-    result: Result<Response<Body>, GatewayError>,
-    request_id: &str,
-    model: Option<&str>,
-) -> Response<Body> {
-    let _ = model;
-    match result {
-        Ok(r) => r,
-        Err(e) => e.into_response(request_id, false),
-    }
-}
-
 /// `POST …/text-embedding` with `X-DashScope-Async: enable`.
 pub(crate) async fn submit(
     app: Arc<App>,
@@ -227,9 +211,14 @@ pub(crate) async fn submit(
 ) -> Result<Response<Body>, Infallible> {
     let request_id = request_id::of(&req);
     let result = async {
-        let tenant = tenant(&req)?;
+        let tenant = tenant_of(&req)?;
         let (_, mut forwarded, body) = read_request(&app, req).await?;
-        let model = crate::family::peek_model(&body)
+        let v: Value = serde_json::from_slice(&body).map_err(|e| {
+            GatewayError::InvalidParameter(format!("request body is not valid JSON: {e}"))
+        })?;
+        let model = v["model"]
+            .as_str()
+            .map(str::to_string)
             .ok_or_else(|| GatewayError::InvalidParameter("model is required (a string)".into()))?;
         let spec = app
             .config
@@ -251,8 +240,6 @@ pub(crate) async fn submit(
                 return Err(GatewayError::QuotaExceeded);
             }
         }
-        let v: Value = serde_json::from_slice(&body)
-            .map_err(|e| GatewayError::InvalidParameter(format!("request body is not valid JSON: {e}")))?;
         if v["input"]["url"].as_str().is_none_or(|u| u.is_empty()) {
             return Err(GatewayError::InvalidParameter(
                 "input.url is required: the URL of the file of texts".into(),
@@ -295,7 +282,7 @@ pub(crate) async fn submit(
         Ok(pass(StatusCode::OK, resp.body))
     }
     .await;
-    Ok(finish(result, &request_id, None))
+    Ok(result.unwrap_or_else(|e| e.into_response(&request_id, false)))
 }
 
 fn valid_id(id: &str) -> bool {

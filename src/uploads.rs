@@ -49,23 +49,7 @@ async fn policy(app: &App, req: &http::request::Parts) -> Result<Response<Body>,
         .get::<Arc<Tenant>>()
         .cloned()
         .ok_or_else(|| GatewayError::Internal("no tenant on an authenticated route".into()))?;
-    // ONE-PEACE and every multimodal model of the table (the SDK uploads
-    // local files for them all).
-    let served: Vec<String> = app
-        .config
-        .upstream
-        .models
-        .iter()
-        .cloned()
-        .chain(
-            app.config
-                .models
-                .iter()
-                .filter(|m| m.api == crate::config::ModelApi::Multimodal)
-                .map(|m| m.name.clone()),
-        )
-        .collect();
-    let model = policy_model(req.uri.query(), &served)?;
+    let model = policy_model(req.uri.query(), &app.upload_models)?;
     let forwarded = ForwardedHeaders::from_client(&req.headers)?;
     let resp = app
         .upstream

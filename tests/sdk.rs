@@ -6,66 +6,20 @@
 mod common;
 use common::*;
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 
 use serde_json::{json, Value};
 
 const TENANT_KEY: &str = "sk-tenant-sdk-test";
 
-/// Makes (once; scripts/sdk-venv.sh locks) the venv and returns its python,
-/// or None when it cannot be made and `EMBEDGATE_SKIP_SDK=1`.
-fn sdk_python() -> Result<Option<PathBuf>, String> {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let venv = Path::new(env!("CARGO_TARGET_TMPDIR")).join("sdk-venv");
-    let out = Command::new("bash")
-        .arg(root.join("scripts/sdk-venv.sh"))
-        .arg(&venv)
-        .output()
-        .expect("cannot run bash scripts/sdk-venv.sh");
-    if out.status.success() {
-        let py = String::from_utf8(out.stdout).unwrap();
-        return Ok(Some(PathBuf::from(py.trim())));
-    }
-    let why = format!(
-        "could not install the dashscope SDK into {} (needs python3-venv and PyPI):\n{}",
-        venv.display(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    if std::env::var("EMBEDGATE_SKIP_SDK").as_deref() == Ok("1") {
-        eprintln!("SKIPPED (EMBEDGATE_SKIP_SDK=1): {why}");
-        return Ok(None);
-    }
-    Err(format!(
-        "{why}\nSet EMBEDGATE_SKIP_SDK=1 to skip this test where PyPI is unreachable."
-    ))
-}
-
 /// Runs tests/sdk/drive_sdk.py with `cases`; returns its JSON lines by case.
 async fn drive(py: &Path, gw: &TestGateway, tmp: &Path, cases: &[&str]) -> Vec<Value> {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/sdk/drive_sdk.py");
-    let mut cmd = Command::new(py);
-    cmd.arg(script)
-        .args(cases)
+    let mut cmd = sdk_command(py, "drive_sdk.py");
+    cmd.args(cases)
         .env("GATEWAY", gw.url("/api/v1"))
         .env("DASHSCOPE_HTTP_BASE_URL", gw.url("/api/v1"))
         .env("TENANT_KEY", TENANT_KEY)
-        .env("SDK_TMPDIR", tmp)
-        .env("PYTHONIOENCODING", "utf-8");
-    for v in [
-        "HTTP_PROXY",
-        "HTTPS_PROXY",
-        "ALL_PROXY",
-        "http_proxy",
-        "https_proxy",
-        "all_proxy",
-        "DASHSCOPE_API_KEY",
-        "DASHSCOPE_BASE_URL",
-        "DASHSCOPE_API_REGION",
-        "DASHSCOPE_MAX_RETRIES",
-    ] {
-        cmd.env_remove(v);
-    }
+        .env("SDK_TMPDIR", tmp);
     let out = tokio::task::spawn_blocking(move || cmd.output())
         .await
         .unwrap()
@@ -127,8 +81,7 @@ fn assert_sdk_success(l: &Value, usage: &Value, cache: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn official_sdk_through_gateway() {
-    let setup = tokio::task::spawn_blocking(sdk_python).await.unwrap();
-    let Some(py) = setup.unwrap_or_else(|e| panic!("{e}")) else {
+    let Some(py) = sdk_python_or_skip().await else {
         return;
     };
     let gw = TestGateway::builder()
@@ -300,8 +253,7 @@ async fn official_sdk_through_gateway() {
 /// pipe or a connection reset (the gateway drains the rest of the body).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_clients_read_the_413_while_still_sending() {
-    let setup = tokio::task::spawn_blocking(sdk_python).await.unwrap();
-    let Some(py) = setup.unwrap_or_else(|e| panic!("{e}")) else {
+    let Some(py) = sdk_python_or_skip().await else {
         return;
     };
     let gw = TestGateway::builder()

@@ -9,7 +9,6 @@ mod common;
 use common::*;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::atomic::Ordering;
 
 use fake_dashscope::{batch_tokens, fusion_embedding, item_embedding, text_tokens, FakeState};
@@ -46,37 +45,8 @@ const ALL_CASES: [&str; 12] = [
     "oai_notfound",
 ];
 
-/// Makes (once; scripts/sdk-venv.sh locks) the venv and returns its python,
-/// or None when it cannot be made and `EMBEDGATE_SKIP_SDK=1`.
-fn sdk_python() -> Result<Option<PathBuf>, String> {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let venv = Path::new(env!("CARGO_TARGET_TMPDIR")).join("sdk-venv");
-    let out = Command::new("bash")
-        .arg(root.join("scripts/sdk-venv.sh"))
-        .arg(&venv)
-        .output()
-        .expect("cannot run bash scripts/sdk-venv.sh");
-    if out.status.success() {
-        let py = String::from_utf8(out.stdout).unwrap();
-        return Ok(Some(PathBuf::from(py.trim())));
-    }
-    let why = format!(
-        "could not install the dashscope and openai SDKs into {} (needs python3-venv and PyPI):\n{}",
-        venv.display(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    if std::env::var("EMBEDGATE_SKIP_SDK").as_deref() == Ok("1") {
-        eprintln!("SKIPPED (EMBEDGATE_SKIP_SDK=1): {why}");
-        return Ok(None);
-    }
-    Err(format!(
-        "{why}\nSet EMBEDGATE_SKIP_SDK=1 to skip this test where PyPI is unreachable."
-    ))
-}
-
 async fn python() -> Option<PathBuf> {
-    let setup = tokio::task::spawn_blocking(sdk_python).await.unwrap();
-    setup.unwrap_or_else(|e| panic!("{e}"))
+    sdk_python_or_skip().await
 }
 
 /// Runs tests/sdk/drive_family.py with `cases` against `base` (the host
@@ -90,34 +60,10 @@ async fn drive(
     cases: &[&str],
     ctx: &dyn Fn() -> String,
 ) -> Vec<Value> {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/sdk/drive_family.py");
-    let mut cmd = Command::new(py);
-    cmd.arg(script)
-        .args(cases)
-        .env("BASE", base)
-        .env("KEY", key)
-        .env("PYTHONIOENCODING", "utf-8");
+    let mut cmd = sdk_command(py, "drive_family.py");
+    cmd.args(cases).env("BASE", base).env("KEY", key);
     for (k, v) in env {
         cmd.env(k, v);
-    }
-    for v in [
-        "HTTP_PROXY",
-        "HTTPS_PROXY",
-        "ALL_PROXY",
-        "http_proxy",
-        "https_proxy",
-        "all_proxy",
-        "NO_PROXY",
-        "no_proxy",
-        "DASHSCOPE_API_KEY",
-        "DASHSCOPE_BASE_URL",
-        "DASHSCOPE_HTTP_BASE_URL",
-        "DASHSCOPE_API_REGION",
-        "DASHSCOPE_MAX_RETRIES",
-        "OPENAI_API_KEY",
-        "OPENAI_BASE_URL",
-    ] {
-        cmd.env_remove(v);
     }
     let out = tokio::task::spawn_blocking(move || cmd.output())
         .await

@@ -66,47 +66,63 @@ impl Entry {
 
     /// `None` for anything that is not a whole entry of this version.
     pub(crate) fn decode(raw: &Bytes) -> Option<Entry> {
-        let rest = raw.strip_prefix(MAGIC)?;
-        let nl = rest.iter().position(|&b| b == b'\n')?;
-        let head = std::str::from_utf8(&rest[..nl]).ok()?;
-        let mut f = head.split(' ').map(|s| s.parse::<u64>());
-        let exact = f.next()?.ok()? == 1;
-        let images = f.next()?.ok()?;
-        let mut usage = Usage::default();
-        for m in Modality::ALL {
-            usage.items.set(m, f.next()?.ok()?);
-            usage.units.set(m, f.next()?.ok()?);
-        }
-        let n = usize::try_from(f.next()?.ok()?).ok()?;
-        if f.next().is_some() || n == 0 || n > 4096 {
-            return None;
-        }
-        let base = raw.len() - rest.len();
-        let mut at = base + nl + 1;
-        let mut outs = Vec::with_capacity(n);
-        for _ in 0..n {
-            let line_end = at + raw.get(at..)?.iter().position(|&b| b == b'\n')?;
-            let line = std::str::from_utf8(&raw[at..line_end]).ok()?;
-            let (first, len) = line.split_once(' ')?;
-            let len: usize = len.parse().ok()?;
-            let start = line_end + 1;
-            let end = start.checked_add(len)?;
-            if end > raw.len() {
-                return None;
-            }
-            outs.push(Out {
-                index_first: first == "1",
-                fields: raw.slice(start..end),
-            });
-            at = end;
-        }
-        (at == raw.len()).then_some(Entry {
+        let (exact, images, usage, spans) = layout(raw)?;
+        Some(Entry {
             exact,
             usage,
             images,
-            outs,
+            outs: spans
+                .into_iter()
+                .map(|(index_first, at)| Out {
+                    index_first,
+                    fields: raw.slice(at),
+                })
+                .collect(),
         })
     }
+
+    /// True for a whole entry of this version (what [`decode`](Entry::decode)
+    /// accepts), without copying it.
+    pub(crate) fn is_whole(raw: &[u8]) -> bool {
+        layout(raw).is_some()
+    }
+}
+
+/// An entry's header and where each answer object's fields are.
+type Layout = (bool, u64, Usage, Vec<(bool, std::ops::Range<usize>)>);
+
+fn layout(raw: &[u8]) -> Option<Layout> {
+    let rest = raw.strip_prefix(MAGIC)?;
+    let nl = rest.iter().position(|&b| b == b'\n')?;
+    let head = std::str::from_utf8(&rest[..nl]).ok()?;
+    let mut f = head.split(' ').map(|s| s.parse::<u64>());
+    let exact = f.next()?.ok()? == 1;
+    let images = f.next()?.ok()?;
+    let mut usage = Usage::default();
+    for m in Modality::ALL {
+        usage.items.set(m, f.next()?.ok()?);
+        usage.units.set(m, f.next()?.ok()?);
+    }
+    let n = usize::try_from(f.next()?.ok()?).ok()?;
+    if f.next().is_some() || n == 0 || n > 4096 {
+        return None;
+    }
+    let mut at = MAGIC.len() + nl + 1;
+    let mut spans = Vec::with_capacity(n);
+    for _ in 0..n {
+        let line_end = at + raw.get(at..)?.iter().position(|&b| b == b'\n')?;
+        let line = std::str::from_utf8(&raw[at..line_end]).ok()?;
+        let (first, len) = line.split_once(' ')?;
+        let len: usize = len.parse().ok()?;
+        let start = line_end + 1;
+        let end = start.checked_add(len)?;
+        if end > raw.len() {
+            return None;
+        }
+        spans.push((first == "1", start..end));
+        at = end;
+    }
+    (at == raw.len()).then_some((exact, images, usage, spans))
 }
 
 /// Upstream's successful answer, read once.

@@ -9,7 +9,7 @@
 //!    refused here, nothing forwarded or metered;
 //! 2. **units**: one cache unit per distinct item (per-item models) or one
 //!    for the whole request (fused); each is keyed on the item plus every
-//!    parameter that changes its vector ([`family_key`]);
+//!    parameter that changes its vector ([`FamilyKeyBase`]);
 //! 3. **lookup** of every unit; the rest are **coalesced**: a unit already
 //!    in flight for another request is waited for, not requested again;
 //! 4. **miss**: the units this request leads go upstream in one call of
@@ -39,12 +39,12 @@ use tracing::Instrument;
 use crate::app::App;
 use crate::body::Body;
 use crate::cache::Lookup;
-use crate::cache_key::{family_key, CacheKey, FamilyKeyParts, KeyScope};
+use crate::cache_key::{CacheKey, FamilyKeyBase, FamilyKeyParts, KeyScope};
 use crate::coalesce::{self, Outcome, Role};
 use crate::config::CacheScope;
 use crate::error::{Fault, GatewayError};
 use crate::forwarded::ForwardedHeaders;
-use crate::metering::{CacheStatus, ModelName, Reconciled, Usage};
+use crate::metering::{CacheStatus, ModelName, Reconciled};
 use crate::response;
 use crate::telemetry::{self, TARGET};
 use crate::tenants::Tenant;
@@ -194,10 +194,6 @@ pub(crate) async fn respond(
     r
 }
 
-fn meter(app: &App, tenant: &Arc<str>, model: &str, cache: CacheStatus, r: &Reconciled) {
-    app.meter(tenant, model, cache, r);
-}
-
 /// The OpenAI-compatible error shape the `openai` SDK reads
 /// (`error.message`, `error.code`, `error.type`).
 pub(crate) fn compatible_error(e: GatewayError, request_id: &str) -> Response<Body> {
@@ -271,29 +267,17 @@ async fn answer(
         extra: &req.extra,
         input_extra: &req.input_extra,
     };
-    let workspace = tenant.workspace.as_deref();
+    let base = FamilyKeyBase::new(scope, tenant.workspace.as_deref(), &parts, &forwarded);
     let units: Vec<Unit> = if req.fused {
         vec![Unit {
-            key: family_key(
-                scope,
-                workspace,
-                &parts,
-                req.items.iter().map(|i| &i.raw),
-                &forwarded,
-            ),
+            key: base.key(req.items.iter().map(|i| &i.raw)),
             positions: (0..req.items.len()).collect(),
         }]
     } else {
         let mut units: Vec<Unit> = Vec::with_capacity(req.items.len());
         let mut by_key: HashMap<CacheKey, usize> = HashMap::new();
         for (pos, item) in req.items.iter().enumerate() {
-            let key = family_key(
-                scope,
-                workspace,
-                &parts,
-                std::iter::once(&item.raw),
-                &forwarded,
-            );
+            let key = base.key(std::iter::once(&item.raw));
             match by_key.get(&key) {
                 Some(&u) => units[u].positions.push(pos),
                 None => {
@@ -327,9 +311,7 @@ async fn answer(
         }
         if let Lookup::Hit(raw) = app
             .cache
-            .get_with(&unit.key, |b| {
-                Entry::decode(&Bytes::copy_from_slice(b)).is_some()
-            })
+            .get_with(&unit.key, Entry::is_whole)
             .instrument(lookup.clone())
             .await
         {
@@ -458,8 +440,7 @@ async fn answer(
                 app.limits.settle(r, hit_usage.total()).await;
             }
         }
-        meter(
-            app,
+        app.meter(
             &tenant.name,
             &req.model.name,
             CacheStatus::Hit,
@@ -659,29 +640,18 @@ impl Miss {
                     visual: 0,
                 });
                 let mut entries = Vec::with_capacity(self.keys.len());
-                let miss_usage;
+                // Each item's share of the bill, under its own modality.
+                let per = usage::per_item(spec, &sent, billed_figures);
+                let miss_usage = usage::sum(per.iter());
                 if req.fused {
-                    let mut u = Usage::default();
-                    for it in &sent {
-                        u.items.add(it.modality, 1);
-                    }
-                    // The fused answer's units under the request's modalities.
-                    let per = usage::per_item(spec, &sent, billed_figures);
-                    for p in &per {
-                        for m in crate::request::Modality::ALL {
-                            u.units.add(m, p.units.get(m));
-                        }
-                    }
-                    miss_usage = u;
+                    // One answer for all the items: their usage together.
                     entries.push(Entry {
                         exact: billed.is_some(),
-                        usage: u,
+                        usage: miss_usage,
                         images: sent.iter().map(|i| i.images).sum(),
                         outs: answer.outs,
                     });
                 } else {
-                    let per = usage::per_item(spec, &sent, billed_figures);
-                    miss_usage = usage::sum(per.iter());
                     for ((out, u), it) in answer.outs.into_iter().zip(per).zip(&sent) {
                         entries.push(Entry {
                             exact: billed.is_some() && sent.len() == 1,
@@ -724,8 +694,7 @@ impl Miss {
                     remaining = Some((r.remaining + bound.total()).saturating_sub(spent));
                     self.app.limits.settle(r, spent).await;
                 }
-                meter(
-                    &self.app,
+                self.app.meter(
                     &self.tenant.name,
                     &spec.name,
                     CacheStatus::Miss,

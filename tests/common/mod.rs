@@ -30,10 +30,13 @@ mod gateway;
 mod metrics;
 mod redis_server;
 mod reply;
+mod sdk;
 
 // Not every test binary uses every part.
 #[allow(unused_imports)]
-pub use self::{bodies::*, builder::*, fake::*, gateway::*, metrics::*, redis_server::*, reply::*};
+pub use self::{
+    bodies::*, builder::*, fake::*, gateway::*, metrics::*, redis_server::*, reply::*, sdk::*,
+};
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
