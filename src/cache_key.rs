@@ -55,6 +55,35 @@ impl Encoder {
         self.0.update((bytes.len() as u64).to_be_bytes());
         self.0.update(bytes);
     }
+
+    /// Who may share the entry, and the upstream account it is bound to.
+    fn scope(&mut self, scope: KeyScope<'_>, workspace: Option<&str>) {
+        match scope {
+            KeyScope::Tenant(name) => self.field(TAG_SCOPE_TENANT, name.as_bytes()),
+            KeyScope::Shared => self.field(TAG_SCOPE_SHARED, b""),
+        }
+        self.field(TAG_WORKSPACE, workspace.unwrap_or("").as_bytes());
+    }
+
+    /// The forwarded headers that change the answer.
+    fn headers(&mut self, headers: &ForwardedHeaders) {
+        let ForwardedHeaders {
+            // Already normalised (trimmed, lowercased, blank = absent), and
+            // sent upstream exactly so.
+            data_inspection,
+            oss_resource_resolve,
+            // Identify the caller: the answer is the same whoever asks.
+            user_agent: _,
+            sdk_client: _,
+            sdk_session_id: _,
+            // Only the language of error messages; errors are never cached.
+            accept_language: _,
+            // Only on batch submits, which are never cached.
+            dashscope_async: _,
+        } = headers;
+        self.field(TAG_DATA_INSPECTION, header_bytes(data_inspection));
+        self.field(TAG_OSS_RESOURCE_RESOLVE, header_bytes(oss_resource_resolve));
+    }
 }
 
 // Tags: one byte per kind of field, never reused.
@@ -93,11 +122,7 @@ pub(crate) fn cache_key(
 
     let mut e = Encoder(Sha256::new());
     e.0.update(KEY_VERSION);
-    match scope {
-        KeyScope::Tenant(name) => e.field(TAG_SCOPE_TENANT, name.as_bytes()),
-        KeyScope::Shared => e.field(TAG_SCOPE_SHARED, b""),
-    }
-    e.field(TAG_WORKSPACE, workspace.unwrap_or("").as_bytes());
+    e.scope(scope, workspace);
     e.field(TAG_MODEL, model.as_bytes());
     e.field(TAG_ITEM_COUNT, &(items.len() as u64).to_be_bytes());
     for Item {
@@ -115,23 +140,7 @@ pub(crate) fn cache_key(
     e.field(TAG_PARAMETERS, canonical_object(&params).as_bytes());
     e.field(TAG_EXTRA, canonical_object(extra).as_bytes());
     e.field(TAG_INPUT_EXTRA, canonical_object(input_extra).as_bytes());
-
-    let ForwardedHeaders {
-        // Already normalised (trimmed, lowercased, blank = absent), and sent
-        // upstream exactly so.
-        data_inspection,
-        oss_resource_resolve,
-        // Identify the caller: the answer is the same whoever asks.
-        user_agent: _,
-        sdk_client: _,
-        sdk_session_id: _,
-        // Only the language of error messages; errors are never cached.
-        accept_language: _,
-        // Only on batch submits, which are never cached.
-        dashscope_async: _,
-    } = headers;
-    e.field(TAG_DATA_INSPECTION, header_bytes(data_inspection));
-    e.field(TAG_OSS_RESOURCE_RESOLVE, header_bytes(oss_resource_resolve));
+    e.headers(headers);
     CacheKey(e.0.finalize().into())
 }
 
@@ -170,11 +179,7 @@ impl FamilyKeyBase {
     ) -> FamilyKeyBase {
         let mut e = Encoder(Sha256::new());
         e.0.update(ITEM_KEY_VERSION);
-        match scope {
-            KeyScope::Tenant(name) => e.field(TAG_SCOPE_TENANT, name.as_bytes()),
-            KeyScope::Shared => e.field(TAG_SCOPE_SHARED, b""),
-        }
-        e.field(TAG_WORKSPACE, workspace.unwrap_or("").as_bytes());
+        e.scope(scope, workspace);
         e.field(TAG_API, parts.api.as_bytes());
         e.field(TAG_MODEL, parts.model.as_bytes());
         e.field(
@@ -186,18 +191,7 @@ impl FamilyKeyBase {
             TAG_INPUT_EXTRA,
             canonical_object(parts.input_extra).as_bytes(),
         );
-        let ForwardedHeaders {
-            data_inspection,
-            oss_resource_resolve,
-            user_agent: _,
-            sdk_client: _,
-            sdk_session_id: _,
-            accept_language: _,
-            // Only on batch submits, which are never cached.
-            dashscope_async: _,
-        } = headers;
-        e.field(TAG_DATA_INSPECTION, header_bytes(data_inspection));
-        e.field(TAG_OSS_RESOURCE_RESOLVE, header_bytes(oss_resource_resolve));
+        e.headers(headers);
         FamilyKeyBase(e.0)
     }
 
