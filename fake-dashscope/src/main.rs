@@ -26,6 +26,10 @@ struct Cli {
     /// Added latency per embedding call, ms.
     #[arg(long, default_value_t = 0)]
     latency_ms: u64,
+    /// Vectors of full-precision float32 values (~19 characters each, ~30 KB
+    /// per 1536-float answer, like DashScope's own) instead of short ones.
+    #[arg(long)]
+    full_precision: bool,
 }
 
 fn main() -> ExitCode {
@@ -56,6 +60,9 @@ async fn run(cli: Cli) -> ExitCode {
     let key = cli.api_key_env.and_then(|v| std::env::var(v).ok());
     let state = fake_dashscope::start(listener, key);
     state.latency_ms.store(cli.latency_ms, Ordering::SeqCst);
+    state
+        .full_precision
+        .store(cli.full_precision, Ordering::SeqCst);
     shutdown_signal().await;
     ExitCode::SUCCESS
 }
