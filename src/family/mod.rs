@@ -270,14 +270,14 @@ async fn answer(
     let base = FamilyKeyBase::new(scope, tenant.workspace.as_deref(), &parts, &forwarded);
     let units: Vec<Unit> = if req.fused {
         vec![Unit {
-            key: base.key(req.items.iter().map(|i| &i.raw)),
+            key: base.key(req.items.iter().map(|i| &i.json[..])),
             positions: (0..req.items.len()).collect(),
         }]
     } else {
         let mut units: Vec<Unit> = Vec::with_capacity(req.items.len());
         let mut by_key: HashMap<CacheKey, usize> = HashMap::new();
         for (pos, item) in req.items.iter().enumerate() {
-            let key = base.key(std::iter::once(&item.raw));
+            let key = base.key(std::iter::once(&item.json[..]));
             match by_key.get(&key) {
                 Some(&u) => units[u].positions.push(pos),
                 None => {
@@ -590,15 +590,7 @@ impl Miss {
             },
         };
         let mut remaining = reservation.as_ref().map(|r| r.remaining);
-        let body = match req.upstream_body(&self.positions) {
-            Ok(b) => b,
-            Err(e) => {
-                if let Some(r) = reservation {
-                    self.app.limits.release(r).await;
-                }
-                return (Err(e), remaining);
-            }
-        };
+        let body = req.upstream_body(&self.positions);
         let path = match req.api {
             Api::Text => TEXT_EMBEDDING_PATH,
             Api::Multimodal => EMBEDDING_PATH,
