@@ -1,5 +1,5 @@
-//! What the family's cache holds, how upstream's answer is read into it,
-//! and how an answer is written from entries.
+//! What the family's cache holds (upstream's answer objects, read by
+//! [`answer`](super::answer)), and how an answer is written from entries.
 //!
 //! An [`Entry`] is one item's answer (per-item models) or a whole request's
 //! (fused models): each answer object's fields as upstream wrote them
@@ -9,11 +9,8 @@
 use base64::Engine as _;
 use bytes::{BufMut, Bytes, BytesMut};
 use serde_json::value::RawValue;
-use serde_json::Value;
 
 use super::parse::Api;
-use crate::cache::valid_embedding;
-use crate::error::GatewayError;
 use crate::metering::Usage;
 use crate::request::Modality;
 
@@ -232,173 +229,6 @@ impl Cursor<'_> {
     }
 }
 
-/// Upstream's successful answer, read once.
-pub(crate) struct Answer {
-    /// One object per item sent (per-item), or the fused object(s), in
-    /// index order.
-    pub(crate) outs: Vec<Out>,
-    /// Upstream's `usage` object, as sent.
-    pub(crate) usage: Option<Value>,
-    pub(crate) request_id: String,
-}
-
-fn unusable(why: impl Into<String>) -> GatewayError {
-    GatewayError::BadGateway(format!(
-        "upstream answered 200 without a usable embedding: {}",
-        why.into()
-    ))
-}
-
-#[derive(serde::Deserialize)]
-struct Wire<'a> {
-    #[serde(borrow)]
-    output: Option<&'a RawValue>,
-    #[serde(borrow)]
-    data: Option<&'a RawValue>,
-    usage: Option<Value>,
-    request_id: Option<String>,
-    id: Option<String>,
-    code: Option<Value>,
-}
-
-#[derive(serde::Deserialize)]
-struct WireOutput<'a> {
-    #[serde(borrow)]
-    embeddings: Option<Vec<&'a RawValue>>,
-}
-
-/// Reads a 200 from upstream: `expect` objects (items sent, or 1 when
-/// fused), each with a dense vector of `dimension` numbers when `dense`.
-pub(crate) fn parse_answer(
-    body: &[u8],
-    api: Api,
-    expect: Option<usize>,
-    dimension: usize,
-    dense: bool,
-) -> Result<Answer, GatewayError> {
-    let wire: Wire<'_> =
-        serde_json::from_slice(body).map_err(|e| unusable(format!("not JSON ({e})")))?;
-    if wire
-        .code
-        .as_ref()
-        .is_some_and(|c| !matches!(c, Value::Null) && c.as_str() != Some(""))
-    {
-        return Err(unusable("it carries an error code"));
-    }
-    let list: Vec<&RawValue> = match api {
-        Api::Compatible => wire
-            .data
-            .and_then(|d| serde_json::from_str::<Vec<&RawValue>>(d.get()).ok())
-            .ok_or_else(|| unusable("no data list"))?,
-        Api::Text | Api::Multimodal => wire
-            .output
-            .and_then(|o| serde_json::from_str::<WireOutput<'_>>(o.get()).ok())
-            .and_then(|o| o.embeddings)
-            .ok_or_else(|| unusable("no output.embeddings list"))?,
-    };
-    if list.is_empty() || expect.is_some_and(|n| n != list.len()) {
-        return Err(unusable(format!(
-            "{} embeddings for {} items",
-            list.len(),
-            expect.map_or("some".to_string(), |n| n.to_string())
-        )));
-    }
-    let index_field = api.index_field();
-    let mut slots: Vec<Option<Out>> = vec![None; list.len()];
-    for obj in list {
-        let fields: Vec<(String, &RawValue)> = serde_json::from_str::<RawFields<'_>>(obj.get())
-            .map(|f| f.0)
-            .map_err(|_| unusable("an embedding is not an object"))?;
-        let mut index = None;
-        let mut index_first = false;
-        let mut out = BytesMut::new();
-        let mut has_vector = false;
-        for (pos, (k, v)) in fields.iter().enumerate() {
-            if k == index_field {
-                index = v.get().parse::<usize>().ok();
-                index_first = pos == 0;
-                continue;
-            }
-            if k == "embedding" {
-                let ok = match api {
-                    // A base64 string despite asking for floats: decoded.
-                    Api::Compatible if v.get().starts_with('"') => false,
-                    _ => valid_embedding(v.get().as_bytes(), dimension),
-                };
-                if !ok {
-                    if let Some(floats) = (api == Api::Compatible)
-                        .then(|| decode_base64_vector(v.get(), dimension))
-                        .flatten()
-                    {
-                        push_field(&mut out, k, floats.as_bytes());
-                        has_vector = true;
-                        continue;
-                    }
-                    return Err(unusable(format!("a vector is not {dimension} numbers")));
-                }
-                has_vector = true;
-            }
-            push_field(&mut out, k, v.get().as_bytes());
-        }
-        if dense && !has_vector {
-            return Err(unusable("an item has no embedding"));
-        }
-        let i = index
-            .filter(|&i| i < slots.len())
-            .ok_or_else(|| unusable(format!("an item has no valid {index_field}")))?;
-        if slots[i].is_some() {
-            return Err(unusable(format!("{index_field} {i} repeated")));
-        }
-        slots[i] = Some(Out {
-            index_first,
-            fields: out.freeze(),
-        });
-    }
-    let outs = slots
-        .into_iter()
-        .collect::<Option<Vec<_>>>()
-        .ok_or_else(|| unusable("indices are not 0..n"))?;
-    Ok(Answer {
-        outs,
-        usage: wire.usage,
-        request_id: wire.request_id.or(wire.id).unwrap_or_default(),
-    })
-}
-
-fn push_field(out: &mut BytesMut, key: &str, raw: &[u8]) {
-    if !out.is_empty() {
-        out.put_u8(b',');
-    }
-    if let Ok(k) = serde_json::to_string(key) {
-        out.put_slice(k.as_bytes());
-    }
-    out.put_u8(b':');
-    out.put_slice(raw);
-}
-
-/// A JSON string of base64 little-endian f32s as a JSON list of numbers.
-fn decode_base64_vector(raw: &str, dimension: usize) -> Option<String> {
-    let s: String = serde_json::from_str(raw).ok()?;
-    let bytes = base64::engine::general_purpose::STANDARD.decode(s).ok()?;
-    if bytes.len() != dimension * 4 {
-        return None;
-    }
-    let mut out = String::with_capacity(dimension * 12);
-    out.push('[');
-    for (i, c) in bytes.chunks_exact(4).enumerate() {
-        if i > 0 {
-            out.push(',');
-        }
-        let f = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
-        if !f.is_finite() {
-            return None;
-        }
-        out.push_str(&f.to_string());
-    }
-    out.push(']');
-    Some(out)
-}
-
 /// A JSON list of numbers as a JSON string of base64 little-endian f32s
 /// (what the `openai` SDK decodes).
 fn encode_base64_vector(raw: &[u8]) -> Option<String> {
@@ -475,7 +305,7 @@ fn put_decimal(b: &mut BytesMut, mut n: usize) {
 }
 
 /// An object's fields in order, values unparsed.
-struct RawFields<'a>(Vec<(String, &'a RawValue)>);
+pub(super) struct RawFields<'a>(pub(super) Vec<(String, &'a RawValue)>);
 
 impl<'de> serde::Deserialize<'de> for RawFields<'de> {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -569,6 +399,8 @@ pub(crate) fn render(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::family::answer::parse_answer;
+    use serde_json::Value;
 
     #[test]
     fn entries_round_trip() {

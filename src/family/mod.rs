@@ -24,6 +24,7 @@
 //!    `X-Cache: HIT` (no upstream call), `MISS` (every item forwarded) or
 //!    `PARTIAL`.
 
+pub(crate) mod answer;
 pub(crate) mod entry;
 pub(crate) mod parse;
 pub(crate) mod usage;
@@ -638,7 +639,7 @@ impl Miss {
             if resp.status != StatusCode::OK {
                 return Err(upstream_error(&resp));
             }
-            let a = entry::parse_answer(&resp.body, req.api, expect, req.dimension, req.dense)?;
+            let a = answer::parse_answer(&resp.body, req.api, expect, req.dimension, req.dense)?;
             Ok((a, resp.body))
         });
         match result {
