@@ -81,6 +81,68 @@ pub(crate) fn with_body(
     r
 }
 
+/// A body of a few buffers sent as they are, one frame each: a hit's answer
+/// is the cached vector (tens of KB) between a small prefix and suffix,
+/// written without copying the vector into a new buffer (hyper queues the
+/// frames and writes them, with the head, in one `writev`).
+pub(crate) struct Chunks {
+    bufs: std::collections::VecDeque<Bytes>,
+    remaining: u64,
+}
+
+impl Chunks {
+    pub(crate) fn new(bufs: impl IntoIterator<Item = Bytes>) -> Chunks {
+        let bufs: std::collections::VecDeque<Bytes> =
+            bufs.into_iter().filter(|b| !b.is_empty()).collect();
+        let remaining = bufs.iter().map(|b| b.len() as u64).sum();
+        Chunks { bufs, remaining }
+    }
+}
+
+impl Chunks {
+    /// All the buffers in one.
+    pub(crate) fn concat(&self) -> Bytes {
+        let mut all = Vec::with_capacity(usize::try_from(self.remaining).unwrap_or(0));
+        for b in &self.bufs {
+            all.extend_from_slice(b);
+        }
+        Bytes::from(all)
+    }
+}
+
+impl http_body::Body for Chunks {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        let next = self.bufs.pop_front();
+        if let Some(b) = &next {
+            self.remaining -= b.len() as u64;
+        }
+        std::task::Poll::Ready(next.map(|b| Ok(http_body::Frame::data(b))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.bufs.is_empty()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        http_body::SizeHint::with_exact(self.remaining)
+    }
+}
+
+/// A JSON answer made of a few buffers ([`Chunks`]).
+pub(crate) fn json_chunks(status: StatusCode, chunks: Chunks) -> Response<Body> {
+    let mut r = Response::new(chunks.map_err(|never| match never {}).boxed_unsync());
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r
+}
+
 pub(crate) fn json(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
     with_body(status, "application/json", body)
 }

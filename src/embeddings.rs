@@ -65,10 +65,16 @@ struct Seen {
 
 /// A successful answer's body and id.
 struct Answer {
-    body: Bytes,
+    body: AnswerBody,
     request_id: String,
     /// `body` is gzip.
     gzip: bool,
+}
+
+enum AnswerBody {
+    Whole(Bytes),
+    /// A hit: the entry's vector between its prefix and suffix.
+    Hit(crate::body::Chunks),
 }
 
 /// The embedding endpoint (the innermost service of its route).
@@ -88,14 +94,18 @@ pub(crate) async fn serve(
             match read_request(&app, req).await {
                 Err(e) => Err(e),
                 Ok((parts, forwarded, body)) => {
-                    // Every multimodal model but ONE-PEACE's kind goes the
-                    // family's way.
-                    let family_model = family::peek_model(&body)
-                        .filter(|m| !app.config.upstream.models.contains(m))
-                        .and_then(|m| app.config.models.get(&m))
-                        .is_some_and(|s| {
-                            s.api == ModelApi::Multimodal && s.vectors != Vectors::Weighted
-                        });
+                    // 1. parse. A request the ONE-PEACE parser takes names
+                    // a model of ONE-PEACE's kind; every other multimodal
+                    // model goes the family's way.
+                    let parsed =
+                        EmbeddingRequest::parse(&body, &ParseRules::of(&app.config.upstream));
+                    let family_model = parsed.is_err()
+                        && family::peek_model(&body)
+                            .filter(|m| !app.config.upstream.models.contains(m))
+                            .and_then(|m| app.config.models.get(&m))
+                            .is_some_and(|s| {
+                                s.api == ModelApi::Multimodal && s.vectors != Vectors::Weighted
+                            });
                     if family_model {
                         return Ok(family::respond(
                             &app,
@@ -109,7 +119,23 @@ pub(crate) async fn serve(
                         )
                         .await);
                     }
-                    answer(&app, tenant, parts, forwarded, body, &request_id, &mut seen).await
+                    // What is kept from here on is the parsed request.
+                    drop(body);
+                    match parsed {
+                        Ok(parsed) => {
+                            answer(
+                                &app,
+                                tenant,
+                                parts,
+                                forwarded,
+                                parsed,
+                                &request_id,
+                                &mut seen,
+                            )
+                            .await
+                        }
+                        Err(e) => Err(e),
+                    }
                 }
             }
         }
@@ -117,7 +143,10 @@ pub(crate) async fn serve(
     };
     let mut r = match result {
         Ok(a) => {
-            let mut r = response::success(a.body, &a.request_id, sse);
+            let mut r = match a.body {
+                AnswerBody::Whole(b) => response::success(b, &a.request_id, sse),
+                AnswerBody::Hit(c) => response::success_chunks(c, &a.request_id, sse),
+            };
             if a.gzip {
                 r.headers_mut().insert(
                     http::header::CONTENT_ENCODING,
@@ -214,19 +243,15 @@ async fn answer(
     tenant: Arc<Tenant>,
     parts: http::request::Parts,
     forwarded: ForwardedHeaders,
-    body: Bytes,
+    parsed: EmbeddingRequest,
     request_id: &str,
     seen: &mut Seen,
 ) -> Result<Answer, GatewayError> {
-    // 1. parse
-    let parsed = EmbeddingRequest::parse(&body, &ParseRules::of(&app.config.upstream))?;
     let model: Arc<str> = Arc::from(parsed.model.as_str());
     seen.model = Some(model.clone());
     if !tenant.may_use(&parsed.model) {
         return Err(GatewayError::ModelNotAllowed(parsed.model.clone()));
     }
-    // What is kept from here on is the parsed request.
-    drop(body);
 
     // 2. cache key and lookup
     let scope = match app.config.cache.scope {
@@ -374,7 +399,10 @@ async fn answer_hit(
     );
     let gzipped = gzip.is_some();
     Ok(Answer {
-        body: gzip.unwrap_or_else(|| response::hit_body(&embedding, &usage, request_id)),
+        body: match gzip {
+            Some(g) => AnswerBody::Whole(g),
+            None => AnswerBody::Hit(response::hit_chunks(embedding, &usage, request_id)),
+        },
         request_id: request_id.to_string(),
         gzip: gzipped,
     })
@@ -465,7 +493,7 @@ impl Miss {
                 );
                 (
                     Ok(Answer {
-                        body: success.body,
+                        body: AnswerBody::Whole(success.body),
                         request_id: success.request_id,
                         gzip: false,
                     }),

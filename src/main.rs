@@ -20,6 +20,9 @@ use tracing_subscriber::layer::SubscriberExt as _;
 use tracing_subscriber::util::SubscriberInitExt as _;
 use tracing_subscriber::Layer as _;
 
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Exit status of a run that stopped with something unshipped.
 const EXIT_UNSHIPPED: u8 = 3;
 
@@ -211,6 +214,10 @@ fn init_logs(traces: Option<Traces>) -> Result<LogGuard, ExitCode> {
         };
     match traces {
         None => {
+            if !text {
+                // The JSON formatter alone: access lines can skip it.
+                writer.serve_access_lines();
+            }
             let builder = tracing_subscriber::fmt()
                 .with_env_filter(filter)
                 .with_writer(writer);

@@ -127,18 +127,26 @@ impl Usage {
     /// The `usage` block DashScope answers with, listing present modalities
     /// only: `{"text":{"measure":1,"weight":1},…,"total_usage":N}`.
     pub(crate) fn json(&self) -> String {
-        let mut s = String::from("{");
+        // By hand (no `fmt`): every hit writes one.
+        let mut num = itoa::Buffer::new();
+        let mut s = String::with_capacity(96);
+        s.push('{');
         for m in Modality::ALL {
             let n = self.items.get(m);
             // Only modalities present are listed (`checked_div` is None for 0).
             if let Some(weight) = self.units.get(m).checked_div(n) {
-                s.push_str(&format!(
-                    "\"{}\":{{\"measure\":{n},\"weight\":{weight}}},",
-                    m.as_str()
-                ));
+                s.push('"');
+                s.push_str(m.as_str());
+                s.push_str("\":{\"measure\":");
+                s.push_str(num.format(n));
+                s.push_str(",\"weight\":");
+                s.push_str(num.format(weight));
+                s.push_str("},");
             }
         }
-        s.push_str(&format!("\"total_usage\":{}}}", self.total()));
+        s.push_str("\"total_usage\":");
+        s.push_str(num.format(self.total()));
+        s.push('}');
         s
     }
 }

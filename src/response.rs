@@ -4,13 +4,13 @@
 //! [`GatewayError::into_response`](crate::error::GatewayError::into_response).
 
 use bytes::Bytes;
-use http::header::{HeaderMap, HeaderValue};
+use http::header::{HeaderMap, HeaderName, HeaderValue};
 use std::convert::Infallible;
 use std::future::Future;
 
 use http::{Request, Response, StatusCode};
 
-use crate::body::{json, sse_event, Body, BoxFuture, ReqBody};
+use crate::body::{json, json_chunks, sse_event, Body, BoxFuture, Chunks, ReqBody};
 use crate::error::GatewayError;
 use crate::limits::RateState;
 use crate::metering::{CacheStatus, Usage};
@@ -86,24 +86,42 @@ pub(crate) fn success(body: Bytes, request_id: &str, sse: bool) -> Response<Body
         json(StatusCode::OK, body)
     };
     if let Ok(rid) = HeaderValue::from_str(request_id) {
-        r.headers_mut().insert("x-request-id", rid);
+        r.headers_mut().insert(X_REQUEST_ID, rid);
     }
     r
 }
 
 /// A hit's answer, as DashScope writes it:
-/// `{"output":{"embedding":…},"usage":…,"request_id":"…"}`.
-pub(crate) fn hit_body(embedding: &[u8], usage: &Usage, request_id: &str) -> Bytes {
+/// `{"output":{"embedding":…},"usage":…,"request_id":"…"}`, as the three
+/// buffers it is made of: the vector is the cache's own bytes, not copied.
+pub(crate) fn hit_chunks(embedding: Bytes, usage: &Usage, request_id: &str) -> Chunks {
     let usage = usage.json();
-    let mut body = Vec::with_capacity(embedding.len() + usage.len() + request_id.len() + 64);
-    body.extend_from_slice(b"{\"output\":{\"embedding\":");
-    body.extend_from_slice(embedding);
-    body.extend_from_slice(b"},\"usage\":");
-    body.extend_from_slice(usage.as_bytes());
-    body.extend_from_slice(b",\"request_id\":\"");
-    body.extend_from_slice(request_id.as_bytes());
-    body.extend_from_slice(b"\"}");
-    Bytes::from(body)
+    let mut suffix = Vec::with_capacity(usage.len() + request_id.len() + 32);
+    suffix.extend_from_slice(b"},\"usage\":");
+    suffix.extend_from_slice(usage.as_bytes());
+    suffix.extend_from_slice(b",\"request_id\":\"");
+    suffix.extend_from_slice(request_id.as_bytes());
+    suffix.extend_from_slice(b"\"}");
+    Chunks::new([
+        Bytes::from_static(HIT_PREFIX),
+        embedding,
+        Bytes::from(suffix),
+    ])
+}
+
+const HIT_PREFIX: &[u8] = b"{\"output\":{\"embedding\":";
+
+/// A successful answer made of buffers ([`hit_chunks`]): as JSON, or, for
+/// SSE, joined into one event.
+pub(crate) fn success_chunks(chunks: Chunks, request_id: &str, sse: bool) -> Response<Body> {
+    if sse {
+        return success(chunks.concat(), request_id, sse);
+    }
+    let mut r = json_chunks(StatusCode::OK, chunks);
+    if let Ok(rid) = HeaderValue::from_str(request_id) {
+        r.headers_mut().insert(X_REQUEST_ID, rid);
+    }
+    r
 }
 
 /// A hit's answer as gzip, around the entry's precompressed vector.
@@ -116,13 +134,21 @@ pub(crate) fn hit_gzip(
         "}},\"usage\":{},\"request_id\":\"{request_id}\"}}",
         usage.json()
     );
-    crate::gzip::wrap(b"{\"output\":{\"embedding\":", embedding, suffix.as_bytes())
+    crate::gzip::wrap(HIT_PREFIX, embedding, suffix.as_bytes())
 }
+
+/// Header names the gateway sets on most answers, parsed once.
+pub(crate) const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+const X_CACHE: HeaderName = HeaderName::from_static("x-cache");
+const X_QUOTA_REMAINING: HeaderName = HeaderName::from_static("x-quota-remaining");
+const RATELIMIT_LIMIT: HeaderName = HeaderName::from_static("ratelimit-limit");
+const RATELIMIT_REMAINING: HeaderName = HeaderName::from_static("ratelimit-remaining");
+const RATELIMIT_RESET: HeaderName = HeaderName::from_static("ratelimit-reset");
 
 /// `X-Cache: HIT | PARTIAL | MISS`.
 pub(crate) fn set_cache_header(h: &mut HeaderMap, cache: CacheStatus) {
     h.insert(
-        "x-cache",
+        X_CACHE,
         HeaderValue::from_static(match cache {
             CacheStatus::Hit => "HIT",
             CacheStatus::Partial => "PARTIAL",
@@ -134,16 +160,16 @@ pub(crate) fn set_cache_header(h: &mut HeaderMap, cache: CacheStatus) {
 
 /// `RateLimit-Limit/Remaining/Reset` (seconds, rounded up).
 pub(crate) fn set_rate_headers(h: &mut HeaderMap, rate: &RateState) {
-    h.insert("ratelimit-limit", HeaderValue::from(rate.limit));
-    h.insert("ratelimit-remaining", HeaderValue::from(rate.remaining));
+    h.insert(RATELIMIT_LIMIT, HeaderValue::from(rate.limit));
+    h.insert(RATELIMIT_REMAINING, HeaderValue::from(rate.remaining));
     h.insert(
-        "ratelimit-reset",
+        RATELIMIT_RESET,
         HeaderValue::from(rate.reset.as_secs() + u64::from(rate.reset.subsec_nanos() > 0)),
     );
 }
 
 pub(crate) fn set_quota_header(h: &mut HeaderMap, remaining: u64) {
-    h.insert("x-quota-remaining", HeaderValue::from(remaining));
+    h.insert(X_QUOTA_REMAINING, HeaderValue::from(remaining));
 }
 
 #[cfg(test)]

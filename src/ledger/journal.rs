@@ -45,7 +45,6 @@
 //! `ledger.journal = false` the rows are in memory from the start.
 
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
@@ -126,22 +125,31 @@ impl Entry {
     /// The line after its row number, up to and including the space
     /// before the checksum.
     fn encode_body(&self, out: &mut String) {
+        // By hand (no `fmt`): this runs for every metered answer.
+        let mut num = itoa::Buffer::new();
         let flags = u8::from(self.upstream) | (u8::from(self.mismatch) << 1);
-        let _ = write!(
-            out,
-            " {FORMAT} {} {} {} {flags} {} {}",
-            self.at_ms,
-            self.day.days(),
+        out.push(' ');
+        out.push_str(FORMAT);
+        for field in [
+            num.format(self.at_ms),
+            itoa::Buffer::new().format(self.day.days()),
             self.cache.as_str(),
-            self.model,
-            Modality::ALL.len()
-        );
+            itoa::Buffer::new().format(flags),
+            &self.model,
+            itoa::Buffer::new().format(Modality::ALL.len()),
+        ] {
+            out.push(' ');
+            out.push_str(field);
+        }
         for counts in [&self.items, &self.units, &self.computed] {
             for m in Modality::ALL {
-                let _ = write!(out, " {}", counts.get(m));
+                out.push(' ');
+                out.push_str(num.format(counts.get(m)));
             }
         }
-        let _ = write!(out, " {} ", self.tenant);
+        out.push(' ');
+        out.push_str(&self.tenant);
+        out.push(' ');
     }
 }
 
@@ -168,11 +176,15 @@ fn fnv1a(bytes: &[u8]) -> u32 {
 
 /// The whole line of row `row`, newline included, into `out`.
 fn encode_line(row: u64, body: &str, out: &mut Vec<u8>) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
     out.clear();
-    let _ = write!(out, "{row}");
+    out.extend_from_slice(itoa::Buffer::new().format(row).as_bytes());
     out.extend_from_slice(body.as_bytes());
     let sum = fnv1a(out);
-    let _ = writeln!(out, "{sum:08x}");
+    for shift in (0..8).rev() {
+        out.push(HEX[((sum >> (shift * 4)) & 0xf) as usize]);
+    }
+    out.push(b'\n');
 }
 
 /// One line without its newline; `None` when it is not a whole, intact row.
@@ -182,7 +194,14 @@ pub(crate) fn decode_line(line: &[u8]) -> Option<(u64, Entry)> {
     if sum.len() != 8 || u32::from_str_radix(sum, 16).ok()? != fnv1a(&line[..=head.len()]) {
         return None;
     }
-    let fields: Vec<&str> = head.split(' ').collect();
+    // At most 20 fields (a `v3` line with four modalities); no allocation.
+    let mut all = [""; 24];
+    let mut n = 0;
+    for f in head.split(' ') {
+        *all.get_mut(n)? = f;
+        n += 1;
+    }
+    let fields = &all[..n];
     let (&row, rest) = fields.split_first()?;
     let row = row.parse().ok()?;
     let entry = match rest.split_first() {
@@ -224,8 +243,8 @@ fn entry(
         return None;
     }
     Some(Entry {
-        tenant: Arc::from(tenant),
-        model: Arc::from(model),
+        tenant: interned(&LAST_TENANT, tenant),
+        model: interned(&LAST_MODEL, model),
         day,
         cache,
         items,
@@ -236,6 +255,30 @@ fn entry(
         at_ms: u64::try_from(day.days())
             .unwrap_or(0)
             .saturating_mul(MS_PER_DAY),
+    })
+}
+
+thread_local! {
+    /// The last tenant and model decoded on this thread: rows of a
+    /// journal mostly repeat them, and then share one allocation.
+    static LAST_TENANT: std::cell::RefCell<Option<Arc<str>>> = const { std::cell::RefCell::new(None) };
+    static LAST_MODEL: std::cell::RefCell<Option<Arc<str>>> = const { std::cell::RefCell::new(None) };
+}
+
+fn interned(
+    last: &'static std::thread::LocalKey<std::cell::RefCell<Option<Arc<str>>>>,
+    s: &str,
+) -> Arc<str> {
+    last.with(|cell| {
+        let mut last = cell.borrow_mut();
+        match &*last {
+            Some(a) if &**a == s => a.clone(),
+            _ => {
+                let a: Arc<str> = Arc::from(s);
+                *last = Some(a.clone());
+                a
+            }
+        }
     })
 }
 

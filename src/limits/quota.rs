@@ -332,15 +332,33 @@ pub(crate) struct Quotas {
 
 fn period_key(per: QuotaPeriod) -> (String, u64) {
     let today = Day::today();
+    // The name of today's period, formatted once a day per thread (this
+    // runs for every request of a tenant with a quota).
+    thread_local! {
+        static NAMES: std::cell::RefCell<Option<(Day, String, String)>> =
+            const { std::cell::RefCell::new(None) };
+    }
+    let name = NAMES.with(|cell| {
+        let mut names = cell.borrow_mut();
+        if names.as_ref().is_none_or(|(day, _, _)| *day != today) {
+            *names = Some((today, today.to_string(), today.month_key()));
+        }
+        match (&*names, per) {
+            (Some((_, day, _)), QuotaPeriod::Day) => day.clone(),
+            (Some((_, _, month)), QuotaPeriod::Month) => month.clone(),
+            (None, QuotaPeriod::Day) => today.to_string(),
+            (None, QuotaPeriod::Month) => today.month_key(),
+        }
+    });
     match per {
         // Kept a day past the period so late settlements still find it.
-        QuotaPeriod::Day => (today.to_string(), today.seconds_left() + 86_400),
+        QuotaPeriod::Day => (name, today.seconds_left() + 86_400),
         QuotaPeriod::Month => {
             let end = today.next_month_start();
             let secs = (end.days() - today.days() - 1).max(0) as u64 * 86_400
                 + today.seconds_left()
                 + 86_400;
-            (today.month_key(), secs)
+            (name, secs)
         }
     }
 }
