@@ -32,21 +32,31 @@ async fn gzip_hits_decode_to_the_identity_answer_in_fewer_bytes() {
     );
     let plain_v = assert_success(&plain);
 
-    let r = gw
-        .client
-        .post(gw.url(EMBED_PATH))
-        .header("authorization", format!("Bearer {K1}"))
-        .header("accept-encoding", "gzip, deflate")
-        .body(b.clone())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    assert_eq!(r.headers()["x-cache"], "HIT");
-    assert_eq!(r.headers()["content-encoding"], "gzip");
-    assert_eq!(r.headers()["vary"], "accept-encoding");
-    let rid = r.headers()["x-request-id"].to_str().unwrap().to_string();
-    let wire = r.bytes().await.unwrap();
+    // The entry's gzip form is made once, off the request path: a gzip hit
+    // waits a bounded time for it (answered uncompressed after that, which
+    // a slow debug build can reach), so look until one is gzip.
+    let (rid, wire) = eventually(20, "a gzip hit", async || {
+        let r = gw
+            .client
+            .post(gw.url(EMBED_PATH))
+            .header("authorization", format!("Bearer {K1}"))
+            .header("accept-encoding", "gzip, deflate")
+            .body(b.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.headers()["x-cache"], "HIT");
+        assert_eq!(r.headers()["vary"], "accept-encoding");
+        let gzipped = r
+            .headers()
+            .get("content-encoding")
+            .is_some_and(|v| v == "gzip");
+        let rid = r.headers()["x-request-id"].to_str().unwrap().to_string();
+        let wire = r.bytes().await.unwrap();
+        gzipped.then_some((rid, wire))
+    })
+    .await;
     let text = gunzip(&wire);
     let v: serde_json::Value = serde_json::from_str(&text).unwrap();
     assert_eq!(v["output"]["embedding"], plain_v["output"]["embedding"]);
