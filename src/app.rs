@@ -64,6 +64,7 @@ impl App {
         let (cache_redis, state_redis) = stores(&config, &metrics)?;
         let cache = Arc::new(Cache::new(
             config.cache.memory_max_bytes,
+            config.cache.hot_max_bytes,
             cache_redis.clone(),
             config.cache.ttl,
         ));

@@ -1,72 +1,134 @@
 //! Embedding cache: an in-process, byte-bounded memory cache (alone, or as
 //! an L1 in front of Redis) and Redis.
 //!
-//! A value is only ever a successful upstream answer's `output.embedding`,
-//! stored as the JSON text upstream sent. Values read from Redis are checked
-//! (a list of `dimension` finite numbers) before they are served; anything
-//! else is treated as a miss and overwritten by the next answer.
+//! A value is only ever a successful upstream answer's `output.embedding`
+//! (or one of the family's entries), as the JSON text upstream sent. Values
+//! read from Redis are checked (a list of `dimension` finite numbers)
+//! before they are served; anything else is treated as a miss and
+//! overwritten by the next answer.
+//!
+//! An entry has two forms:
+//!
+//! - **text**, as it is stored: a miss does no more than that (most
+//!   entries are never hit again);
+//! - **compact**: the text's raw DEFLATE blocks ([`Precompressed`], ~42% of
+//!   float text). The first hit of a ONE-PEACE entry asks for it; the
+//!   compaction thread ([`crate::compact`]) makes it once and it replaces
+//!   the text, in memory and in Redis (`eg2:`). gzip hits are built around
+//!   it as it is; identity hits inflate it (~45 µs), unless its text is in
+//!   the **hot tier**: a small byte-bounded cache of the texts identity
+//!   clients read (`cache.hot_max_bytes`, a part of `memory_max_bytes`).
+//!
+//! Identity clients get the same bytes from either form: the compact one
+//! inflates to the text exactly (length and CRC-32 checked).
 
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use quick_cache::sync::Cache as QuickCache;
+use quick_cache::sync::{Cache as QuickCache, EntryAction, EntryResult};
 use quick_cache::Weighter;
 
 use crate::cache_key::CacheKey;
+use crate::compact::{self, Asked, Compactor, Finisher, Job};
 use crate::gzip::Precompressed;
 use crate::redis_store::RedisStore;
 
-/// Prefix of values in Redis: versioned so a format change never serves
-/// old bytes as new ones.
-const REDIS_VALUE_PREFIX: &[u8] = b"eg1:";
-/// A typical entry (1536 floats as JSON text), to size the memory index.
-const TYPICAL_ENTRY_BYTES: u64 = 32 * 1024;
+/// Prefix of a Redis value holding an entry's text. Versioned, like the
+/// others, so a format change never serves old bytes as new ones.
+const REDIS_TEXT: &[u8] = b"eg1:";
+/// Prefix of a Redis value holding an entry's compact form: then the text's
+/// length and CRC-32 (4 bytes each, little-endian), then its raw DEFLATE
+/// blocks.
+const REDIS_COMPACT: &[u8] = b"eg2:";
+/// A typical entry once compacted (1536 floats as JSON text, deflated), to
+/// size the memory index.
+const TYPICAL_ENTRY_BYTES: u64 = 16 * 1024;
+/// A typical text (1536 floats as JSON text), to size the hot tier's index.
+const TYPICAL_TEXT_BYTES: u64 = 32 * 1024;
+/// Smaller texts stay text: the compact form would save too little.
+const MIN_COMPACT_BYTES: usize = 1024;
+/// The longest text an `eg2:` value may claim to inflate to: a corrupt
+/// length must not allocate without bound (ONE-PEACE's are ~31 KB).
+const MAX_TEXT_BYTES: u64 = 16 << 20;
+/// Memory of an entry besides its bytes: the key and the entry (96), the
+/// cache's slot metadata and index (~40) and the allocator's header of the
+/// bytes.
+const ENTRY_OVERHEAD: u64 = 160;
+/// Memory of a hot text besides its bytes: the key, the value, the slot,
+/// the `Bytes` header and the allocator's.
+const HOT_OVERHEAD: u64 = 128;
 
-/// The gzip form of an entry, made on its first gzip hit.
-type GzCell = Arc<OnceLock<Option<Precompressed>>>;
+/// What a memory entry holds.
+#[derive(Clone)]
+enum Form {
+    /// As stored. `settled`: compaction was tried and did not pay, it stays
+    /// text.
+    Text {
+        text: Bytes,
+        settled: bool,
+    },
+    Compact(Precompressed),
+}
 
 #[derive(Clone)]
 struct Entry {
-    embedding: Bytes,
-    gz: GzCell,
+    form: Form,
     expires: Instant,
 }
 
 impl Entry {
-    fn new(embedding: Bytes, expires: Instant) -> Entry {
+    fn text(text: Bytes, expires: Instant) -> Entry {
         Entry {
-            embedding,
-            gz: GzCell::default(),
+            form: Form::Text {
+                text,
+                settled: false,
+            },
             expires,
         }
     }
 }
 
-/// A hit of [`Cache::get_found`]: the vector and its gzip form, which is
-/// compressed once per entry (on the first hit that asks for it).
-pub(crate) struct Found {
-    pub(crate) embedding: Bytes,
-    gz: GzCell,
-}
-
-impl Found {
-    pub(crate) fn gzip(&self) -> Option<&Precompressed> {
-        self.gz
-            .get_or_init(|| Precompressed::of(&self.embedding))
-            .as_ref()
-    }
-}
-
+/// The bytes an entry holds, plus its bookkeeping: what
+/// `cache.memory_max_bytes` bounds.
 #[derive(Clone)]
 struct EntryWeight;
 
 impl Weighter<CacheKey, Entry> for EntryWeight {
     fn weight(&self, _key: &CacheKey, val: &Entry) -> u64 {
-        // Key, bookkeeping, the bytes themselves and room for their gzip
-        // form (made on the first gzip hit: about 45% of float text).
-        (val.embedding.len() as u64 * 3 / 2 + 96).max(1)
+        ENTRY_OVERHEAD
+            + match &val.form {
+                Form::Text { text, .. } => text.len() as u64,
+                Form::Compact(c) => c.size() as u64,
+            }
     }
+}
+
+/// A text in the hot tier, with the CRC-32 of the compact form it belongs
+/// to: it is served only for that form (the key's entry may have been
+/// stored again since).
+#[derive(Clone)]
+struct HotText {
+    text: Bytes,
+    crc: u32,
+}
+
+#[derive(Clone)]
+struct HotWeight;
+
+impl Weighter<CacheKey, HotText> for HotWeight {
+    fn weight(&self, _key: &CacheKey, val: &HotText) -> u64 {
+        HOT_OVERHEAD + val.text.len() as u64
+    }
+}
+
+/// A hit of [`Cache::get_found`].
+pub(crate) enum Found {
+    /// The vector's JSON text.
+    Text(Bytes),
+    /// The vector's compact form, for a client that takes gzip: compressed
+    /// once per entry.
+    Gzip(Precompressed),
 }
 
 /// What a lookup found.
@@ -75,34 +137,67 @@ pub(crate) enum Lookup {
     Miss,
 }
 
-pub(crate) struct Cache {
+/// What a lookup read, before it is made into an answer.
+enum Held {
+    /// A memory entry's form, or an `eg1:` Redis value's text.
+    Form(Form),
+    /// An `eg2:` Redis value: its compact form and the text it was checked as.
+    Both(Precompressed, Bytes),
+}
+
+/// The stores, shared with the compaction thread.
+struct Stores {
     memory: Option<QuickCache<CacheKey, Entry, EntryWeight>>,
+    hot: Option<QuickCache<CacheKey, HotText, HotWeight>>,
     redis: Option<Arc<RedisStore>>,
     ttl: Duration,
     /// Redis keys live under this prefix.
     namespace: &'static str,
+    /// Where the compaction thread's Redis writes run.
+    runtime: Option<tokio::runtime::Handle>,
+}
+
+pub(crate) struct Cache {
+    stores: Arc<Stores>,
+    /// `None` without any store (nothing to compact), or when its thread
+    /// could not start.
+    compactor: Option<Compactor>,
 }
 
 impl Cache {
+    /// `hot_max_bytes` of `memory_max_bytes` hold the hot tier (none
+    /// without a memory cache).
     pub(crate) fn new(
         memory_max_bytes: u64,
+        hot_max_bytes: u64,
         redis: Option<Arc<RedisStore>>,
         ttl: Duration,
     ) -> Cache {
+        let hot_bytes = hot_max_bytes.min(memory_max_bytes / 2);
         let memory = (memory_max_bytes > 0).then(|| {
-            let items = (memory_max_bytes / TYPICAL_ENTRY_BYTES).clamp(16, 1 << 20) as usize;
-            QuickCache::with_weighter(items, memory_max_bytes, EntryWeight)
+            let bytes = memory_max_bytes - hot_bytes;
+            let items = (bytes / TYPICAL_ENTRY_BYTES).clamp(16, 1 << 20) as usize;
+            QuickCache::with_weighter(items, bytes, EntryWeight)
         });
-        Cache {
+        let hot = (memory.is_some() && hot_bytes > 0).then(|| {
+            let items = (hot_bytes / TYPICAL_TEXT_BYTES).clamp(4, 1 << 16) as usize;
+            QuickCache::with_weighter(items, hot_bytes, HotWeight)
+        });
+        let stores = Arc::new(Stores {
             memory,
+            hot,
             redis,
             ttl,
             namespace: "eg:c:",
-        }
-    }
-
-    fn redis_key(&self, key: &CacheKey) -> String {
-        format!("{}{}", self.namespace, key.to_hex())
+            runtime: tokio::runtime::Handle::try_current().ok(),
+        });
+        let compactor = if stores.memory.is_some() || stores.redis.is_some() {
+            let s = stores.clone();
+            Compactor::start(compact::QUEUE_JOBS, move |job, fin| s.compact(job, fin))
+        } else {
+            None
+        };
+        Cache { stores, compactor }
     }
 
     /// Looks `key` up; a Redis error or timeout is a miss.
@@ -111,38 +206,67 @@ impl Cache {
             .await
     }
 
-    /// [`get`](Cache::get), with the entry's gzip form at hand.
-    pub(crate) async fn get_found(&self, key: &CacheKey, dimension: usize) -> Option<Found> {
-        self.lookup(key, |raw| valid_embedding(raw, dimension))
-            .await
-            .map(|e| Found {
-                embedding: e.embedding,
-                gz: e.gz,
-            })
+    /// A ONE-PEACE lookup: the vector's compact form for a client that
+    /// takes `gzip` (when the entry has one, or gets one within a bounded
+    /// wait), else its text. A hit asks for the entry to be compacted.
+    pub(crate) async fn get_found(
+        &self,
+        key: &CacheKey,
+        dimension: usize,
+        gzip: bool,
+    ) -> Option<Found> {
+        let held = self
+            .lookup(key, |raw| valid_embedding(raw, dimension))
+            .await?;
+        match held {
+            Held::Both(c, _) if gzip => Some(Found::Gzip(c)),
+            Held::Both(c, text) => {
+                self.keep_hot(key, &text, c.crc());
+                Some(Found::Text(text))
+            }
+            Held::Form(Form::Compact(c)) if gzip => Some(Found::Gzip(c)),
+            Held::Form(Form::Compact(c)) => self.text_of(key, &c).map(Found::Text),
+            Held::Form(Form::Text { text, settled }) => {
+                let compactor = match &self.compactor {
+                    Some(c) if !settled && text.len() >= MIN_COMPACT_BYTES => c,
+                    _ => return Some(Found::Text(text)),
+                };
+                match compactor.ask(*key, &text, !gzip, gzip) {
+                    Asked::Queued(done) if gzip => match compact::wait(&done).await {
+                        Some(c) => Some(Found::Gzip(c)),
+                        None => Some(Found::Text(text)),
+                    },
+                    Asked::Queued(_) | Asked::Dropped => Some(Found::Text(text)),
+                }
+            }
+        }
     }
 
     /// Looks `key` up; an entry read from Redis is served only if `valid`
     /// says it is whole (memory holds only what this process stored).
     pub(crate) async fn get_with(&self, key: &CacheKey, valid: impl Fn(&[u8]) -> bool) -> Lookup {
-        match self.lookup(key, valid).await {
-            Some(e) => Lookup::Hit(e.embedding),
-            None => Lookup::Miss,
-        }
+        let text = match self.lookup(key, valid).await {
+            None => None,
+            Some(Held::Form(Form::Text { text, .. }) | Held::Both(_, text)) => Some(text),
+            Some(Held::Form(Form::Compact(c))) => self.text_of(key, &c),
+        };
+        text.map_or(Lookup::Miss, Lookup::Hit)
     }
 
-    async fn lookup(&self, key: &CacheKey, valid: impl Fn(&[u8]) -> bool) -> Option<Entry> {
-        if let Some(mem) = &self.memory {
+    async fn lookup(&self, key: &CacheKey, valid: impl Fn(&[u8]) -> bool) -> Option<Held> {
+        let s = &self.stores;
+        if let Some(mem) = &s.memory {
             if let Some(e) = mem.get(key) {
                 if e.expires > Instant::now() {
-                    return Some(e);
+                    return Some(Held::Form(e.form));
                 }
                 mem.remove(key);
             }
         }
-        let Some(redis) = &self.redis else {
+        let Some(redis) = &s.redis else {
             return None;
         };
-        let rkey = self.redis_key(key);
+        let rkey = s.redis_key(key);
         let got = redis
             .call("cache_get", false, |mut c| async move {
                 redis::cmd("GET")
@@ -155,35 +279,97 @@ impl Cache {
             Ok(Some(raw)) => raw,
             Ok(None) | Err(_) => return None,
         };
-        let Some(body) = raw.strip_prefix(REDIS_VALUE_PREFIX) else {
+        let held = if let Some(text) = raw.strip_prefix(REDIS_TEXT) {
+            if !valid(text) {
+                tracing::warn!(key = ?key, "cache entry failed validation; treated as a miss");
+                return None;
+            }
+            Held::Form(Form::Text {
+                text: Bytes::copy_from_slice(text),
+                settled: false,
+            })
+        } else if let Some(value) = raw.strip_prefix(REDIS_COMPACT) {
+            let Some((c, text)) = decode_compact(value) else {
+                tracing::warn!(key = ?key, "compact cache entry does not inflate to its length and CRC; treated as a miss");
+                return None;
+            };
+            if !valid(&text) {
+                tracing::warn!(key = ?key, "cache entry failed validation; treated as a miss");
+                return None;
+            }
+            Held::Both(c, text)
+        } else {
             tracing::warn!(key = ?key, "cache entry in an unknown format; treated as a miss");
             return None;
         };
-        if !valid(body) {
-            tracing::warn!(key = ?key, "cache entry failed validation; treated as a miss");
-            return None;
-        }
         // The L1 copy expires no later than a fresh Redis entry would.
-        let entry = Entry::new(Bytes::copy_from_slice(body), Instant::now() + self.ttl);
-        if let Some(mem) = &self.memory {
-            mem.insert(*key, entry.clone());
+        if let Some(mem) = &s.memory {
+            let form = match &held {
+                Held::Form(f) => f.clone(),
+                Held::Both(c, _) => Form::Compact(c.clone()),
+            };
+            mem.insert(
+                *key,
+                Entry {
+                    form,
+                    expires: Instant::now() + s.ttl,
+                },
+            );
         }
-        Some(entry)
+        Some(held)
     }
 
-    /// Stores an embedding that was validated by the caller. With a memory
-    /// cache it is readable here when this returns and Redis is written in
-    /// the background; without one, this waits for the Redis write, so the
-    /// entry is readable before the caller lets identical requests go.
+    /// A compact entry's text: from the hot tier, else inflated (and kept
+    /// there). An entry that does not inflate (a bug) is dropped: a miss.
+    fn text_of(&self, key: &CacheKey, c: &Precompressed) -> Option<Bytes> {
+        if let Some(hot) = &self.stores.hot {
+            if let Some(h) = hot.get(key) {
+                if h.crc == c.crc() && h.text.len() as u64 == c.len() {
+                    return Some(h.text);
+                }
+            }
+        }
+        match c.inflate() {
+            Some(text) => {
+                self.keep_hot(key, &text, c.crc());
+                Some(text)
+            }
+            None => {
+                tracing::error!(key = ?key, "compact memory entry does not inflate; dropped");
+                if let Some(mem) = &self.stores.memory {
+                    mem.remove(key);
+                }
+                None
+            }
+        }
+    }
+
+    fn keep_hot(&self, key: &CacheKey, text: &Bytes, crc: u32) {
+        if let Some(hot) = &self.stores.hot {
+            hot.insert(
+                *key,
+                HotText {
+                    text: text.clone(),
+                    crc,
+                },
+            );
+        }
+    }
+
+    /// Stores an embedding that was validated by the caller, as text. With
+    /// a memory cache it is readable here when this returns and Redis is
+    /// written in the background; without one, this waits for the Redis
+    /// write, so the entry is readable before the caller lets identical
+    /// requests go.
     pub(crate) async fn store(self: &Arc<Self>, key: CacheKey, embedding: Bytes) {
-        if self.memory.is_some() {
+        if self.stores.memory.is_some() {
             self.put_memory(&key, embedding.clone());
-            if self.redis.is_some() {
-                let me = self.clone();
-                tokio::spawn(async move { me.put_redis(&key, embedding).await });
+            if self.stores.redis.is_some() {
+                let s = self.stores.clone();
+                tokio::spawn(async move { s.put_text(&key, embedding).await });
             }
         } else {
-            self.put_redis(&key, embedding).await;
+            self.stores.put_text(&key, embedding).await;
         }
     }
 
@@ -191,11 +377,12 @@ impl Cache {
     /// the previous leader may have stored the answer between this request's
     /// lookup and its turn. Memory only when there is a memory cache.
     pub(crate) async fn recheck(&self, key: &CacheKey, dimension: usize) -> Option<Bytes> {
-        if let Some(mem) = &self.memory {
-            return mem
-                .get(key)
-                .filter(|e| e.expires > Instant::now())
-                .map(|e| e.embedding);
+        if let Some(mem) = &self.stores.memory {
+            let e = mem.get(key).filter(|e| e.expires > Instant::now())?;
+            return match e.form {
+                Form::Text { text, .. } => Some(text),
+                Form::Compact(c) => self.text_of(key, &c),
+            };
         }
         match self.get(key, dimension).await {
             Lookup::Hit(e) => Some(e),
@@ -207,24 +394,34 @@ impl Cache {
     #[cfg(test)]
     pub(crate) async fn put(&self, key: &CacheKey, embedding: Bytes) {
         self.put_memory(key, embedding.clone());
-        self.put_redis(key, embedding).await;
+        self.stores.put_text(key, embedding).await;
     }
 
     fn put_memory(&self, key: &CacheKey, embedding: Bytes) {
-        if let Some(mem) = &self.memory {
-            mem.insert(*key, Entry::new(embedding, Instant::now() + self.ttl));
+        if let Some(mem) = &self.stores.memory {
+            mem.insert(
+                *key,
+                Entry::text(embedding, Instant::now() + self.stores.ttl),
+            );
         }
     }
+}
 
-    async fn put_redis(&self, key: &CacheKey, embedding: Bytes) {
+impl Stores {
+    fn redis_key(&self, key: &CacheKey) -> String {
+        format!("{}{}", self.namespace, key.to_hex())
+    }
+
+    /// Writes an entry's text (`eg1:`), with the cache's TTL.
+    async fn put_text(&self, key: &CacheKey, text: Bytes) {
         let Some(redis) = &self.redis else {
             return;
         };
         let rkey = self.redis_key(key);
         let ttl_ms = self.ttl.as_millis().min(u128::from(u64::MAX)) as u64;
-        let mut value = Vec::with_capacity(REDIS_VALUE_PREFIX.len() + embedding.len());
-        value.extend_from_slice(REDIS_VALUE_PREFIX);
-        value.extend_from_slice(&embedding);
+        let mut value = Vec::with_capacity(REDIS_TEXT.len() + text.len());
+        value.extend_from_slice(REDIS_TEXT);
+        value.extend_from_slice(&text);
         // Skipped while Redis is down: the next miss refills it.
         let _ = redis
             .call("cache_put", false, |mut c| async move {
@@ -238,6 +435,148 @@ impl Cache {
             })
             .await;
     }
+
+    /// Replaces an entry's value with its compact form (`eg2:`), keeping
+    /// its TTL; an entry that expired or was evicted meanwhile stays gone.
+    /// Another answer stored for the key since is replaced too: both are
+    /// upstream's answer to the same input.
+    async fn put_compact(&self, key: &CacheKey, c: &Precompressed) {
+        let Some(redis) = &self.redis else {
+            return;
+        };
+        let rkey = self.redis_key(key);
+        let value = encode_compact(c);
+        // Skipped while Redis is down: the entry stays text there.
+        let _ = redis
+            .call("cache_compact", false, |mut c| async move {
+                redis::cmd("SET")
+                    .arg(&rkey)
+                    .arg(value)
+                    .arg("XX")
+                    .arg("KEEPTTL")
+                    .query_async::<redis::Value>(&mut c)
+                    .await
+            })
+            .await;
+    }
+
+    /// The compaction thread's work: one entry's compact form, made once,
+    /// for the requests waiting on it, the memory entry (only if it still
+    /// holds the text the job was made from) and Redis.
+    fn compact(self: &Arc<Self>, job: Job, fin: &Finisher) {
+        let Job {
+            key,
+            text,
+            read_as_text,
+            done,
+        } = job;
+        if let Some(mem) = &self.memory {
+            match mem.peek(&key).map(|e| e.form) {
+                Some(Form::Text { text: held, .. }) if same(&held, &text) => {}
+                // Compacted by an earlier job (this one was asked just
+                // before that one replaced the entry).
+                Some(Form::Compact(c)) => {
+                    done.finish(Some(c));
+                    fin.forget(&key);
+                    return;
+                }
+                // Stored again since (Redis too): nothing to do.
+                Some(Form::Text { .. }) => {
+                    done.finish(None);
+                    fin.forget(&key);
+                    return;
+                }
+                // Evicted: only Redis may still want it.
+                None => {
+                    if self.redis.is_none() {
+                        done.finish(None);
+                        fin.forget(&key);
+                        return;
+                    }
+                }
+            }
+        }
+        let Some(c) = Precompressed::of(&text).filter(|c| c.size() < text.len()) else {
+            tracing::debug!(key = ?key, bytes = text.len(), "cache entry does not compress; it stays text");
+            if let Some(mem) = &self.memory {
+                let _ = mem.entry(&key, Some(Duration::ZERO), |_, e| {
+                    if let Form::Text {
+                        text: held,
+                        settled,
+                    } = &mut e.form
+                    {
+                        if same(held, &text) {
+                            *settled = true;
+                        }
+                    }
+                    EntryAction::Retain(())
+                });
+            }
+            done.finish(None);
+            fin.forget(&key);
+            return;
+        };
+        if let Some(mem) = &self.memory {
+            let replaced = mem.entry(&key, Some(Duration::ZERO), |_, e| match &e.form {
+                Form::Text { text: held, .. } if same(held, &text) => {
+                    e.form = Form::Compact(c.clone());
+                    EntryAction::Retain(true)
+                }
+                Form::Text { .. } | Form::Compact(_) => EntryAction::Retain(false),
+            });
+            // (A vacant result's guard, dropped here, leaves the key absent.)
+            if matches!(replaced, EntryResult::Retained(true)) && read_as_text {
+                if let Some(hot) = &self.hot {
+                    hot.insert(key, HotText { text, crc: c.crc() });
+                }
+            }
+            // Hits read the compact form from memory from now on.
+            fin.forget(&key);
+        }
+        // Waiters are woken once the entry is replaced: what they are
+        // served, later hits read too.
+        done.finish(Some(c.clone()));
+        match (&self.redis, &self.runtime) {
+            (Some(_), Some(rt)) => {
+                let me = self.clone();
+                let fin = fin.handle();
+                // Without memory, the key stays asked until Redis holds the
+                // compact form: hits meanwhile join this job.
+                rt.spawn(async move {
+                    me.put_compact(&key, &c).await;
+                    fin.forget(&key);
+                });
+            }
+            _ => fin.forget(&key),
+        }
+    }
+}
+
+/// The same buffer (not only the same bytes).
+fn same(a: &Bytes, b: &Bytes) -> bool {
+    a.as_ptr() == b.as_ptr() && a.len() == b.len()
+}
+
+fn encode_compact(c: &Precompressed) -> Vec<u8> {
+    let mut v = Vec::with_capacity(REDIS_COMPACT.len() + 8 + c.size());
+    v.extend_from_slice(REDIS_COMPACT);
+    v.extend_from_slice(&u32::try_from(c.len()).unwrap_or(u32::MAX).to_le_bytes());
+    v.extend_from_slice(&c.crc().to_le_bytes());
+    v.extend_from_slice(c.deflate());
+    v
+}
+
+/// An `eg2:` value (after its prefix): its compact form and the text it
+/// inflates to, or `None` when it does not inflate to its length and CRC.
+fn decode_compact(value: &[u8]) -> Option<(Precompressed, Bytes)> {
+    let len = u64::from(u32::from_le_bytes(value.get(..4)?.try_into().ok()?));
+    let crc = u32::from_le_bytes(value.get(4..8)?.try_into().ok()?);
+    if len > MAX_TEXT_BYTES {
+        return None;
+    }
+    let c = Precompressed::from_parts(Bytes::copy_from_slice(value.get(8..)?), crc, len);
+    let text = c.inflate()?;
+    Some((c, text))
 }
 
 /// True when `raw` is a JSON list of exactly `dimension` numbers.
@@ -327,6 +666,24 @@ fn json_number(b: &[u8], mut i: usize) -> Option<usize> {
     Some(i)
 }
 
+/// A cache key for tests: of a one-text request for `text`.
+#[cfg(test)]
+pub(crate) fn test_key(text: &str) -> CacheKey {
+    let models = vec!["m".to_string()];
+    let body = serde_json::json!({"model": "m", "input": {"contents": [{"text": text}]}});
+    let req = crate::request::EmbeddingRequest::parse(
+        body.to_string().as_bytes(),
+        &crate::request::ParseRules::for_tests(&models),
+    )
+    .unwrap_or_else(|e| panic!("{e:?}"));
+    crate::cache_key::cache_key(
+        crate::cache_key::KeyScope::Shared,
+        None,
+        &req,
+        &crate::forwarded::ForwardedHeaders::default(),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -363,22 +720,11 @@ mod tests {
 
     #[tokio::test]
     async fn memory_hit_and_expiry() {
-        let models = vec!["m".to_string()];
-        let req = crate::request::EmbeddingRequest::parse(
-            br#"{"model":"m","input":{"contents":[{"text":"a"}]}}"#,
-            &crate::request::ParseRules::for_tests(&models),
-        );
-        let Ok(req) = req else { return };
-        let key = crate::cache_key::cache_key(
-            crate::cache_key::KeyScope::Shared,
-            None,
-            &req,
-            &crate::forwarded::ForwardedHeaders::default(),
-        );
-        let c = Cache::new(1 << 20, None, Duration::from_millis(1));
+        let key = test_key("a");
+        let c = Cache::new(1 << 20, 0, None, Duration::from_millis(1));
         assert!(matches!(c.get(&key, 2).await, Lookup::Miss));
         c.put(&key, Bytes::from_static(b"[1,2]")).await;
-        let c2 = Cache::new(1 << 20, None, Duration::from_secs(60));
+        let c2 = Cache::new(1 << 20, 0, None, Duration::from_secs(60));
         c2.put(&key, Bytes::from_static(b"[1,2]")).await;
         assert!(matches!(c2.get(&key, 2).await, Lookup::Hit(b) if &b[..] == b"[1,2]"));
         // The 1 ms entry: once its deadline passes it is gone.
@@ -389,6 +735,253 @@ mod tests {
             }
             assert!(Instant::now() < deadline, "entry never expired");
             tokio::task::yield_now().await;
+        }
+    }
+
+    /// 1536 floats as DashScope prints them (float32 values in shortest
+    /// float64 form, ~19 characters each).
+    fn dashscope_vector(seed: u32) -> Bytes {
+        let mut x = seed.wrapping_mul(2_654_435_761) | 1;
+        let v: Vec<f64> = (0..1536)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                f64::from((x >> 8) as f32 / 16_777_216.0 - 0.5)
+            })
+            .collect();
+        Bytes::from(serde_json::to_vec(&v).unwrap())
+    }
+
+    fn form(c: &Cache, key: &CacheKey) -> Option<Form> {
+        c.stores.memory.as_ref()?.peek(key).map(|e| e.form)
+    }
+
+    async fn compacted(c: &Cache, key: &CacheKey) -> Precompressed {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(Form::Compact(p)) = form(c, key) {
+                return p;
+            }
+            assert!(Instant::now() < deadline, "never compacted");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+
+    fn weight(c: &Cache) -> u64 {
+        c.stores.memory.as_ref().map_or(0, |m| m.weight())
+    }
+
+    #[test]
+    fn the_weigher_counts_the_bytes_held() {
+        let text = dashscope_vector(1);
+        let t = Entry::text(text.clone(), Instant::now());
+        assert_eq!(
+            EntryWeight.weight(&test_key("w"), &t),
+            text.len() as u64 + ENTRY_OVERHEAD
+        );
+        let p = Precompressed::of(&text).unwrap();
+        let z = Entry {
+            form: Form::Compact(p.clone()),
+            expires: Instant::now(),
+        };
+        assert_eq!(
+            EntryWeight.weight(&test_key("w"), &z),
+            p.size() as u64 + ENTRY_OVERHEAD
+        );
+        // The goal: at most 14 KB per DashScope-sized entry.
+        assert!(p.size() as u64 + ENTRY_OVERHEAD <= 14_000, "{}", p.size());
+        // What the overhead stands for fits in it.
+        let own = std::mem::size_of::<(CacheKey, Entry)>() as u64;
+        assert!(own + 48 <= ENTRY_OVERHEAD, "{own}");
+        assert!(std::mem::size_of::<(CacheKey, HotText)>() as u64 + 48 <= HOT_OVERHEAD);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_hit_entry_is_compacted_once_and_reads_the_same() {
+        // No hot tier: identity hits of the compact form inflate it.
+        let c = Arc::new(Cache::new(8 << 20, 0, None, Duration::from_secs(60)));
+        let (key, text) = (test_key("k"), dashscope_vector(2));
+        c.store(key, text.clone()).await;
+        assert_eq!(weight(&c), text.len() as u64 + ENTRY_OVERHEAD);
+        // Stored as text; a miss asks nothing.
+        assert!(matches!(form(&c, &key), Some(Form::Text { .. })));
+        assert_eq!(c.compactor.as_ref().unwrap().queued(), 0);
+        // The first hit is served the text and asks for compaction.
+        let Some(Found::Text(got)) = c.get_found(&key, 1536, false).await else {
+            panic!("no text hit")
+        };
+        assert!(same(&got, &text));
+        let p = compacted(&c, &key).await;
+        assert_eq!(weight(&c), p.size() as u64 + ENTRY_OVERHEAD);
+        assert!(weight(&c) * 100 <= text.len() as u64 * 45, "{}", weight(&c));
+        // Identity hits: the same bytes, inflated.
+        for _ in 0..2 {
+            let Some(Found::Text(again)) = c.get_found(&key, 1536, false).await else {
+                panic!("no text hit")
+            };
+            assert_eq!(again, text);
+            assert!(!same(&again, &text));
+        }
+        assert!(matches!(c.get_with(&key, |_| true).await, Lookup::Hit(b) if b == text));
+        assert_eq!(c.recheck(&key, 1536).await, Some(text.clone()));
+        // gzip hits: the compact form itself, which inflates to the text.
+        let Some(Found::Gzip(z)) = c.get_found(&key, 1536, true).await else {
+            panic!("no gzip hit")
+        };
+        assert_eq!(z.deflate(), p.deflate());
+        assert_eq!(z.inflate(), Some(text.clone()));
+        // Stored again (e.g. `no-cache`): text again, until hit again.
+        c.store(key, text.clone()).await;
+        assert!(matches!(form(&c, &key), Some(Form::Text { .. })));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_hot_tier_keeps_the_text_identity_clients_read() {
+        let c = Arc::new(Cache::new(8 << 20, 1 << 20, None, Duration::from_secs(60)));
+        let (key, text) = (test_key("h"), dashscope_vector(3));
+        c.store(key, text.clone()).await;
+        let _ = c.get_found(&key, 1536, false).await;
+        let p = compacted(&c, &key).await;
+        // The text the identity hit read went to the hot tier with the
+        // compact form: the next identity hit is that very buffer.
+        let Some(Found::Text(hot)) = c.get_found(&key, 1536, false).await else {
+            panic!("no text hit")
+        };
+        assert!(same(&hot, &text));
+        // A hot text is only served for its own compact form.
+        let other = dashscope_vector(4);
+        c.keep_hot(&key, &other, p.crc() ^ 1);
+        let Some(Found::Text(inflated)) = c.get_found(&key, 1536, false).await else {
+            panic!("no text hit")
+        };
+        assert_eq!(inflated, text);
+        // ... and then kept there.
+        let Some(Found::Text(hot)) = c.get_found(&key, 1536, false).await else {
+            panic!("no text hit")
+        };
+        assert!(same(&hot, &inflated));
+        // The hot tier is a part of the budget: the main cache got the rest.
+        let main = c.stores.memory.as_ref().unwrap().capacity();
+        let tier = c.stores.hot.as_ref().unwrap().capacity();
+        assert_eq!((main, tier), ((8 << 20) - (1 << 20), 1 << 20));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_gzip_hit_waits_for_the_compact_form() {
+        let c = Arc::new(Cache::new(8 << 20, 0, None, Duration::from_secs(60)));
+        let (key, text) = (test_key("g"), dashscope_vector(5));
+        c.store(key, text.clone()).await;
+        // The wait is bounded; on a slow machine the first answer may be
+        // the text, but the entry is compacted and gzip hits get it.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let z = loop {
+            match c.get_found(&key, 1536, true).await {
+                Some(Found::Gzip(z)) => break z,
+                Some(Found::Text(t)) => assert!(same(&t, &text)),
+                None => panic!("miss"),
+            }
+            assert!(Instant::now() < deadline, "never compacted");
+        };
+        assert_eq!(z.inflate(), Some(text));
+        assert!(matches!(form(&c, &key), Some(Form::Compact(_))));
+    }
+
+    #[tokio::test]
+    async fn a_job_replaces_only_the_entry_it_was_made_from() {
+        let c = Arc::new(Cache::new(8 << 20, 0, None, Duration::from_secs(60)));
+        let key = test_key("r");
+        let (old, new) = (dashscope_vector(6), dashscope_vector(7));
+        c.store(key, old.clone()).await;
+        // Stored again (equal bytes, another buffer) before the job ran.
+        c.store(key, Bytes::copy_from_slice(&new)).await;
+        let fin = Finisher::for_tests();
+        let done = Arc::new(compact::Done::default());
+        c.stores.compact(
+            Job {
+                key,
+                text: old.clone(),
+                read_as_text: true,
+                done: done.clone(),
+            },
+            &fin,
+        );
+        assert!(matches!(form(&c, &key), Some(Form::Text { text, .. }) if text == new));
+        assert!(compact::wait(&done).await.is_none());
+        // The entry's own job replaces it; one for an evicted key does nothing.
+        let Some(Form::Text { text: held, .. }) = form(&c, &key) else {
+            panic!("not text")
+        };
+        let job = |text: &Bytes, key| Job {
+            key,
+            text: text.clone(),
+            read_as_text: false,
+            done: Arc::new(compact::Done::default()),
+        };
+        c.stores.compact(job(&held, key), &fin);
+        assert!(
+            matches!(form(&c, &key), Some(Form::Compact(p)) if p.inflate() == Some(new.clone()))
+        );
+        c.stores.compact(job(&held, test_key("gone")), &fin);
+        assert!(form(&c, &test_key("gone")).is_none());
+        // A text that does not compress stays text, settled.
+        let mut x = 0x2545_f491_u32;
+        let noise: Vec<u8> = (0..4096)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                (x >> 24) as u8
+            })
+            .collect();
+        let noise = Bytes::from(noise);
+        let k2 = test_key("n");
+        c.store(k2, noise.clone()).await;
+        c.stores.compact(job(&noise, k2), &fin);
+        assert!(matches!(
+            form(&c, &k2),
+            Some(Form::Text { settled: true, .. })
+        ));
+        let Some(Found::Text(t)) = c.get_found(&k2, 0, true).await else {
+            panic!("no hit")
+        };
+        assert!(same(&t, &noise));
+    }
+
+    #[test]
+    fn redis_compact_values_round_trip_and_corrupt_ones_are_refused() {
+        let text = dashscope_vector(8);
+        let p = Precompressed::of(&text).unwrap();
+        let v = encode_compact(&p);
+        assert!(v.starts_with(REDIS_COMPACT));
+        assert_eq!(v.len(), 4 + 8 + p.size());
+        let (back, inflated) = decode_compact(&v[4..]).unwrap();
+        assert_eq!(inflated, text);
+        assert_eq!((back.crc(), back.len()), (p.crc(), p.len()));
+        let body = &v[4..];
+        let mut flipped = body.to_vec();
+        let mid = 8 + p.size() / 2;
+        flipped[mid] ^= 0x20;
+        let mut long = body.to_vec();
+        long[0] = long[0].wrapping_add(1);
+        let mut crc = body.to_vec();
+        crc[4] ^= 1;
+        let mut huge = body.to_vec();
+        huge[..4].copy_from_slice(&u32::MAX.to_le_bytes());
+        // One more stored byte after the text.
+        let mut extra = body.to_vec();
+        extra.extend_from_slice(&[0, 1, 0, 0xfe, 0xff, b'x']);
+        for (what, bad) in [
+            ("flipped", &flipped[..]),
+            ("length", &long[..]),
+            ("crc", &crc[..]),
+            ("huge", &huge[..]),
+            ("extra", &extra[..]),
+            ("truncated", &body[..body.len() - 40]),
+            ("header only", &body[..8]),
+            ("short", &body[..3]),
+        ] {
+            assert!(decode_compact(bad).is_none(), "{what}");
         }
     }
 }

@@ -31,6 +31,7 @@ use tracing::Instrument;
 use crate::app::App;
 use crate::auth::tenant_of;
 use crate::body::{Body, ReqBody};
+use crate::cache::Found;
 use crate::cache_key::{cache_key, CacheKey, KeyScope};
 use crate::coalesce::{self, Outcome, Role};
 use crate::config::CacheScope;
@@ -268,29 +269,20 @@ async fn answer(
             let lookup = tracing::debug_span!(target: TARGET, "cache.lookup");
             if let Some(found) = app
                 .cache
-                .get_found(&key, dimension)
+                .get_found(&key, dimension, seen.gzip_ok)
                 .instrument(lookup)
                 .await
             {
-                let gz = seen
-                    .gzip_ok
-                    .then(|| {
-                        found
-                            .gzip()
-                            .map(|p| response::hit_gzip(p, &usage, request_id))
-                    })
-                    .flatten();
-                return answer_hit(
-                    app,
-                    &tenant,
-                    &model,
-                    found.embedding,
-                    gz,
-                    usage,
-                    request_id,
-                    seen,
-                )
-                .await;
+                let (embedding, gz) = match found {
+                    // The gzip answer is sent as it is: no text needed.
+                    Found::Gzip(p) => (
+                        Bytes::new(),
+                        Some(response::hit_gzip(&p, &usage, request_id)),
+                    ),
+                    Found::Text(text) => (text, None),
+                };
+                return answer_hit(app, &tenant, &model, embedding, gz, usage, request_id, seen)
+                    .await;
             }
         }
         // 3. coalescing

@@ -1,4 +1,5 @@
-//! gzip answers built around a part compressed once.
+//! gzip answers built around a part compressed once, and that part as the
+//! cache's compact form of an entry.
 //!
 //! A hit's answer is `prefix + vector + suffix`, where only the vector is
 //! the same for every hit (the usage and the request id differ). The
@@ -8,51 +9,106 @@
 //! suffix as the final stored block, and the trailer, whose CRC-32 is
 //! combined from the three parts' CRCs. One gzip member, so every client
 //! decoder reads it; per hit it costs two small CRCs and a copy of the
-//! compressed vector (about 45% of its text).
+//! compressed vector (about 42% of its text).
+//!
+//! The same blocks are what the cache keeps of an entry once it is
+//! compacted (see `cache`): inflated, they give the text back byte for byte.
 
 use bytes::{BufMut, Bytes, BytesMut};
-use flate2::{Compress, Compression, FlushCompress, Status};
+use zlib_rs::{DeflateConfig, DeflateFlush, InflateFlush, Method, Strategy};
 
-/// A part compressed once: raw DEFLATE blocks, byte-aligned, not final.
+/// zlib's level 7 with the `Filtered` strategy (matches of 5 bytes or
+/// more): float text is mostly random digits, where short matches cost
+/// more bits than the literals they replace. Measured on 1536 floats as
+/// DashScope prints them (31 KB): 13.0 KB (42%) in ~0.65 ms; the default
+/// strategy gives 14.2 KB (46%), level 9 saves 3 more bytes for twice the
+/// time, and miniz_oxide (flate2's default) needs 1.2 ms for 13.06 KB.
+const LEVEL: i32 = 7;
+const STRATEGY: Strategy = Strategy::Filtered;
+/// Raw DEFLATE (no zlib header) with zlib's 32 KiB window.
+const WINDOW_BITS: i32 = 15;
+/// zlib's default hash size (memLevel 8).
+const MEM_LEVEL: i32 = 8;
+
+/// A part compressed once: raw DEFLATE blocks, byte-aligned, not final,
+/// with the CRC-32 and length of the bytes they inflate to.
+#[derive(Clone)]
 pub(crate) struct Precompressed {
     deflate: Bytes,
-    crc: crc32fast::Hasher,
+    crc: u32,
     len: u64,
 }
 
 impl Precompressed {
-    /// Compresses `data` at the best level (once per entry, so its cost does not matter).
+    /// Compresses `data` (~0.65 ms for 31 KB: never on a request's path).
     pub(crate) fn of(data: &[u8]) -> Option<Precompressed> {
-        let mut c = Compress::new(Compression::best(), false);
-        let mut out: Vec<u8> = Vec::with_capacity(data.len() / 2 + 64);
-        loop {
-            let consumed = usize::try_from(c.total_in()).ok()?;
-            let status = c
-                .compress_vec(&data[consumed..], &mut out, FlushCompress::Sync)
-                .ok()?;
-            let done = usize::try_from(c.total_in()).ok()? == data.len();
-            // The flush is complete when it left room in the buffer.
-            if done && out.len() < out.capacity() {
-                break;
-            }
-            if status == Status::BufError && out.len() < out.capacity() {
-                return None;
-            }
-            out.reserve(out.capacity().max(4096));
+        let mut z = zlib_rs::Deflate::new_with_config(DeflateConfig {
+            level: LEVEL,
+            method: Method::Deflated,
+            window_bits: -WINDOW_BITS,
+            mem_level: MEM_LEVEL,
+            strategy: STRATEGY,
+        });
+        // Room for the worst case, and the sync flush's empty stored block.
+        let mut out = vec![0u8; zlib_rs::compress_bound(data.len()) + 64];
+        z.compress(data, &mut out, DeflateFlush::SyncFlush).ok()?;
+        let written = usize::try_from(z.total_out()).ok()?;
+        if usize::try_from(z.total_in()).ok()? != data.len() || written >= out.len() {
+            return None;
         }
-        let mut crc = crc32fast::Hasher::new();
-        crc.update(data);
+        out.truncate(written);
+        // Kept for the entry's life: no spare capacity.
+        out.shrink_to_fit();
         Some(Precompressed {
             deflate: Bytes::from(out),
-            crc,
+            crc: crc32fast::hash(data),
             len: data.len() as u64,
         })
     }
 
-    /// Bytes of its compressed form.
-    #[cfg(test)]
+    /// The parts as stored elsewhere (a Redis value); [`inflate`] checks
+    /// that they agree.
+    ///
+    /// [`inflate`]: Precompressed::inflate
+    pub(crate) fn from_parts(deflate: Bytes, crc: u32, len: u64) -> Precompressed {
+        Precompressed { deflate, crc, len }
+    }
+
+    /// The bytes it was made of, checked: exactly `len` bytes with the
+    /// recorded CRC-32 from exactly these blocks, or `None`.
+    pub(crate) fn inflate(&self) -> Option<Bytes> {
+        let len = usize::try_from(self.len).ok()?;
+        let mut z = zlib_rs::Inflate::new(false, WINDOW_BITS as u8);
+        // One byte more than expected: a stream that inflates to more
+        // fills it and is refused.
+        let mut out = vec![0u8; len + 1];
+        z.decompress(&self.deflate, &mut out, InflateFlush::SyncFlush)
+            .ok()?;
+        if z.total_out() != self.len || z.total_in() != self.deflate.len() as u64 {
+            return None;
+        }
+        out.truncate(len);
+        (crc32fast::hash(&out) == self.crc).then(|| Bytes::from(out))
+    }
+
+    /// Bytes of the compressed blocks.
     pub(crate) fn size(&self) -> usize {
         self.deflate.len()
+    }
+
+    /// The compressed blocks.
+    pub(crate) fn deflate(&self) -> &[u8] {
+        &self.deflate
+    }
+
+    /// CRC-32 of the bytes it inflates to.
+    pub(crate) fn crc(&self) -> u32 {
+        self.crc
+    }
+
+    /// Length of the bytes it inflates to.
+    pub(crate) fn len(&self) -> u64 {
+        self.len
     }
 }
 
@@ -86,7 +142,9 @@ pub(crate) fn wrap(prefix: &[u8], middle: &Precompressed, suffix: &[u8]) -> Byte
     stored(&mut out, suffix, true);
     let mut crc = crc32fast::Hasher::new();
     crc.update(prefix);
-    crc.combine(&middle.crc);
+    crc.combine(&crc32fast::Hasher::new_with_initial_len(
+        middle.crc, middle.len,
+    ));
     crc.update(suffix);
     out.put_u32_le(crc.finalize());
     let total = prefix.len() as u64 + middle.len + suffix.len() as u64;

@@ -23,7 +23,9 @@
 //!   - [`forwarded`]: the client headers that go upstream, and which of
 //!     them change the answer;
 //!   - [`cache_key`]: the versioned, prefix-free cache key;
-//!   - [`cache`]: memory and Redis caches of embeddings;
+//!   - [`cache`]: memory and Redis caches of embeddings; an entry that is
+//!     hit is compacted once, off the request path ([`compact`]), into the
+//!     DEFLATE form gzip answers are built around ([`gzip`]);
 //!   - [`coalesce`]: identical misses in flight share one upstream call;
 //!   - [`limits`]: the quota reservation;
 //!   - [`upstream`]: the DashScope client with retries, and the parsing of
@@ -59,6 +61,7 @@ mod body_deadline;
 mod cache;
 mod cache_key;
 mod coalesce;
+mod compact;
 pub mod config;
 mod connection;
 mod date;

@@ -17,6 +17,11 @@ const DEFAULT_SCOPE: CacheScope = CacheScope::Tenant;
 const DEFAULT_REDIS_CLUSTER: bool = false;
 /// About 10k embeddings of ~30 KB each.
 const DEFAULT_MEMORY_CACHE_BYTES: u64 = 256 * 1024 * 1024;
+/// The hot tier: texts of compacted entries that identity clients read,
+/// kept so a hot key is not inflated per hit. 8 MiB holds ~270 DashScope
+/// answers; a small memory cache gives it a tenth of its bytes.
+const DEFAULT_HOT_MAX_BYTES: u64 = 8 * 1024 * 1024;
+const DEFAULT_HOT_SHARE: u64 = 10;
 /// A Redis that does not answer within this is treated as down for this request.
 const DEFAULT_REDIS_TIMEOUT: Duration = Duration::from_millis(250);
 
@@ -47,6 +52,9 @@ pub struct CacheConfig {
     pub scope: CacheScope,
     /// Memory cache size; with Redis it is the L1 in front of it (0 = no L1).
     pub memory_max_bytes: u64,
+    /// The part of `memory_max_bytes` that keeps texts of compacted entries
+    /// at hand for identity hits (0 = inflate every time).
+    pub hot_max_bytes: u64,
     pub redis_timeout: Duration,
 }
 
@@ -59,6 +67,7 @@ pub(crate) struct RawCache {
     ttl: Option<HumanDuration>,
     scope: Option<CacheScope>,
     memory_max_bytes: Option<i64>,
+    hot_max_bytes: Option<i64>,
     redis_timeout: Option<HumanDuration>,
 }
 
@@ -69,16 +78,31 @@ impl RawCache {
         if let Some(url) = &redis_url {
             check_redis_url(c, "cache", url, redis_cluster);
         }
+        let memory_max_bytes = c.non_negative(
+            "cache.memory_max_bytes",
+            self.memory_max_bytes,
+            DEFAULT_MEMORY_CACHE_BYTES,
+        );
+        let hot_max_bytes = c.non_negative(
+            "cache.hot_max_bytes",
+            self.hot_max_bytes,
+            DEFAULT_HOT_MAX_BYTES.min(memory_max_bytes / DEFAULT_HOT_SHARE),
+        );
+        if hot_max_bytes > memory_max_bytes / 2 {
+            c.err(
+                "cache.hot_max_bytes",
+                format!(
+                    "is a part of cache.memory_max_bytes ({memory_max_bytes}) and may be at most half of it, got {hot_max_bytes}"
+                ),
+            );
+        }
         CacheConfig {
             redis_url: redis_url.map(Secret::new),
             redis_cluster,
             ttl: self.ttl.map_or(DEFAULT_CACHE_TTL, |d| d.0),
             scope: self.scope.unwrap_or(DEFAULT_SCOPE),
-            memory_max_bytes: c.non_negative(
-                "cache.memory_max_bytes",
-                self.memory_max_bytes,
-                DEFAULT_MEMORY_CACHE_BYTES,
-            ),
+            memory_max_bytes,
+            hot_max_bytes,
             redis_timeout: self.redis_timeout.map_or(DEFAULT_REDIS_TIMEOUT, |d| d.0),
         }
     }

@@ -222,6 +222,37 @@ fn state_redis_defaults_to_the_cache_redis() {
 }
 
 #[test]
+fn the_hot_tier_is_a_part_of_the_memory_cache() {
+    assert_eq!(parse("").unwrap().cache.hot_max_bytes, 8 * 1024 * 1024);
+    let small = parse("[cache]\nmemory_max_bytes = 1000000\n").unwrap();
+    assert_eq!(small.cache.hot_max_bytes, 100_000);
+    let none = parse("[cache]\nmemory_max_bytes = 0\n").unwrap();
+    assert_eq!(none.cache.hot_max_bytes, 0);
+    let off = parse("[cache]\nhot_max_bytes = 0\n").unwrap();
+    assert_eq!(off.cache.hot_max_bytes, 0);
+    let shown: Vec<String> = parse("[cache]\nmemory_max_bytes = 1000\nhot_max_bytes = 600\n")
+        .unwrap_err()
+        .0
+        .iter()
+        .map(|e| e.to_string())
+        .collect();
+    assert_eq!(
+        shown,
+        vec!["line 3: cache.hot_max_bytes: is a part of cache.memory_max_bytes (1000) and may be at most half of it, got 600"]
+    );
+    let shown: Vec<String> = parse("[cache]\nhot_max_bytes = -1\n")
+        .unwrap_err()
+        .0
+        .iter()
+        .map(|e| e.to_string())
+        .collect();
+    assert_eq!(
+        shown,
+        vec!["line 2: cache.hot_max_bytes: must be >= 0, got -1"]
+    );
+}
+
+#[test]
 fn quota_on_store_error_at_top_level_or_in_limits() {
     let top = parse("quota_on_store_error = \"deny\"\n").unwrap();
     assert_eq!(top.limits.quota_on_store_error, StoreErrorPolicy::Deny);

@@ -1,6 +1,7 @@
 //! Cache and state in separate Redis servers (`cache.redis_url`,
 //! `state.redis_url`): which keys land where, each one failing alone, the
-//! `embedgate usage` report, and what a cached embedding costs in Redis.
+//! `embedgate usage` report, the cache's value formats, and what a cached
+//! embedding costs in Redis.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 #[path = "../common/mod.rs"]
@@ -11,6 +12,7 @@ use std::path::Path;
 
 use serde_json::Value;
 
+mod formats;
 mod sizing;
 
 /// A gateway on a cache Redis and a state Redis; no memory L1, so every
