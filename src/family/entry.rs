@@ -6,9 +6,9 @@
 //! (vectors byte for byte), less its index, plus the units it cost. A
 //! merged answer renumbers the objects in the client's order.
 
-use base64::Engine as _;
 use std::ops::Range;
 
+use base64::Engine as _;
 use bytes::{BufMut, Bytes, BytesMut};
 use serde_json::value::RawValue;
 
@@ -119,17 +119,8 @@ pub(crate) struct OutRef<'a> {
 impl Stored {
     /// `None` for anything that is not a whole entry of this version.
     pub(crate) fn read(raw: Bytes) -> Option<Stored> {
-        let (head, first) = header(&raw)?;
-        let (out, second) = out_at(&raw, first)?;
-        let first = (
-            out.index_first,
-            offset(&raw, out.fields)..offset(&raw, out.fields) + out.fields.len(),
-        );
-        let mut at = second;
-        for _ in 1..head.outs {
-            at = out_at(&raw, at)?.1;
-        }
-        (at == raw.len()).then_some(Stored {
+        let (head, first, second) = walk(&raw)?;
+        Some(Stored {
             usage: head.usage,
             images: head.images,
             outs: head.outs,
@@ -173,19 +164,17 @@ struct Header {
     outs: usize,
 }
 
-/// The header of a whole entry, and where its first object's line starts.
-fn walk(raw: &[u8]) -> Option<(Header, usize)> {
-    let (head, first) = header(raw)?;
-    let mut at = first;
-    for _ in 0..head.outs {
+/// The header of a whole entry, its first object (index first, fields),
+/// and where the second object's line starts.
+fn walk(raw: &[u8]) -> Option<(Header, (bool, Range<usize>), usize)> {
+    let (head, at) = header(raw)?;
+    let (out, second) = out_at(raw, at)?;
+    let first = (out.index_first, second - out.fields.len()..second);
+    let mut at = second;
+    for _ in 1..head.outs {
         at = out_at(raw, at)?.1;
     }
-    (at == raw.len()).then_some((head, first))
-}
-
-/// Where `part`, a slice of `raw`, starts in it.
-fn offset(raw: &[u8], part: &[u8]) -> usize {
-    part.as_ptr() as usize - raw.as_ptr() as usize
+    (at == raw.len()).then_some((head, first, second))
 }
 
 /// The header, and where the first object's line starts.
