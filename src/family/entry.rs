@@ -6,6 +6,8 @@
 //! (vectors byte for byte), less its index, plus the units it cost. A
 //! merged answer renumbers the objects in the client's order.
 
+use std::ops::Range;
+
 use base64::Engine as _;
 use bytes::{BufMut, Bytes, BytesMut};
 use serde_json::value::RawValue;
@@ -52,18 +54,6 @@ pub(crate) struct Entry {
 impl Entry {
     /// Encoded, and read in place as the cache will hand it back.
     pub(crate) fn store(&self) -> Stored {
-        let (raw, first) = self.write();
-        Stored {
-            raw,
-            usage: self.usage,
-            images: self.images,
-            outs: self.outs.len(),
-            first,
-        }
-    }
-
-    /// The encoding, and where its first object's line starts.
-    fn write(&self) -> (Bytes, usize) {
         let size: usize = self.outs.iter().map(|o| o.fields.len() + 24).sum();
         let mut b = BytesMut::with_capacity(size + 96);
         b.put_slice(MAGIC);
@@ -77,12 +67,24 @@ impl Entry {
         }
         head.push_str(&format!(" {}\n", self.outs.len()));
         b.put_slice(head.as_bytes());
-        let first = b.len();
-        for o in &self.outs {
+        let mut first = (false, 0..0);
+        let mut second = b.len();
+        for (i, o) in self.outs.iter().enumerate() {
             b.put_slice(format!("{} {}\n", u8::from(o.index_first), o.fields.len()).as_bytes());
+            if i == 0 {
+                first = (o.index_first, b.len()..b.len() + o.fields.len());
+                second = first.1.end;
+            }
             b.put_slice(&o.fields);
         }
-        (b.freeze(), first)
+        Stored {
+            raw: b.freeze(),
+            usage: self.usage,
+            images: self.images,
+            outs: self.outs.len(),
+            first,
+            second,
+        }
     }
 
     /// True for a whole entry of this version (what [`Stored::read`]
@@ -101,8 +103,10 @@ pub(crate) struct Stored {
     pub(crate) images: u64,
     /// Answer objects in it (1 for a per-item entry).
     pub(crate) outs: usize,
-    /// Where the first object's line starts.
-    first: usize,
+    /// The first object: its index comes first, its fields.
+    first: (bool, Range<usize>),
+    /// Where the second object's line starts.
+    second: usize,
 }
 
 /// One answer object of a [`Stored`] entry.
@@ -115,20 +119,24 @@ pub(crate) struct OutRef<'a> {
 impl Stored {
     /// `None` for anything that is not a whole entry of this version.
     pub(crate) fn read(raw: Bytes) -> Option<Stored> {
-        let (head, first) = walk(&raw)?;
+        let (head, first, second) = walk(&raw)?;
         Some(Stored {
             usage: head.usage,
             images: head.images,
             outs: head.outs,
             first,
+            second,
             raw,
         })
     }
 
     /// The answer objects, in order.
     pub(crate) fn outs(&self) -> impl Iterator<Item = OutRef<'_>> + '_ {
-        let mut at = self.first;
-        (0..self.outs).map_while(move |_| {
+        let mut at = self.second;
+        (0..self.outs).map_while(move |i| {
+            if i == 0 {
+                return Some(self.first_out());
+            }
             let (out, next) = out_at(&self.raw, at)?;
             at = next;
             Some(out)
@@ -136,8 +144,11 @@ impl Stored {
     }
 
     /// The first answer object (a per-item entry's only one).
-    pub(crate) fn first_out(&self) -> Option<OutRef<'_>> {
-        out_at(&self.raw, self.first).map(|(out, _)| out)
+    pub(crate) fn first_out(&self) -> OutRef<'_> {
+        OutRef {
+            index_first: self.first.0,
+            fields: &self.raw[self.first.1.clone()],
+        }
     }
 
     /// The entry as stored (what coalesced followers are handed).
@@ -153,16 +164,20 @@ struct Header {
     outs: usize,
 }
 
-/// The header of a whole entry, and where its first object's line starts.
-fn walk(raw: &[u8]) -> Option<(Header, usize)> {
-    let (head, first) = header(raw)?;
-    let mut at = first;
-    for _ in 0..head.outs {
+/// The header of a whole entry, its first object (index first, fields),
+/// and where the second object's line starts.
+fn walk(raw: &[u8]) -> Option<(Header, (bool, Range<usize>), usize)> {
+    let (head, at) = header(raw)?;
+    let (out, second) = out_at(raw, at)?;
+    let first = (out.index_first, second - out.fields.len()..second);
+    let mut at = second;
+    for _ in 1..head.outs {
         at = out_at(raw, at)?.1;
     }
-    (at == raw.len()).then_some((head, first))
+    (at == raw.len()).then_some((head, first, second))
 }
 
+/// The header, and where the first object's line starts.
 fn header(raw: &[u8]) -> Option<(Header, usize)> {
     if !raw.starts_with(MAGIC) {
         return None;
@@ -423,7 +438,7 @@ mod tests {
         );
         let s = Stored::read(raw.clone()).unwrap();
         assert_eq!((s.usage, s.images, s.outs), (usage, 0, 1));
-        let out = s.first_out().unwrap();
+        let out = s.first_out();
         assert_eq!(
             (out.index_first, out.fields),
             (false, &e.outs[0].fields[..])
@@ -448,8 +463,12 @@ mod tests {
             ],
             ..e.clone()
         };
-        let s = Stored::read(two.store().raw().clone()).unwrap();
+        let stored = two.store();
+        let s = Stored::read(stored.raw().clone()).unwrap();
         let outs: Vec<(bool, &[u8])> = s.outs().map(|o| (o.index_first, o.fields)).collect();
+        let written: Vec<(bool, &[u8])> =
+            stored.outs().map(|o| (o.index_first, o.fields)).collect();
+        assert_eq!(outs, written);
         assert_eq!(
             outs,
             [

@@ -33,7 +33,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http::{HeaderMap, HeaderValue, Method, Response, StatusCode};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Response, StatusCode};
 use tokio::sync::{watch, OwnedSemaphorePermit};
 use tracing::Instrument;
 
@@ -61,6 +61,9 @@ enum Served {
     Partial,
     Miss,
 }
+
+const X_CACHE: HeaderName = HeaderName::from_static("x-cache");
+const X_USAGE_BILLED: HeaderName = HeaderName::from_static("x-usage-billed");
 
 /// What the request path learned, for the response headers.
 #[derive(Default)]
@@ -173,7 +176,7 @@ pub(crate) async fn respond(
     let h = r.headers_mut();
     if let Some(s) = seen.served {
         h.insert(
-            "x-cache",
+            X_CACHE,
             HeaderValue::from_static(match s {
                 Served::Hit => "HIT",
                 Served::Partial => "PARTIAL",
@@ -187,8 +190,7 @@ pub(crate) async fn respond(
         });
     }
     if let Some(b) = seen.billed {
-        r.headers_mut()
-            .insert("x-usage-billed", HeaderValue::from(b));
+        r.headers_mut().insert(X_USAGE_BILLED, HeaderValue::from(b));
     }
     if let Some(q) = seen.quota_remaining {
         response::set_quota_header(r.headers_mut(), q);
@@ -486,11 +488,7 @@ async fn answer(
     let outs: Vec<OutRef<'_>> = if fused {
         entries[0].outs().collect()
     } else {
-        unit_of
-            .iter()
-            .map(|&u| entries[u].first_out())
-            .collect::<Option<Vec<_>>>()
-            .ok_or_else(|| GatewayError::Internal("an entry has no answer object".into()))?
+        unit_of.iter().map(|&u| entries[u].first_out()).collect()
     };
     Ok((
         entry::render(
