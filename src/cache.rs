@@ -579,91 +579,13 @@ fn decode_compact(value: &[u8]) -> Option<(Precompressed, Bytes)> {
     Some((c, text))
 }
 
-/// True when `raw` is a JSON list of exactly `dimension` numbers.
-///
-/// One pass over the bytes with JSON's number grammar, without converting
-/// to floats: this runs on every miss and every Redis hit, and parsing
-/// 1536 floats costs more than the rest of the request.
+/// True when `raw` is a JSON list of exactly `dimension` numbers (with
+/// whitespace around it): the miss path's one-pass scanner
+/// ([`crate::upstream::numbers_end`]), also run on every Redis hit.
 pub(crate) fn valid_embedding(raw: &[u8], dimension: usize) -> bool {
-    let mut i = skip_ws(raw, 0);
-    if raw.get(i) != Some(&b'[') {
-        return false;
-    }
-    i = skip_ws(raw, i + 1);
-    let mut count = 0usize;
-    if raw.get(i) == Some(&b']') {
-        return dimension == 0 && skip_ws(raw, i + 1) == raw.len();
-    }
-    loop {
-        match json_number(raw, i) {
-            Some(end) => i = skip_ws(raw, end),
-            None => return false,
-        }
-        count += 1;
-        match raw.get(i) {
-            Some(b',') => i = skip_ws(raw, i + 1),
-            Some(b']') => return count == dimension && skip_ws(raw, i + 1) == raw.len(),
-            _ => return false,
-        }
-    }
-}
-
-fn skip_ws(b: &[u8], mut i: usize) -> usize {
-    while matches!(b.get(i), Some(b' ' | b'\n' | b'\r' | b'\t')) {
-        i += 1;
-    }
-    i
-}
-
-fn digits(b: &[u8], mut i: usize) -> usize {
-    while matches!(b.get(i), Some(b'0'..=b'9')) {
-        i += 1;
-    }
-    i
-}
-
-/// The end of the JSON number starting at `i`, if one does. Integer parts
-/// of up to 16 digits and exponents up to 290 keep every value finite.
-fn json_number(b: &[u8], mut i: usize) -> Option<usize> {
-    if b.get(i) == Some(&b'-') {
-        i += 1;
-    }
-    match b.get(i)? {
-        b'0' => i += 1,
-        b'1'..=b'9' => {
-            let end = digits(b, i + 1);
-            if end - i > 16 {
-                return None;
-            }
-            i = end;
-        }
-        _ => return None,
-    }
-    if b.get(i) == Some(&b'.') {
-        let end = digits(b, i + 1);
-        if end == i + 1 {
-            return None;
-        }
-        i = end;
-    }
-    if matches!(b.get(i), Some(b'e' | b'E')) {
-        i += 1;
-        if matches!(b.get(i), Some(b'+' | b'-')) {
-            i += 1;
-        }
-        let end = digits(b, i);
-        if end == i || end - i > 3 {
-            return None;
-        }
-        let exp: u32 = b[i..end]
-            .iter()
-            .fold(0, |acc, d| acc * 10 + u32::from(d - b'0'));
-        if exp > 290 {
-            return None;
-        }
-        i = end;
-    }
-    Some(i)
+    let start = crate::upstream::skip_ws(raw, 0);
+    crate::upstream::numbers_end(raw, start, dimension)
+        .is_some_and(|end| crate::upstream::skip_ws(raw, end) == raw.len())
 }
 
 /// A cache key for tests: of a one-text request for `text`.

@@ -24,7 +24,7 @@ use crate::secret::Secret;
 use std::sync::Arc;
 
 mod success;
-pub(crate) use success::{parse_success, Success};
+pub(crate) use success::{numbers_end, parse_success, skip_ws, Success};
 
 /// Largest upstream answer we read; an embedding is ~30 KB.
 const MAX_UPSTREAM_BODY: usize = 16 * 1024 * 1024;

@@ -487,7 +487,7 @@ impl<'a> Scanner<'a> {
     }
 }
 
-fn skip_ws(b: &[u8], mut i: usize) -> usize {
+pub(crate) fn skip_ws(b: &[u8], mut i: usize) -> usize {
     while let Some(b' ' | b'\n' | b'\r' | b'\t') = b.get(i) {
         i += 1;
     }
@@ -498,7 +498,7 @@ fn skip_ws(b: &[u8], mut i: usize) -> usize {
 /// (just after its `]`), if one does: the list
 /// [`valid_embedding`](crate::cache::valid_embedding) accepts, found
 /// without leaving the body.
-fn numbers_end(b: &[u8], i: usize, dimension: usize) -> Option<usize> {
+pub(crate) fn numbers_end(b: &[u8], i: usize, dimension: usize) -> Option<usize> {
     if b.get(i) != Some(&b'[') {
         return None;
     }
@@ -925,10 +925,90 @@ mod tests {
             .output
             .and_then(|o| o.embedding)
             .ok_or_else(|| "missing".to_string())?;
-        if !crate::cache::valid_embedding(raw.get().as_bytes(), dimension) {
+        if !reference_valid_embedding(raw.get().as_bytes(), dimension) {
             return Err("invalid".into());
         }
         Ok((raw.get().as_bytes().to_vec(), up.request_id))
+    }
+
+    /// The validator before this scanner, kept as the reference: a list of
+    /// `dimension` JSON numbers, integer parts of up to 16 digits and
+    /// exponents up to 290.
+    fn reference_valid_embedding(raw: &[u8], dimension: usize) -> bool {
+        fn ws(b: &[u8], mut i: usize) -> usize {
+            while matches!(b.get(i), Some(b' ' | b'\n' | b'\r' | b'\t')) {
+                i += 1;
+            }
+            i
+        }
+        fn digits(b: &[u8], mut i: usize) -> usize {
+            while matches!(b.get(i), Some(b'0'..=b'9')) {
+                i += 1;
+            }
+            i
+        }
+        fn number(b: &[u8], mut i: usize) -> Option<usize> {
+            if b.get(i) == Some(&b'-') {
+                i += 1;
+            }
+            match b.get(i)? {
+                b'0' => i += 1,
+                b'1'..=b'9' => {
+                    let end = digits(b, i + 1);
+                    if end - i > 16 {
+                        return None;
+                    }
+                    i = end;
+                }
+                _ => return None,
+            }
+            if b.get(i) == Some(&b'.') {
+                let end = digits(b, i + 1);
+                if end == i + 1 {
+                    return None;
+                }
+                i = end;
+            }
+            if matches!(b.get(i), Some(b'e' | b'E')) {
+                i += 1;
+                if matches!(b.get(i), Some(b'+' | b'-')) {
+                    i += 1;
+                }
+                let end = digits(b, i);
+                if end == i || end - i > 3 {
+                    return None;
+                }
+                let exp: u32 = b[i..end]
+                    .iter()
+                    .fold(0, |acc, d| acc * 10 + u32::from(d - b'0'));
+                if exp > 290 {
+                    return None;
+                }
+                i = end;
+            }
+            Some(i)
+        }
+        let mut i = ws(raw, 0);
+        if raw.get(i) != Some(&b'[') {
+            return false;
+        }
+        i = ws(raw, i + 1);
+        if raw.get(i) == Some(&b']') {
+            return dimension == 0 && ws(raw, i + 1) == raw.len();
+        }
+        let mut count = 0usize;
+        loop {
+            match number(raw, i) {
+                Some(end) => i = ws(raw, end),
+                None => return false,
+            }
+            count += 1;
+            match raw.get(i) {
+                Some(b',') => i = ws(raw, i + 1),
+                Some(b']') => return count == dimension && ws(raw, i + 1) == raw.len(),
+                _ => return false,
+            }
+        }
     }
 
     fn this_scanner(body: &[u8], dimension: usize) -> Result<(Vec<u8>, Option<String>), String> {
