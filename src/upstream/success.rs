@@ -581,24 +581,25 @@ const NO_STOP: usize = usize::MAX;
 /// One number of a list at `i` and what follows it: the next number's
 /// start, or, when this number is the last (of the list, or of the first
 /// half when it ends at `stop`), the index of the `]` or of `stop`, with
-/// `true`.
+/// `true`. Whitespace is allowed everywhere JSON allows it, but only
+/// looked for when what comes is not what usually does.
 #[inline(always)]
 fn step(b: &[u8], i: usize, stop: usize) -> Option<(usize, bool)> {
-    let mut i = number_end(b, i)?;
-    if matches!(b.get(i), Some(b' ' | b'\n' | b'\r' | b'\t')) {
-        i = skip_ws(b, i);
-    }
+    let i = match number_end(b, i) {
+        Some(end) => end,
+        None => number_end(b, skip_ws(b, i))?,
+    };
     match b.get(i) {
-        _ if i == stop => Some((i, true)),
-        Some(b',') => {
-            i += 1;
-            if matches!(b.get(i), Some(b' ' | b'\n' | b'\r' | b'\t')) {
-                i = skip_ws(b, i);
+        Some(b',') if i != stop => Some((i + 1, false)),
+        _ => {
+            let i = skip_ws(b, i);
+            match b.get(i) {
+                _ if i == stop => Some((i, true)),
+                Some(b',') => Some((i + 1, false)),
+                Some(b']') => Some((i, true)),
+                _ => None,
             }
-            Some((i, false))
         }
-        Some(b']') => Some((i, true)),
-        _ => None,
     }
 }
 
