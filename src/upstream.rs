@@ -1,7 +1,9 @@
 //! Calls to DashScope: a pooled hyper client (rustls for https, plain http
 //! for tests), the company key, the client's allow-listed headers
 //! ([`crate::forwarded`]), and bounded retries with backoff and jitter
-//! inside the request deadline.
+//! inside the request deadline. A ONE-PEACE success is read in one pass
+//! ([`success`]); other answers become the client's error
+//! ([`upstream_error`]).
 
 use std::time::{Duration, Instant};
 
