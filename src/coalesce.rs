@@ -46,6 +46,9 @@ pub(crate) struct LeaderGuard {
     key: CacheKey,
     tx: watch::Sender<Slot>,
     owner: Arc<Coalescer>,
+    /// The entry is out of the table (by [`LeaderGuard::finish`]); a new
+    /// leader's entry for the same key may be there now.
+    left: bool,
 }
 
 impl Coalescer {
@@ -60,6 +63,7 @@ impl Coalescer {
             key,
             tx,
             owner: self.clone(),
+            left: false,
         })
     }
 
@@ -76,23 +80,31 @@ impl Coalescer {
 }
 
 impl LeaderGuard {
-    /// Publishes the leader's result and leaves the table.
-    pub(crate) fn finish(self, outcome: Outcome) {
+    /// Leaves the table, then publishes the leader's result to the
+    /// followers. Leaving first drops the table's own receiver, so a call
+    /// nobody followed (almost every one) wakes nobody.
+    pub(crate) fn finish(mut self, outcome: Outcome) {
+        self.leave();
+        self.left = true;
         let _ = self.tx.send(Some(outcome));
-        // Drop removes the entry.
+    }
+
+    fn leave(&self) {
+        let mut map = self
+            .owner
+            .inflight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        map.remove(&self.key);
     }
 }
 
 impl Drop for LeaderGuard {
     fn drop(&mut self) {
-        {
-            let mut map = self
-                .owner
-                .inflight
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
-            map.remove(&self.key);
+        if self.left {
+            return;
         }
+        self.leave();
         // A leader dropped mid-call (its task was cancelled) counts as failed.
         self.tx.send_if_modified(|v| {
             if v.is_none() {
@@ -154,6 +166,26 @@ mod tests {
         assert!(matches!(waiter.await, Ok(Outcome::Done(b)) if &b[..] == b"[1]"));
         // The entry is gone: the next request leads again.
         assert!(matches!(c.join(key(1)), Role::Leader(_)));
+    }
+
+    #[test]
+    fn a_finished_leader_leaves_the_next_ones_entry() {
+        let c = Arc::new(Coalescer::default());
+        let Role::Leader(first) = c.join(key(4)) else {
+            panic!("first must lead")
+        };
+        let Role::Follower(f) = c.join(key(4)) else {
+            panic!("second must follow")
+        };
+        first.finish(Outcome::Done(Bytes::from_static(b"[4]")));
+        assert!(matches!(f.borrow().clone(), Some(Outcome::Done(_))));
+        let Role::Leader(next) = c.join(key(4)) else {
+            panic!("after the finish, the next one leads")
+        };
+        assert_eq!(c.len(), 1);
+        assert!(matches!(c.join(key(4)), Role::Follower(_)));
+        drop(next);
+        assert!(c.is_empty());
     }
 
     #[tokio::test]

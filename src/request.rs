@@ -379,7 +379,7 @@ fn not_json(e: serde_json::Error) -> GatewayError {
 /// The fields of `v`, an object that `at` names.
 fn fields<'a>(
     v: &'a RawValue,
-    at: &str,
+    at: &dyn fmt::Display,
 ) -> Result<Vec<(Cow<'a, str>, &'a RawValue)>, GatewayError> {
     let mut de = serde_json::Deserializer::from_str(v.get());
     let f = de
@@ -452,7 +452,7 @@ impl EmbeddingRequest {
         }
         let (mut model, mut input, mut parameters) = (None, None, None);
         let mut extra_raw = Vec::new();
-        for (key, v) in fields(root, "request body")? {
+        for (key, v) in fields(root, &"request body")? {
             match &*key {
                 "model" => model = Some(v),
                 "input" => input = Some(v),
@@ -478,7 +478,7 @@ impl EmbeddingRequest {
         let input = required(input, "input", Kind::Object)?;
         let mut contents = None;
         let mut input_extra_raw = Vec::new();
-        for (key, v) in fields(input, "input")? {
+        for (key, v) in fields(input, &"input")? {
             if key == "contents" {
                 contents = Some(v);
             } else {
@@ -639,13 +639,28 @@ fn factor_value(f: f64) -> Value {
     }
 }
 
+/// `input.contents[i]`, or its `.text`/`.image`/`.audio`, as a refusal
+/// names it.
+struct ItemAt(usize, Option<Modality>);
+
+impl fmt::Display for ItemAt {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "input.contents[{}]", self.0)?;
+        match self.1 {
+            Some(m) => write!(f, ".{}", m.as_str()),
+            None => Ok(()),
+        }
+    }
+}
+
 fn parse_item(
     i: usize,
     raw: &RawValue,
     auto_truncation: bool,
     rules: &ParseRules<'_>,
 ) -> Result<Item, GatewayError> {
-    let at = format!("input.contents[{i}]");
+    // Named in refusals only: not formatted unless one is made.
+    let at = ItemAt(i, None);
     if Kind::of(raw) != Kind::Object {
         return Err(bad(format!(
             "{at} must be an object with one of text, image, audio; got {}",
@@ -687,7 +702,7 @@ fn parse_item(
     let Some((modality, content)) = found else {
         return Err(bad(format!("{at} must have one of text, image, audio")));
     };
-    let at = format!("{at}.{}", modality.as_str());
+    let at = ItemAt(i, Some(modality));
     match modality {
         Modality::Text => {
             if !auto_truncation {
@@ -724,7 +739,7 @@ fn parse_item(
     })
 }
 
-fn parse_factor(at: &str, v: &RawValue) -> Result<f64, GatewayError> {
+fn parse_factor(at: &ItemAt, v: &RawValue) -> Result<f64, GatewayError> {
     let f = match Kind::of(v) {
         Kind::Null => return Ok(1.0),
         // Out of f64's range is the one way a JSON number fails to parse.

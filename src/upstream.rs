@@ -1,12 +1,14 @@
 //! Calls to DashScope: a pooled hyper client (rustls for https, plain http
 //! for tests), the company key, the client's allow-listed headers
 //! ([`crate::forwarded`]), and bounded retries with backoff and jitter
-//! inside the request deadline.
+//! inside the request deadline. A ONE-PEACE success is read in one pass
+//! ([`success`]); other answers become the client's error
+//! ([`upstream_error`]).
 
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use http::header::{HeaderMap, HeaderValue, AUTHORIZATION, CONTENT_TYPE, HOST};
+use http::header::{HeaderMap, HeaderName, HeaderValue, AUTHORIZATION, CONTENT_TYPE, HOST};
 use http::{Method, Request, StatusCode, Uri};
 use http_body::Body as _;
 use http_body_util::{BodyExt, Full};
@@ -33,6 +35,9 @@ const MAX_BACKOFF: Duration = Duration::from_secs(8);
 /// Idle pooled connections are closed after this.
 const POOL_IDLE: Duration = Duration::from_secs(60);
 
+/// The tenant's DashScope workspace, when it has one.
+const WORKSPACE: HeaderName = HeaderName::from_static("x-dashscope-workspace");
+
 /// The embedding endpoint, as the SDK builds it.
 pub(crate) const EMBEDDING_PATH: &str =
     "/api/v1/services/embeddings/multimodal-embedding/multimodal-embedding";
@@ -57,7 +62,8 @@ pub(crate) struct Upstream {
     client: Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>,
     base: Uri,
     host: HeaderValue,
-    key: Option<Secret>,
+    /// `Bearer <company key>`, marked sensitive; made once, not per call.
+    authorization: Option<HeaderValue>,
     timeout: Duration,
     max_retries: u32,
     backoff: Duration,
@@ -94,7 +100,7 @@ impl Upstream {
             client,
             base: cfg.base_url.clone(),
             host,
-            key: cfg.api_key.clone(),
+            authorization: cfg.api_key.as_ref().and_then(bearer),
             timeout: cfg.timeout,
             max_retries: cfg.max_retries,
             backoff: cfg.retry_backoff,
@@ -187,13 +193,9 @@ impl Upstream {
         unknown_outcomes: &mut u32,
     ) -> Result<UpstreamResponse, GatewayError> {
         let uri = self.uri(base, path_and_query)?;
-        let mut headers = self.headers(forwarded, workspace, !body.is_empty());
-        if let Some(host) = base
+        let host = base
             .and_then(|b| b.authority())
-            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-        {
-            headers.insert(HOST, host);
-        }
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok());
         let deadline = Instant::now() + self.timeout;
         let mut attempt = 0u32;
         loop {
@@ -206,7 +208,8 @@ impl Upstream {
                 .uri(uri.clone())
                 .body(Full::new(body.clone()))
                 .map_err(|e| GatewayError::Internal(format!("building upstream request: {e}")))?;
-            *req.headers_mut() = headers.clone();
+            // Made for each attempt rather than cloned: most calls make one.
+            *req.headers_mut() = self.headers(forwarded, workspace, !body.is_empty(), &host);
             // Each attempt its own span, and its `traceparent` upstream.
             let span = crate::telemetry::upstream_span(&method, &uri, attempt, req.headers_mut());
             let started = Instant::now();
@@ -314,25 +317,23 @@ impl Upstream {
     }
 
     /// The client's allow-listed headers, then the gateway's own: the
-    /// company key, the tenant's workspace, the content type.
+    /// host (`host` for a model served in another region), the company
+    /// key, the tenant's workspace, the content type.
     fn headers(
         &self,
         forwarded: &ForwardedHeaders,
         workspace: Option<&str>,
         json_body: bool,
+        host: &Option<HeaderValue>,
     ) -> HeaderMap {
         let mut h = HeaderMap::with_capacity(12);
         forwarded.write_to(&mut h);
-        h.insert(HOST, self.host.clone());
-        if let Some(key) = &self.key {
-            if let Ok(v) = HeaderValue::from_str(&format!("Bearer {}", key.expose())) {
-                let mut v = v;
-                v.set_sensitive(true);
-                h.insert(AUTHORIZATION, v);
-            }
+        h.insert(HOST, host.as_ref().unwrap_or(&self.host).clone());
+        if let Some(v) = &self.authorization {
+            h.insert(AUTHORIZATION, v.clone());
         }
         if let Some(ws) = workspace.and_then(|w| HeaderValue::from_str(w).ok()) {
-            h.insert("x-dashscope-workspace", ws);
+            h.insert(WORKSPACE, ws);
         }
         if json_body {
             h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
@@ -343,6 +344,14 @@ impl Upstream {
         );
         h
     }
+}
+
+/// The `Authorization` value for the company key, marked sensitive (not
+/// logged, not HPACK-indexed); none if the key is not a valid header value.
+fn bearer(key: &Secret) -> Option<HeaderValue> {
+    let mut v = HeaderValue::from_str(&format!("Bearer {}", key.expose())).ok()?;
+    v.set_sensitive(true);
+    Some(v)
 }
 
 /// One logical upstream call: its result, and the attempts whose outcome
