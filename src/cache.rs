@@ -15,7 +15,7 @@
 //!   float text). The first hit of a ONE-PEACE entry asks for it; the
 //!   compaction thread ([`crate::compact`]) makes it once and it replaces
 //!   the text, in memory and in Redis (`eg2:`). gzip hits are built around
-//!   it as it is; identity hits inflate it (~45 µs), unless its text is in
+//!   it as it is; identity hits inflate it (~50 µs), unless its text is in
 //!   the **hot tier**: a small byte-bounded cache of the texts identity
 //!   clients read (`cache.hot_max_bytes`, a part of `memory_max_bytes`).
 //!
