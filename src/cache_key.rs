@@ -195,18 +195,23 @@ impl FamilyKeyBase {
         FamilyKeyBase(e.0)
     }
 
-    /// The key of `items` (one, or a fused request's all).
-    pub(crate) fn key<'v>(&self, items: impl ExactSizeIterator<Item = &'v Value>) -> CacheKey {
+    /// The key of `items` (one, or a fused request's all), each given as
+    /// its [`canonical_json`].
+    pub(crate) fn key<'v>(&self, items: impl ExactSizeIterator<Item = &'v [u8]>) -> CacheKey {
         let mut e = Encoder(self.0.clone());
         e.field(TAG_ITEM_COUNT, &(items.len() as u64).to_be_bytes());
-        let mut buf = String::new();
         for item in items {
-            buf.clear();
-            write_value(item, &mut buf);
-            e.field(TAG_ITEM, buf.as_bytes());
+            e.field(TAG_ITEM, item);
         }
         CacheKey(e.0.finalize().into())
     }
+}
+
+/// `v` as the family keys it: JSON with object keys sorted at every depth.
+pub(crate) fn canonical_json(v: &Value) -> String {
+    let mut out = String::new();
+    write_value(v, &mut out);
+    out
 }
 
 /// An absent header is written as empty: `ForwardedHeaders` never holds a

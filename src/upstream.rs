@@ -5,29 +5,26 @@
 
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http::header::{HeaderMap, HeaderValue, AUTHORIZATION, CONTENT_TYPE, HOST};
 use http::{Method, Request, StatusCode, Uri};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body::Body as _;
+use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use rand::Rng;
 use tracing::Instrument;
 
-use serde::Deserialize;
-use serde_json::value::RawValue;
-
-use crate::cache::valid_embedding;
 use crate::config::UpstreamConfig;
 use crate::error::GatewayError;
 use crate::forwarded::ForwardedHeaders;
-use crate::metering::Usage;
 use crate::metrics::Metrics;
-use crate::request::{Counts, Modality};
-use crate::request_id;
 use crate::secret::Secret;
 use std::sync::Arc;
+
+mod success;
+pub(crate) use success::{parse_success, Success};
 
 /// Largest upstream answer we read; an embedding is ~30 KB.
 const MAX_UPSTREAM_BODY: usize = 16 * 1024 * 1024;
@@ -216,11 +213,7 @@ impl Upstream {
             let outcome = tokio::time::timeout(remaining, async {
                 let resp = self.client.request(req).await?;
                 let (parts, body) = resp.into_parts();
-                let body = Limited::new(body, MAX_UPSTREAM_BODY)
-                    .collect()
-                    .await
-                    .map(|c| c.to_bytes())
-                    .map_err(|e| AttemptError::Body(e.to_string()))?;
+                let body = read_body(body).await?;
                 Ok::<_, AttemptError>(UpstreamResponse {
                     status: parts.status,
                     headers: parts.headers,
@@ -403,6 +396,29 @@ impl std::fmt::Display for AttemptError {
     }
 }
 
+/// Upstream's body, up to [`MAX_UPSTREAM_BODY`], in one buffer of exactly
+/// its size: a success's vector is cached as a slice of it, which must not
+/// keep a larger buffer (hyper's read buffer, a doubled `Vec`) alive.
+async fn read_body(mut body: hyper::body::Incoming) -> Result<Bytes, AttemptError> {
+    let hint = usize::try_from(body.size_hint().lower()).unwrap_or(MAX_UPSTREAM_BODY);
+    let mut buf = BytesMut::with_capacity(hint.min(MAX_UPSTREAM_BODY));
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| AttemptError::Body(e.to_string()))?;
+        if let Some(data) = frame.data_ref() {
+            if buf.len() + data.len() > MAX_UPSTREAM_BODY {
+                return Err(AttemptError::Body("length limit exceeded".into()));
+            }
+            buf.extend_from_slice(data);
+        }
+    }
+    if buf.capacity() == buf.len() {
+        Ok(buf.freeze())
+    } else {
+        // No length, or a wrong one: never more than the body is kept.
+        Ok(Bytes::copy_from_slice(&buf))
+    }
+}
+
 /// Upstream's `retry-after-ms` / `retry-after` (seconds), capped. A value
 /// that is not a finite number (`NaN`, `inf`, garbage) is ignored.
 fn retry_after(h: &HeaderMap) -> Option<Duration> {
@@ -472,124 +488,9 @@ fn default_code(status: StatusCode) -> &'static str {
     }
 }
 
-pub(crate) struct Success {
-    /// Upstream's body, passed to the client as is.
-    pub(crate) body: Bytes,
-    /// `output.embedding` as upstream wrote it.
-    pub(crate) embedding: Bytes,
-    pub(crate) request_id: String,
-    /// Upstream's `usage` block, when it had a readable one.
-    pub(crate) usage: Option<Usage>,
-}
-
-/// Accepts only a real success: no `code`, a numeric `output.embedding` of
-/// the expected length.
-pub(crate) fn parse_success(body: Bytes, dimension: usize) -> Result<Success, GatewayError> {
-    #[derive(Deserialize)]
-    struct Up<'a> {
-        #[serde(borrow)]
-        output: Option<UpOutput<'a>>,
-        usage: Option<serde_json::Value>,
-        request_id: Option<String>,
-        code: Option<serde_json::Value>,
-        message: Option<String>,
-    }
-    #[derive(Deserialize)]
-    struct UpOutput<'a> {
-        #[serde(borrow)]
-        embedding: Option<&'a RawValue>,
-    }
-    let up: Up<'_> = serde_json::from_slice(&body)
-        .map_err(|e| GatewayError::BadGateway(format!("upstream 200 is not JSON: {e}")))?;
-    let code = match &up.code {
-        Some(serde_json::Value::String(c)) if !c.is_empty() => Some(c.clone()),
-        Some(serde_json::Value::Null) | None => None,
-        Some(serde_json::Value::String(_)) => None,
-        Some(other) => Some(other.to_string()),
-    };
-    if let Some(code) = code {
-        return Err(GatewayError::Upstream {
-            status: StatusCode::BAD_GATEWAY,
-            code,
-            message: up.message.unwrap_or_default(),
-            request_id: up.request_id,
-        });
-    }
-    let Some(raw) = up.output.and_then(|o| o.embedding) else {
-        return Err(GatewayError::BadGateway(
-            "upstream 200 without output.embedding".into(),
-        ));
-    };
-    if !valid_embedding(raw.get().as_bytes(), dimension) {
-        return Err(GatewayError::BadGateway(format!(
-            "upstream 200 whose output.embedding is not {dimension} numbers"
-        )));
-    }
-    let embedding = Bytes::copy_from_slice(raw.get().as_bytes());
-    let usage = up.usage.as_ref().and_then(parse_usage);
-    let request_id = up.request_id.unwrap_or_else(request_id::fresh);
-    Ok(Success {
-        body,
-        embedding,
-        request_id,
-        usage,
-    })
-}
-
-/// Upstream's `usage`: `{"text":{"measure":1,"weight":1},…}`.
-fn parse_usage(v: &serde_json::Value) -> Option<Usage> {
-    let obj = v.as_object()?;
-    let mut items = Counts::default();
-    let mut units = Counts::default();
-    for m in Modality::ALL {
-        if let Some(entry) = obj.get(m.as_str()) {
-            let measure = entry.get("measure")?.as_u64()?;
-            let weight = entry.get("weight")?.as_u64()?;
-            items.set(m, measure);
-            units.set(m, measure * weight);
-        }
-    }
-    (!items.is_empty()).then_some(Usage { items, units })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn success_requires_a_real_embedding() {
-        let ok = Bytes::from_static(
-            br#"{"output":{"embedding":[0.5,1,2]},"usage":{"text":{"measure":1,"weight":1},"audio":{"measure":2,"weight":2},"total_usage":5},"request_id":"r1"}"#,
-        );
-        let s = parse_success(ok, 3).unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(&s.embedding[..], b"[0.5,1,2]");
-        assert_eq!(s.request_id, "r1");
-        let usage = s.usage.unwrap();
-        assert_eq!(usage.items.get(Modality::Audio), 2);
-        assert_eq!(usage.units.get(Modality::Audio), 4);
-
-        let coded = Bytes::from_static(
-            br#"{"code":"InvalidParameter","message":"bad","request_id":"r2","output":{"embedding":[1,2,3]}}"#,
-        );
-        assert!(
-            matches!(parse_success(coded, 3), Err(GatewayError::Upstream { code, .. }) if code == "InvalidParameter")
-        );
-        let short = Bytes::from_static(br#"{"output":{"embedding":[1,2]}}"#);
-        assert!(matches!(
-            parse_success(short, 3),
-            Err(GatewayError::BadGateway(_))
-        ));
-        let strings = Bytes::from_static(br#"{"output":{"embedding":["1","2","3"]}}"#);
-        assert!(matches!(
-            parse_success(strings, 3),
-            Err(GatewayError::BadGateway(_))
-        ));
-        let none = Bytes::from_static(br#"{"output":{}}"#);
-        assert!(matches!(
-            parse_success(none, 3),
-            Err(GatewayError::BadGateway(_))
-        ));
-    }
 
     #[test]
     fn error_passthrough_keeps_upstream_fields() {

@@ -1,19 +1,18 @@
-//! What the family's cache holds, how upstream's answer is read into it,
-//! and how an answer is written from entries.
+//! What the family's cache holds (upstream's answer objects, read by
+//! [`answer`](super::answer)), and how an answer is written from entries.
 //!
 //! An [`Entry`] is one item's answer (per-item models) or a whole request's
 //! (fused models): each answer object's fields as upstream wrote them
 //! (vectors byte for byte), less its index, plus the units it cost. A
 //! merged answer renumbers the objects in the client's order.
 
+use std::ops::Range;
+
 use base64::Engine as _;
 use bytes::{BufMut, Bytes, BytesMut};
 use serde_json::value::RawValue;
-use serde_json::Value;
 
 use super::parse::Api;
-use crate::cache::valid_embedding;
-use crate::error::GatewayError;
 use crate::metering::Usage;
 use crate::request::Modality;
 
@@ -27,6 +26,16 @@ pub(crate) struct Out {
     pub(crate) index_first: bool,
     /// `"k":v` pairs, comma-separated, as upstream wrote them.
     pub(crate) fields: Bytes,
+}
+
+#[cfg(test)]
+impl Out {
+    pub(crate) fn as_ref(&self) -> OutRef<'_> {
+        OutRef {
+            index_first: self.index_first,
+            fields: &self.fields,
+        }
+    }
 }
 
 /// A cached answer (one item's, or a fused request's whole).
@@ -43,7 +52,8 @@ pub(crate) struct Entry {
 }
 
 impl Entry {
-    pub(crate) fn encode(&self) -> Bytes {
+    /// Encoded, and read in place as the cache will hand it back.
+    pub(crate) fn store(&self) -> Stored {
         let size: usize = self.outs.iter().map(|o| o.fields.len() + 24).sum();
         let mut b = BytesMut::with_capacity(size + 96);
         b.put_slice(MAGIC);
@@ -57,239 +67,181 @@ impl Entry {
         }
         head.push_str(&format!(" {}\n", self.outs.len()));
         b.put_slice(head.as_bytes());
-        for o in &self.outs {
+        let mut first = (false, 0..0);
+        let mut second = b.len();
+        for (i, o) in self.outs.iter().enumerate() {
             b.put_slice(format!("{} {}\n", u8::from(o.index_first), o.fields.len()).as_bytes());
+            if i == 0 {
+                first = (o.index_first, b.len()..b.len() + o.fields.len());
+                second = first.1.end;
+            }
             b.put_slice(&o.fields);
         }
-        b.freeze()
+        Stored {
+            raw: b.freeze(),
+            usage: self.usage,
+            images: self.images,
+            outs: self.outs.len(),
+            first,
+            second,
+        }
     }
 
+    /// True for a whole entry of this version (what [`Stored::read`]
+    /// accepts), without copying it.
+    pub(crate) fn is_whole(raw: &[u8]) -> bool {
+        walk(raw).is_some()
+    }
+}
+
+/// An entry as the cache holds it, read in place: its header, and its
+/// answer objects left where they are in `raw`.
+#[derive(Debug, Clone)]
+pub(crate) struct Stored {
+    raw: Bytes,
+    pub(crate) usage: Usage,
+    pub(crate) images: u64,
+    /// Answer objects in it (1 for a per-item entry).
+    pub(crate) outs: usize,
+    /// The first object: its index comes first, its fields.
+    first: (bool, Range<usize>),
+    /// Where the second object's line starts.
+    second: usize,
+}
+
+/// One answer object of a [`Stored`] entry.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct OutRef<'a> {
+    pub(crate) index_first: bool,
+    pub(crate) fields: &'a [u8],
+}
+
+impl Stored {
     /// `None` for anything that is not a whole entry of this version.
-    pub(crate) fn decode(raw: &Bytes) -> Option<Entry> {
-        let (exact, images, usage, spans) = layout(raw)?;
-        Some(Entry {
-            exact,
-            usage,
-            images,
-            outs: spans
-                .into_iter()
-                .map(|(index_first, at)| Out {
-                    index_first,
-                    fields: raw.slice(at),
-                })
-                .collect(),
+    pub(crate) fn read(raw: Bytes) -> Option<Stored> {
+        let (head, first, second) = walk(&raw)?;
+        Some(Stored {
+            usage: head.usage,
+            images: head.images,
+            outs: head.outs,
+            first,
+            second,
+            raw,
         })
     }
 
-    /// True for a whole entry of this version (what [`decode`](Entry::decode)
-    /// accepts), without copying it.
-    pub(crate) fn is_whole(raw: &[u8]) -> bool {
-        layout(raw).is_some()
+    /// The answer objects, in order.
+    pub(crate) fn outs(&self) -> impl Iterator<Item = OutRef<'_>> + '_ {
+        let mut at = self.second;
+        (0..self.outs).map_while(move |i| {
+            if i == 0 {
+                return Some(self.first_out());
+            }
+            let (out, next) = out_at(&self.raw, at)?;
+            at = next;
+            Some(out)
+        })
+    }
+
+    /// The first answer object (a per-item entry's only one).
+    pub(crate) fn first_out(&self) -> OutRef<'_> {
+        OutRef {
+            index_first: self.first.0,
+            fields: &self.raw[self.first.1.clone()],
+        }
+    }
+
+    /// The entry as stored (what coalesced followers are handed).
+    pub(crate) fn raw(&self) -> &Bytes {
+        &self.raw
     }
 }
 
-/// An entry's header and where each answer object's fields are.
-type Layout = (bool, u64, Usage, Vec<(bool, std::ops::Range<usize>)>);
+/// An entry's header line.
+struct Header {
+    images: u64,
+    usage: Usage,
+    outs: usize,
+}
 
-fn layout(raw: &[u8]) -> Option<Layout> {
-    let rest = raw.strip_prefix(MAGIC)?;
-    let nl = rest.iter().position(|&b| b == b'\n')?;
-    let head = std::str::from_utf8(&rest[..nl]).ok()?;
-    let mut f = head.split(' ').map(|s| s.parse::<u64>());
-    let exact = f.next()?.ok()? == 1;
-    let images = f.next()?.ok()?;
+/// The header of a whole entry, its first object (index first, fields),
+/// and where the second object's line starts.
+fn walk(raw: &[u8]) -> Option<(Header, (bool, Range<usize>), usize)> {
+    let (head, at) = header(raw)?;
+    let (out, second) = out_at(raw, at)?;
+    let first = (out.index_first, second - out.fields.len()..second);
+    let mut at = second;
+    for _ in 1..head.outs {
+        at = out_at(raw, at)?.1;
+    }
+    (at == raw.len()).then_some((head, first, second))
+}
+
+/// The header, and where the first object's line starts.
+fn header(raw: &[u8]) -> Option<(Header, usize)> {
+    if !raw.starts_with(MAGIC) {
+        return None;
+    }
+    let mut c = Cursor {
+        raw,
+        at: MAGIC.len(),
+    };
+    // Whether the units are exact: written for whoever reads the cache.
+    c.num(b' ')?;
+    let images = c.num(b' ')?;
     let mut usage = Usage::default();
     for m in Modality::ALL {
-        usage.items.set(m, f.next()?.ok()?);
-        usage.units.set(m, f.next()?.ok()?);
+        usage.items.set(m, c.num(b' ')?);
+        usage.units.set(m, c.num(b' ')?);
     }
-    let n = usize::try_from(f.next()?.ok()?).ok()?;
-    if f.next().is_some() || n == 0 || n > 4096 {
+    let outs = usize::try_from(c.num(b'\n')?).ok()?;
+    if outs == 0 || outs > 4096 {
         return None;
     }
-    let mut at = MAGIC.len() + nl + 1;
-    let mut spans = Vec::with_capacity(n);
-    for _ in 0..n {
-        let line_end = at + raw.get(at..)?.iter().position(|&b| b == b'\n')?;
-        let line = std::str::from_utf8(&raw[at..line_end]).ok()?;
-        let (first, len) = line.split_once(' ')?;
-        let len: usize = len.parse().ok()?;
-        let start = line_end + 1;
-        let end = start.checked_add(len)?;
-        if end > raw.len() {
-            return None;
-        }
-        spans.push((first == "1", start..end));
-        at = end;
-    }
-    (at == raw.len()).then_some((exact, images, usage, spans))
-}
-
-/// Upstream's successful answer, read once.
-pub(crate) struct Answer {
-    /// One object per item sent (per-item), or the fused object(s), in
-    /// index order.
-    pub(crate) outs: Vec<Out>,
-    /// Upstream's `usage` object, as sent.
-    pub(crate) usage: Option<Value>,
-    pub(crate) request_id: String,
-}
-
-fn unusable(why: impl Into<String>) -> GatewayError {
-    GatewayError::BadGateway(format!(
-        "upstream answered 200 without a usable embedding: {}",
-        why.into()
-    ))
-}
-
-#[derive(serde::Deserialize)]
-struct Wire<'a> {
-    #[serde(borrow)]
-    output: Option<&'a RawValue>,
-    #[serde(borrow)]
-    data: Option<&'a RawValue>,
-    usage: Option<Value>,
-    request_id: Option<String>,
-    id: Option<String>,
-    code: Option<Value>,
-}
-
-#[derive(serde::Deserialize)]
-struct WireOutput<'a> {
-    #[serde(borrow)]
-    embeddings: Option<Vec<&'a RawValue>>,
-}
-
-/// Reads a 200 from upstream: `expect` objects (items sent, or 1 when
-/// fused), each with a dense vector of `dimension` numbers when `dense`.
-pub(crate) fn parse_answer(
-    body: &[u8],
-    api: Api,
-    expect: Option<usize>,
-    dimension: usize,
-    dense: bool,
-) -> Result<Answer, GatewayError> {
-    let wire: Wire<'_> =
-        serde_json::from_slice(body).map_err(|e| unusable(format!("not JSON ({e})")))?;
-    if wire
-        .code
-        .as_ref()
-        .is_some_and(|c| !matches!(c, Value::Null) && c.as_str() != Some(""))
-    {
-        return Err(unusable("it carries an error code"));
-    }
-    let list: Vec<&RawValue> = match api {
-        Api::Compatible => wire
-            .data
-            .and_then(|d| serde_json::from_str::<Vec<&RawValue>>(d.get()).ok())
-            .ok_or_else(|| unusable("no data list"))?,
-        Api::Text | Api::Multimodal => wire
-            .output
-            .and_then(|o| serde_json::from_str::<WireOutput<'_>>(o.get()).ok())
-            .and_then(|o| o.embeddings)
-            .ok_or_else(|| unusable("no output.embeddings list"))?,
-    };
-    if list.is_empty() || expect.is_some_and(|n| n != list.len()) {
-        return Err(unusable(format!(
-            "{} embeddings for {} items",
-            list.len(),
-            expect.map_or("some".to_string(), |n| n.to_string())
-        )));
-    }
-    let index_field = api.index_field();
-    let mut slots: Vec<Option<Out>> = vec![None; list.len()];
-    for obj in list {
-        let fields: Vec<(String, &RawValue)> = serde_json::from_str::<RawFields<'_>>(obj.get())
-            .map(|f| f.0)
-            .map_err(|_| unusable("an embedding is not an object"))?;
-        let mut index = None;
-        let mut index_first = false;
-        let mut out = BytesMut::new();
-        let mut has_vector = false;
-        for (pos, (k, v)) in fields.iter().enumerate() {
-            if k == index_field {
-                index = v.get().parse::<usize>().ok();
-                index_first = pos == 0;
-                continue;
-            }
-            if k == "embedding" {
-                let ok = match api {
-                    // A base64 string despite asking for floats: decoded.
-                    Api::Compatible if v.get().starts_with('"') => false,
-                    _ => valid_embedding(v.get().as_bytes(), dimension),
-                };
-                if !ok {
-                    if let Some(floats) = (api == Api::Compatible)
-                        .then(|| decode_base64_vector(v.get(), dimension))
-                        .flatten()
-                    {
-                        push_field(&mut out, k, floats.as_bytes());
-                        has_vector = true;
-                        continue;
-                    }
-                    return Err(unusable(format!("a vector is not {dimension} numbers")));
-                }
-                has_vector = true;
-            }
-            push_field(&mut out, k, v.get().as_bytes());
-        }
-        if dense && !has_vector {
-            return Err(unusable("an item has no embedding"));
-        }
-        let i = index
-            .filter(|&i| i < slots.len())
-            .ok_or_else(|| unusable(format!("an item has no valid {index_field}")))?;
-        if slots[i].is_some() {
-            return Err(unusable(format!("{index_field} {i} repeated")));
-        }
-        slots[i] = Some(Out {
-            index_first,
-            fields: out.freeze(),
-        });
-    }
-    let outs = slots
-        .into_iter()
-        .collect::<Option<Vec<_>>>()
-        .ok_or_else(|| unusable("indices are not 0..n"))?;
-    Ok(Answer {
+    let head = Header {
+        images,
+        usage,
         outs,
-        usage: wire.usage,
-        request_id: wire.request_id.or(wire.id).unwrap_or_default(),
-    })
+    };
+    Some((head, c.at))
 }
 
-fn push_field(out: &mut BytesMut, key: &str, raw: &[u8]) {
-    if !out.is_empty() {
-        out.put_u8(b',');
-    }
-    if let Ok(k) = serde_json::to_string(key) {
-        out.put_slice(k.as_bytes());
-    }
-    out.put_u8(b':');
-    out.put_slice(raw);
+/// The object whose line starts at `at`, and where the next line starts.
+fn out_at(raw: &[u8], at: usize) -> Option<(OutRef<'_>, usize)> {
+    let mut c = Cursor { raw, at };
+    let index_first = c.num(b' ')? == 1;
+    let len = usize::try_from(c.num(b'\n')?).ok()?;
+    let end = c.at.checked_add(len)?;
+    let fields = raw.get(c.at..end)?;
+    let out = OutRef {
+        index_first,
+        fields,
+    };
+    Some((out, end))
 }
 
-/// A JSON string of base64 little-endian f32s as a JSON list of numbers.
-fn decode_base64_vector(raw: &str, dimension: usize) -> Option<String> {
-    let s: String = serde_json::from_str(raw).ok()?;
-    let bytes = base64::engine::general_purpose::STANDARD.decode(s).ok()?;
-    if bytes.len() != dimension * 4 {
-        return None;
-    }
-    let mut out = String::with_capacity(dimension * 12);
-    out.push('[');
-    for (i, c) in bytes.chunks_exact(4).enumerate() {
-        if i > 0 {
-            out.push(',');
+/// Reads the decimal numbers of an entry's header lines.
+struct Cursor<'a> {
+    raw: &'a [u8],
+    at: usize,
+}
+
+impl Cursor<'_> {
+    /// A number of 1 to 19 digits, then `end`.
+    fn num(&mut self, end: u8) -> Option<u64> {
+        let start = self.at;
+        let mut n = 0u64;
+        loop {
+            let b = *self.raw.get(self.at)?;
+            self.at += 1;
+            let digits = self.at - start;
+            match b {
+                b'0'..=b'9' if digits <= 19 => n = n * 10 + u64::from(b - b'0'),
+                _ if b == end && digits > 1 => return Some(n),
+                _ => return None,
+            }
         }
-        let f = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
-        if !f.is_finite() {
-            return None;
-        }
-        out.push_str(&f.to_string());
     }
-    out.push(']');
-    Some(out)
 }
 
 /// A JSON list of numbers as a JSON string of base64 little-endian f32s
@@ -307,16 +259,21 @@ fn encode_base64_vector(raw: &[u8]) -> Option<String> {
 }
 
 /// Writes one answer object at position `index`.
-fn write_out(b: &mut BytesMut, api: Api, o: &Out, index: usize, base64: bool) {
-    let idx = format!("\"{}\":{index}", api.index_field());
+fn write_out(b: &mut BytesMut, api: Api, o: OutRef<'_>, index: usize, base64: bool) {
+    let write_index = |b: &mut BytesMut| {
+        b.put_u8(b'"');
+        b.put_slice(api.index_field().as_bytes());
+        b.put_slice(b"\":");
+        put_decimal(b, index);
+    };
     b.put_u8(b'{');
     if o.index_first {
-        b.put_slice(idx.as_bytes());
+        write_index(b);
         b.put_u8(b',');
     }
     if base64 {
         // Rewrite `embedding` only; other fields as stored.
-        let wrapped = format!("{{{}}}", String::from_utf8_lossy(&o.fields));
+        let wrapped = format!("{{{}}}", String::from_utf8_lossy(o.fields));
         let mut first = true;
         if let Ok(RawFields(fields)) = serde_json::from_str::<RawFields<'_>>(&wrapped) {
             for (k, v) in fields {
@@ -338,17 +295,32 @@ fn write_out(b: &mut BytesMut, api: Api, o: &Out, index: usize, base64: bool) {
             }
         }
     } else {
-        b.put_slice(&o.fields);
+        b.put_slice(o.fields);
     }
     if !o.index_first {
         b.put_u8(b',');
-        b.put_slice(idx.as_bytes());
+        write_index(b);
     }
     b.put_u8(b'}');
 }
 
+/// `n` in decimal, without a `format!`.
+fn put_decimal(b: &mut BytesMut, mut n: usize) {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    b.put_slice(&digits[at..]);
+}
+
 /// An object's fields in order, values unparsed.
-struct RawFields<'a>(Vec<(String, &'a RawValue)>);
+pub(super) struct RawFields<'a>(pub(super) Vec<(String, &'a RawValue)>);
 
 impl<'de> serde::Deserialize<'de> for RawFields<'de> {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -399,7 +371,7 @@ pub(crate) fn usage_json(api: Api, usage: &Usage, images: u64) -> String {
 pub(crate) fn render(
     api: Api,
     model: &str,
-    outs: &[&Out],
+    outs: &[OutRef<'_>],
     usage: &str,
     request_id: &str,
     base64: bool,
@@ -414,7 +386,7 @@ pub(crate) fn render(
         if i > 0 {
             b.put_u8(b',');
         }
-        write_out(&mut b, api, o, i, base64);
+        write_out(&mut b, api, *o, i, base64);
     }
     match api {
         Api::Compatible => {
@@ -442,6 +414,8 @@ pub(crate) fn render(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::family::answer::parse_answer;
+    use serde_json::Value;
 
     #[test]
     fn entries_round_trip() {
@@ -457,10 +431,51 @@ mod tests {
                 fields: Bytes::from_static(b"\"embedding\":[1,2]"),
             }],
         };
-        let raw = e.encode();
-        assert_eq!(Entry::decode(&raw), Some(e));
-        assert_eq!(Entry::decode(&raw.slice(..raw.len() - 1)), None);
-        assert_eq!(Entry::decode(&Bytes::from_static(b"[1,2]")), None);
+        let raw = e.store().raw().clone();
+        assert_eq!(
+            &raw[..],
+            b"egi1 1 0 1 7 0 0 0 0 0 0 1\n0 17\n\"embedding\":[1,2]"
+        );
+        let s = Stored::read(raw.clone()).unwrap();
+        assert_eq!((s.usage, s.images, s.outs), (usage, 0, 1));
+        let out = s.first_out();
+        assert_eq!(
+            (out.index_first, out.fields),
+            (false, &e.outs[0].fields[..])
+        );
+        assert!(Entry::is_whole(&raw));
+        for cut in 0..raw.len() {
+            assert!(Stored::read(raw.slice(..cut)).is_none(), "{cut}");
+        }
+        let mut long = raw.to_vec();
+        long.push(b'x');
+        assert!(Stored::read(Bytes::from(long)).is_none());
+        assert!(Stored::read(Bytes::from_static(b"[1,2]")).is_none());
+        assert!(Stored::read(Bytes::from_static(b"egi1 1 0 1 7 0 0 0 0 0 0 0\n")).is_none());
+        // Fused: several objects, in order.
+        let two = Entry {
+            outs: vec![
+                e.outs[0].clone(),
+                Out {
+                    index_first: true,
+                    fields: Bytes::from_static(b"\"e\":[3]"),
+                },
+            ],
+            ..e.clone()
+        };
+        let stored = two.store();
+        let s = Stored::read(stored.raw().clone()).unwrap();
+        let outs: Vec<(bool, &[u8])> = s.outs().map(|o| (o.index_first, o.fields)).collect();
+        let written: Vec<(bool, &[u8])> =
+            stored.outs().map(|o| (o.index_first, o.fields)).collect();
+        assert_eq!(outs, written);
+        assert_eq!(
+            outs,
+            [
+                (false, &b"\"embedding\":[1,2]"[..]),
+                (true, &b"\"e\":[3]"[..])
+            ]
+        );
     }
 
     #[test]
@@ -471,7 +486,7 @@ mod tests {
         let merged = render(
             Api::Text,
             "m",
-            &[&a.outs[1], &a.outs[0]],
+            &[a.outs[1].as_ref(), a.outs[0].as_ref()],
             "{\"total_tokens\":4}",
             "x",
             false,
@@ -496,7 +511,14 @@ mod tests {
     fn multimodal_keeps_index_first_and_type() {
         let body = br#"{"output":{"embeddings":[{"index":0,"embedding":[1,2],"type":"image"}]},"usage":{"input_tokens":256,"image_tokens":256}}"#;
         let a = parse_answer(body, Api::Multimodal, Some(1), 2, true).unwrap();
-        let out = render(Api::Multimodal, "m", &[&a.outs[0]], "{}", "r", false);
+        let out = render(
+            Api::Multimodal,
+            "m",
+            &[a.outs[0].as_ref()],
+            "{}",
+            "r",
+            false,
+        );
         assert!(out.starts_with(
             br#"{"output":{"embeddings":[{"index":0,"embedding":[1,2],"type":"image"}]}"#
         ));
@@ -506,7 +528,7 @@ mod tests {
     fn compatible_base64_round_trip() {
         let body = br#"{"data":[{"embedding":[0.5,-1.25],"index":0,"object":"embedding"}],"model":"m","object":"list","usage":{"prompt_tokens":1,"total_tokens":1}}"#;
         let a = parse_answer(body, Api::Compatible, Some(1), 2, true).unwrap();
-        let out = render(Api::Compatible, "m", &[&a.outs[0]], "{}", "r", true);
+        let out = render(Api::Compatible, "m", &[a.outs[0].as_ref()], "{}", "r", true);
         let v: Value = serde_json::from_slice(&out).unwrap();
         let s = v["data"][0]["embedding"].as_str().unwrap();
         let bytes = base64::engine::general_purpose::STANDARD.decode(s).unwrap();

@@ -24,6 +24,7 @@
 //!    `X-Cache: HIT` (no upstream call), `MISS` (every item forwarded) or
 //!    `PARTIAL`.
 
+pub(crate) mod answer;
 pub(crate) mod entry;
 pub(crate) mod parse;
 pub(crate) mod usage;
@@ -32,7 +33,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http::{HeaderMap, HeaderValue, Method, Response, StatusCode};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Response, StatusCode};
 use tokio::sync::{watch, OwnedSemaphorePermit};
 use tracing::Instrument;
 
@@ -44,13 +45,13 @@ use crate::coalesce::{self, Outcome, Role};
 use crate::config::CacheScope;
 use crate::error::{Fault, GatewayError};
 use crate::forwarded::ForwardedHeaders;
-use crate::metering::{CacheStatus, ModelName, Reconciled};
+use crate::metering::{CacheStatus, ModelName, Reconciled, Usage};
 use crate::response;
 use crate::telemetry::{self, TARGET};
 use crate::tenants::Tenant;
 use crate::upstream::{upstream_error, COMPATIBLE_PATH, EMBEDDING_PATH, TEXT_EMBEDDING_PATH};
 
-use entry::{Entry, Out};
+use entry::{Entry, OutRef, Stored};
 pub(crate) use parse::{peek_model, Api, FamilyRequest};
 
 /// `X-Cache` of a family answer.
@@ -60,6 +61,9 @@ enum Served {
     Partial,
     Miss,
 }
+
+const X_CACHE: HeaderName = HeaderName::from_static("x-cache");
+const X_USAGE_BILLED: HeaderName = HeaderName::from_static("x-usage-billed");
 
 /// What the request path learned, for the response headers.
 #[derive(Default)]
@@ -75,9 +79,16 @@ struct Seen {
 /// One cache unit of a request: a distinct item, or the whole request.
 struct Unit {
     key: CacheKey,
-    /// Item positions it answers (a repeated item answers several).
-    positions: Vec<usize>,
+    /// The first item position it answers: the one sent upstream for it.
+    first: usize,
+    /// Answers it gives: one per position of its item (a repeated item
+    /// answers several), or one for a fused request's whole.
+    answers: u64,
 }
+
+/// Up to this many items, a repeated item is found by comparing keys, not
+/// through a hash map.
+const SCAN_UNITS: usize = 32;
 
 /// `POST …/text-embedding`: a synchronous text request, or with
 /// `X-DashScope-Async: enable` a batch task's submit.
@@ -165,7 +176,7 @@ pub(crate) async fn respond(
     let h = r.headers_mut();
     if let Some(s) = seen.served {
         h.insert(
-            "x-cache",
+            X_CACHE,
             HeaderValue::from_static(match s {
                 Served::Hit => "HIT",
                 Served::Partial => "PARTIAL",
@@ -179,8 +190,7 @@ pub(crate) async fn respond(
         });
     }
     if let Some(b) = seen.billed {
-        r.headers_mut()
-            .insert("x-usage-billed", HeaderValue::from(b));
+        r.headers_mut().insert(X_USAGE_BILLED, HeaderValue::from(b));
     }
     if let Some(q) = seen.quota_remaining {
         response::set_quota_header(r.headers_mut(), q);
@@ -231,8 +241,8 @@ fn scope_of<'a>(app: &App, tenant: &'a Tenant) -> KeyScope<'a> {
 }
 
 /// Per-item entries hold exactly one answer object.
-fn decode_unit(raw: &Bytes, fused: bool) -> Option<Entry> {
-    Entry::decode(raw).filter(|e| fused || e.outs.len() == 1)
+fn decode_unit(raw: Bytes, fused: bool) -> Option<Stored> {
+    Stored::read(raw).filter(|e| fused || e.outs == 1)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -268,23 +278,41 @@ async fn answer(
         input_extra: &req.input_extra,
     };
     let base = FamilyKeyBase::new(scope, tenant.workspace.as_deref(), &parts, &forwarded);
-    let units: Vec<Unit> = if req.fused {
+    let fused = req.fused;
+    // Per item position, the unit that answers it.
+    let mut unit_of: Vec<usize> = Vec::with_capacity(req.items.len());
+    let units: Vec<Unit> = if fused {
+        unit_of.resize(req.items.len(), 0);
         vec![Unit {
-            key: base.key(req.items.iter().map(|i| &i.raw)),
-            positions: (0..req.items.len()).collect(),
+            key: base.key(req.items.iter().map(|i| &i.json[..])),
+            first: 0,
+            answers: 1,
         }]
     } else {
+        let scan = req.items.len() <= SCAN_UNITS;
         let mut units: Vec<Unit> = Vec::with_capacity(req.items.len());
         let mut by_key: HashMap<CacheKey, usize> = HashMap::new();
         for (pos, item) in req.items.iter().enumerate() {
-            let key = base.key(std::iter::once(&item.raw));
-            match by_key.get(&key) {
-                Some(&u) => units[u].positions.push(pos),
+            let key = base.key(std::iter::once(&item.json[..]));
+            let known = if scan {
+                units.iter().position(|u| u.key == key)
+            } else {
+                by_key.get(&key).copied()
+            };
+            match known {
+                Some(u) => {
+                    units[u].answers += 1;
+                    unit_of.push(u);
+                }
                 None => {
-                    by_key.insert(key, units.len());
+                    if !scan {
+                        by_key.insert(key, units.len());
+                    }
+                    unit_of.push(units.len());
                     units.push(Unit {
                         key,
-                        positions: vec![pos],
+                        first: pos,
+                        answers: 1,
                     });
                 }
             }
@@ -292,10 +320,9 @@ async fn answer(
         units
     };
     let cc = crate::embeddings::cache_control(headers);
-    let fused = req.fused;
 
     // 3. lookup and coalescing
-    let mut found: Vec<Option<Entry>> = vec![None; units.len()];
+    let mut found: Vec<Option<Stored>> = units.iter().map(|_| None).collect();
     let mut lead: Vec<(usize, Option<coalesce::LeaderGuard>)> = Vec::new();
     let mut follow: Vec<(usize, watch::Receiver<coalesce::Slot>)> = Vec::new();
     // One span over every unit's lookup (entered by each).
@@ -315,7 +342,7 @@ async fn answer(
             .instrument(lookup.clone())
             .await
         {
-            if let Some(e) = decode_unit(&raw, fused) {
+            if let Some(e) = decode_unit(raw, fused) {
                 found[u] = Some(e);
                 continue;
             }
@@ -325,7 +352,7 @@ async fn answer(
                 // The previous leader may have stored it since the lookup.
                 let again = app.cache.get_with(&unit.key, |_| true);
                 if let Lookup::Hit(raw) = again.instrument(lookup.clone()).await {
-                    if let Some(e) = decode_unit(&raw, fused) {
+                    if let Some(e) = decode_unit(raw.clone(), fused) {
                         g.finish(Outcome::Done(raw));
                         found[u] = Some(e);
                         continue;
@@ -366,7 +393,7 @@ async fn answer(
     for (u, rx) in follow {
         let wait = tracing::debug_span!(target: TARGET, "coalesce.wait");
         match coalesce::wait(rx).instrument(wait).await {
-            Outcome::Done(raw) => match decode_unit(&raw, fused) {
+            Outcome::Done(raw) => match decode_unit(raw, fused) {
                 Some(e) => {
                     app.metrics.coalesced.inc();
                     found[u] = Some(e);
@@ -402,33 +429,29 @@ async fn answer(
     }
 
     // 5. the answer
-    let entries: Vec<Entry> = found
+    let entries: Vec<Stored> = found
         .into_iter()
         .collect::<Option<Vec<_>>>()
         .ok_or_else(|| GatewayError::Internal("a unit has no answer".into()))?;
-    // Per position: the first position of a unit this request fetched is
-    // a miss; every other position was served without an upstream call.
-    let mut hit_usage = Vec::new();
-    let mut served_usage = Vec::new();
+    // Per answer: the first answer of a unit this request fetched is a
+    // miss; every other answer was served without an upstream call.
+    let mut hit_usage = Usage::default();
+    let mut served = Usage::default();
     let mut images = 0;
-    let mut misses = 0usize;
-    let mut hits = 0usize;
-    for (u, unit) in units.iter().enumerate() {
-        let e = &entries[u];
-        // A fused unit is one answer (and one bill) for all its items.
-        let answers = if fused { 1 } else { unit.positions.len() };
-        for n in 0..answers {
-            served_usage.push(e.usage);
-            images += e.images;
-            if fetched[u] && n == 0 {
-                misses += 1;
-            } else {
-                hits += 1;
-                hit_usage.push(e.usage);
-            }
-        }
+    let mut misses = 0u64;
+    let mut hits = 0u64;
+    for (u, (unit, e)) in units.iter().zip(&entries).enumerate() {
+        usage::add(&mut served, &e.usage, unit.answers);
+        images += e.images * unit.answers;
+        let hit_answers = if fetched[u] {
+            misses += 1;
+            unit.answers - 1
+        } else {
+            unit.answers
+        };
+        hits += hit_answers;
+        usage::add(&mut hit_usage, &e.usage, hit_answers);
     }
-    let hit_usage = usage::sum(hit_usage.iter());
     if hits > 0 {
         if app.config.limits.quota_counts_hits {
             if let Some(q) = tenant.quota {
@@ -453,7 +476,6 @@ async fn answer(
         _ => Served::Partial,
     });
     seen.billed = Some(billed_total);
-    let served = usage::sum(served_usage.iter());
     seen.input_tokens = Some(served.total());
     if hits == 0 && !req.base64 {
         if let Some(p) = passthrough {
@@ -463,16 +485,10 @@ async fn answer(
         }
     }
     let usage_json = entry::usage_json(api, &served, images);
-    let outs: Vec<&Out> = if fused {
-        entries[0].outs.iter().collect()
+    let outs: Vec<OutRef<'_>> = if fused {
+        entries[0].outs().collect()
     } else {
-        let mut by_pos: Vec<Option<&Out>> = vec![None; req.items.len()];
-        for (u, unit) in units.iter().enumerate() {
-            for &p in &unit.positions {
-                by_pos[p] = entries[u].outs.first();
-            }
-        }
-        by_pos.into_iter().flatten().collect()
+        unit_of.iter().map(|&u| entries[u].first_out()).collect()
     };
     Ok((
         entry::render(
@@ -489,7 +505,7 @@ async fn answer(
 
 /// What one upstream call brought.
 struct Fetched {
-    entries: Vec<(usize, Entry)>,
+    entries: Vec<(usize, Stored)>,
     billed: u64,
     /// Upstream's body and id, when the call carried exactly the client's
     /// items in the client's order.
@@ -515,7 +531,7 @@ async fn fetch(
     let positions: Vec<usize> = if req.fused {
         (0..req.items.len()).collect()
     } else {
-        lead.iter().map(|(u, _)| units[*u].positions[0]).collect()
+        lead.iter().map(|(u, _)| units[*u].first).collect()
     };
     let whole = !req.fused
         && positions.len() == req.items.len()
@@ -590,15 +606,7 @@ impl Miss {
             },
         };
         let mut remaining = reservation.as_ref().map(|r| r.remaining);
-        let body = match req.upstream_body(&self.positions) {
-            Ok(b) => b,
-            Err(e) => {
-                if let Some(r) = reservation {
-                    self.app.limits.release(r).await;
-                }
-                return (Err(e), remaining);
-            }
-        };
+        let body = req.upstream_body(&self.positions);
         let path = match req.api {
             Api::Text => TEXT_EMBEDDING_PATH,
             Api::Multimodal => EMBEDDING_PATH,
@@ -629,7 +637,7 @@ impl Miss {
             if resp.status != StatusCode::OK {
                 return Err(upstream_error(&resp));
             }
-            let a = entry::parse_answer(&resp.body, req.api, expect, req.dimension, req.dense)?;
+            let a = answer::parse_answer(&resp.body, req.api, expect, req.dimension, req.dense)?;
             Ok((a, resp.body))
         });
         match result {
@@ -661,15 +669,15 @@ impl Miss {
                         });
                     }
                 }
-                let encoded: Vec<Bytes> = entries.iter().map(Entry::encode).collect();
-                for (key, raw) in self.keys.iter().zip(&encoded) {
+                let stored: Vec<Stored> = entries.iter().map(Entry::store).collect();
+                for (key, e) in self.keys.iter().zip(&stored) {
                     if !self.no_store {
-                        self.app.cache.store(*key, raw.clone()).await;
+                        self.app.cache.store(*key, e.raw().clone()).await;
                     }
                 }
-                for (g, raw) in self.guards.iter_mut().zip(&encoded) {
+                for (g, e) in self.guards.iter_mut().zip(&stored) {
                     if let Some(g) = g.take() {
-                        g.finish(Outcome::Done(raw.clone()));
+                        g.finish(Outcome::Done(e.raw().clone()));
                     }
                 }
                 // Metering: upstream's bill is the record; a usage shape
@@ -703,7 +711,7 @@ impl Miss {
                 let passthrough = self.whole.then_some((raw_body, answer.request_id));
                 (
                     Ok(Fetched {
-                        entries: self.unit_ids.iter().copied().zip(entries).collect(),
+                        entries: self.unit_ids.iter().copied().zip(stored).collect(),
                         billed: miss_usage.total(),
                         passthrough,
                     }),

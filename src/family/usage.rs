@@ -155,12 +155,17 @@ pub(crate) fn per_item(spec: &ModelSpec, items: &[&FamilyItem], billed: Billed) 
 pub(crate) fn sum<'a>(us: impl Iterator<Item = &'a Usage>) -> Usage {
     let mut total = Usage::default();
     for u in us {
-        for m in Modality::ALL {
-            total.items.add(m, u.items.get(m));
-            total.units.add(m, u.units.get(m));
-        }
+        add(&mut total, u, 1);
     }
     total
+}
+
+/// Adds `n` times `u` to `total`.
+pub(crate) fn add(total: &mut Usage, u: &Usage, n: u64) {
+    for m in Modality::ALL {
+        total.items.add(m, u.items.get(m) * n);
+        total.units.add(m, u.units.get(m) * n);
+    }
 }
 
 #[cfg(test)]
