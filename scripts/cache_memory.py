@@ -175,14 +175,18 @@ def main():
     )
     digest = hashlib.sha256(KEY.encode()).hexdigest()
     config = (ROOT / "scripts/bench/gateway.toml.tmpl").read_text()
-    for k, v in {"@UPSTREAM@": fake_url, "@KEY_SHA256@": digest, "@REDIS_LINE@": "\n".join(a.cache),
-                 "@JOURNAL@": "true", "@DATA@": work + "/data"}.items():
+    for k, v in {"@UPSTREAM@": fake_url, "@KEY_SHA256@": digest, "@CACHE_LINE@": "\n".join(a.cache),
+                 "@STATE_LINE@": "", "@JOURNAL@": "true", "@DATA@": work + "/data"}.items():
         config = config.replace(k, v)
     cfg = pathlib.Path(work) / "gw.toml"
     cfg.write_text(config)
     env = dict(os.environ, BENCH_UPSTREAM_KEY="bench-upstream-key", EMBEDGATE_LOG="warn",
                TOKIO_WORKER_THREADS="1")
-    gw, gw_url = start([str(bins / "embedgate"), "--config", str(cfg)], env, "embedgate listening on ")
+    try:
+        gw, gw_url = start([str(bins / "embedgate"), "--config", str(cfg)], env, "embedgate listening on ")
+    except SystemExit:
+        fake.terminate()
+        raise
     host, port = gw_url.replace("http://", "").rsplit(":", 1)
     port = int(port)
     try:
