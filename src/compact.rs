@@ -122,7 +122,15 @@ impl Compactor {
             .name("cache-compact".into())
             .spawn(move || {
                 while let Some(job) = finisher.next() {
-                    work(job, &finisher);
+                    let (key, done) = (job.key, job.done.clone());
+                    // A job that panics (a bug) must not stop the thread, nor
+                    // leave its key asked and its waiters waiting.
+                    let run = std::panic::AssertUnwindSafe(|| work(job, &finisher));
+                    if std::panic::catch_unwind(run).is_err() {
+                        tracing::error!(key = ?key, "cache compaction panicked; the entry stays as it was");
+                        finisher.forget(&key);
+                        done.finish(None);
+                    }
                 }
             });
         match started {
@@ -374,6 +382,42 @@ mod tests {
             std::thread::yield_now();
         }
         drop(go);
+    }
+
+    /// Polls until `done` has an outcome.
+    async fn outcome(done: &Done) -> Option<Precompressed> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(o) = done.outcome() {
+                return o.clone();
+            }
+            assert!(std::time::Instant::now() < deadline, "no outcome");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_panicking_job_frees_its_waiters_and_the_thread_goes_on() {
+        let c = Compactor::start(4, |job, fin| {
+            assert!(job.key != key(1), "a bug");
+            job.done.finish(Precompressed::of(&job.text));
+            fin.forget(&job.key);
+        })
+        .unwrap();
+        let text = Bytes::from_static(b"[0.5,0.25,0.125]");
+        let Asked::Queued(one) = c.ask(key(1), &text, false, true) else {
+            panic!("dropped")
+        };
+        assert!(outcome(&one).await.is_none());
+        let Asked::Queued(two) = c.ask(key(2), &text, false, false) else {
+            panic!("dropped")
+        };
+        assert!(outcome(&two).await.is_some());
+        // Key 1 was forgotten: asking again makes a new job.
+        let Asked::Queued(again) = c.ask(key(1), &text, false, false) else {
+            panic!("dropped")
+        };
+        assert!(!Arc::ptr_eq(&again, &one));
     }
 
     #[tokio::test]

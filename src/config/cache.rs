@@ -18,7 +18,7 @@ const DEFAULT_REDIS_CLUSTER: bool = false;
 /// About 10k embeddings of ~30 KB each.
 const DEFAULT_MEMORY_CACHE_BYTES: u64 = 256 * 1024 * 1024;
 /// The hot tier: texts of compacted entries that identity clients read,
-/// kept so a hot key is not inflated per hit. 8 MiB holds ~270 DashScope
+/// kept so a hot key is not inflated per hit. 8 MiB holds ~250 DashScope
 /// answers; a small memory cache gives it a tenth of its bytes.
 const DEFAULT_HOT_MAX_BYTES: u64 = 8 * 1024 * 1024;
 const DEFAULT_HOT_SHARE: u64 = 10;
