@@ -70,6 +70,8 @@ pub(crate) struct Metrics {
     pub(crate) ledger_buffered: IntGauge,
     pub(crate) quota_unsynced: IntGauge,
     pub(crate) ledger_flush_errors: IntCounter,
+    /// when (waited, ahead).
+    pub(crate) rate_lease_refills: IntCounterVec,
     /// tenant, cache: the gateway's own units of successful answers.
     pub(crate) usage_computed_units: IntCounterVec,
     /// tenant: units in upstream's usage blocks (misses).
@@ -276,6 +278,12 @@ impl Metrics {
                 "Failed attempts to write journaled rows to the ledger (Redis or SQLite).",
             ),
         )?;
+        let rate_lease_refills = counter_vec(
+            &r,
+            "embedgate_rate_lease_refills_total",
+            "Refills of Redis-leased rate tokens: waited (a request waited for Redis) or ahead (started before the lease ran out).",
+            &["when"],
+        )?;
         let config_reloads = counter_vec(
             &r,
             "embedgate_config_reloads_total",
@@ -337,6 +345,7 @@ impl Metrics {
             ledger_buffered,
             quota_unsynced,
             ledger_flush_errors,
+            rate_lease_refills,
             usage_computed_units,
             usage_upstream_units,
             journal_errors,

@@ -55,13 +55,20 @@ impl Limits {
         policy: StoreErrorPolicy,
         metrics: Arc<Metrics>,
     ) -> Limits {
+        let rates = rate::Rates::new(
+            redis.clone(),
+            RateBucket::Embeddings.redis_suffix(),
+            &metrics,
+        );
+        let upload_rates =
+            rate::Rates::new(redis.clone(), RateBucket::Uploads.redis_suffix(), &metrics);
         let quotas = Arc::new(quota::Quotas::new(redis.clone(), policy, metrics));
         if redis.is_some() {
             tokio::spawn(quotas.clone().sync_loop());
         }
         Limits {
-            rates: rate::Rates::new(redis.clone(), RateBucket::Embeddings.redis_suffix()),
-            upload_rates: rate::Rates::new(redis, RateBucket::Uploads.redis_suffix()),
+            rates,
+            upload_rates,
             quotas,
         }
     }

@@ -11,6 +11,14 @@
 //! [`LEASE_TTL`] go back to the shared bucket with the replica's next
 //! refill. A replica holds at most `lease_size − 1` unused tokens, which
 //! bounds what the replicas admit beyond the shared bucket.
+//!
+//! A lease is topped up ahead of need: the request that leaves it at a
+//! quarter of [`lease_size`] or less starts a refill in the background (it
+//! asks for what brings the lease back to `lease_size − 1`, so the bound
+//! holds) and goes on with its own token, so a busy tenant's requests do
+//! not wait for Redis while the lease holds tokens. Refills are counted by
+//! whether a request waited for them: `embedgate_rate_lease_refills_total`
+//! `{when="waited"|"ahead"}`.
 
 use std::collections::HashMap;
 use std::num::NonZeroU32;
@@ -24,7 +32,9 @@ use governor::{Quota, RateLimiter};
 
 use crate::config::RateConfig;
 use crate::error::GatewayError;
+use crate::metrics::Metrics;
 use crate::redis_store::{tenant_tag, RedisStore};
+use prometheus::IntCounter;
 
 /// What the rate limiter said, for the `RateLimit-*` headers.
 #[derive(Debug, Clone, Copy)]
@@ -179,6 +189,8 @@ struct Lease {
     /// The shared bucket said no: nothing frees up before this, so refuse
     /// locally until then instead of asking Redis again.
     denied_until: Option<Instant>,
+    /// A top-up of this lease was started and has not ended.
+    topping_up: bool,
 }
 
 /// One tenant's rate state in this process, kept across reloads while the
@@ -234,6 +246,27 @@ impl TenantRate {
         None
     }
 
+    /// After a token was taken from the lease: how many tokens to ask for
+    /// now, ahead of need, when the lease is down to a quarter of `want`
+    /// and no top-up is under way. Marks one as under way.
+    fn top_up_due(&self, want: u64) -> Option<u64> {
+        let mut lease = self.lease.lock().unwrap_or_else(|p| p.into_inner());
+        if lease.topping_up || lease.tokens == 0 || lease.tokens > want / 4 {
+            return None;
+        }
+        let ask = want.saturating_sub(1 + lease.tokens);
+        if ask == 0 {
+            return None;
+        }
+        lease.topping_up = true;
+        Some(ask)
+    }
+
+    fn top_up_ended(&self) {
+        let mut lease = self.lease.lock().unwrap_or_else(|p| p.into_inner());
+        lease.topping_up = false;
+    }
+
     /// Expired tokens to give back with a refill; taken once, so a refill
     /// whose answer is lost cannot give them back twice.
     fn take_expired(&self) -> u64 {
@@ -268,6 +301,8 @@ impl TenantRate {
 /// Every tenant's state of one kind of rate in this process, by tenant name.
 pub(crate) struct Rates {
     redis: Option<Arc<RedisStore>>,
+    /// `embedgate_rate_lease_refills_total`: waited, ahead.
+    refills: [IntCounter; 2],
     /// Names this kind's Redis keys, apart from the tenant's other rates.
     suffix: &'static str,
     by_tenant: RwLock<HashMap<Arc<str>, Arc<TenantRate>>>,
@@ -275,9 +310,15 @@ pub(crate) struct Rates {
 }
 
 impl Rates {
-    pub(crate) fn new(redis: Option<Arc<RedisStore>>, suffix: &'static str) -> Rates {
+    pub(crate) fn new(
+        redis: Option<Arc<RedisStore>>,
+        suffix: &'static str,
+        metrics: &Metrics,
+    ) -> Rates {
+        let refills = |when: &str| metrics.rate_lease_refills.with_label_values(&[when]);
         Rates {
             redis,
+            refills: [refills("waited"), refills("ahead")],
             suffix,
             by_tenant: RwLock::new(HashMap::new()),
             script: redis::Script::new(RATE_SCRIPT),
@@ -318,6 +359,7 @@ impl Rates {
         let state = self.state(tenant, cfg);
         if let Some(redis) = &self.redis {
             if let Some(answer) = state.take_leased() {
+                self.top_up(redis, &state);
                 return answer;
             }
             let answer = if lease_size(cfg) > 1 {
@@ -325,15 +367,18 @@ impl Rates {
                 // refill takes a token from it.
                 let turn = state.refill.clone().lock_owned().await;
                 if let Some(answer) = state.take_leased() {
+                    self.top_up(redis, &state);
                     return answer;
                 }
+                self.refills[0].inc();
                 // In a task of its own, so a request cancelled meanwhile
                 // loses no tokens: its token goes back to the shared bucket
                 // with the next refill.
                 let (tx, rx) = tokio::sync::oneshot::channel();
                 let (redis, script, st) = (redis.clone(), self.script.clone(), state.clone());
                 tokio::spawn(async move {
-                    let answer = check_shared(&redis, &script, &st).await;
+                    let want = lease_size(st.cfg);
+                    let answer = check_shared(&redis, &script, &st, want, true).await;
                     if let Err(Some(Ok(_))) = tx.send(answer) {
                         st.give_back(1);
                     }
@@ -341,7 +386,7 @@ impl Rates {
                 });
                 rx.await.ok().flatten()
             } else {
-                check_shared(redis, &self.script, &state).await
+                check_shared(redis, &self.script, &state, 1, true).await
             };
             if let Some(answer) = answer {
                 return answer;
@@ -355,18 +400,43 @@ impl Rates {
     }
 }
 
-/// Asks the shared bucket for a lease (and gives back expired leased
-/// tokens); takes one token for the caller and adds the rest to the lease.
-/// `None` when Redis did not answer.
+impl Rates {
+    /// Starts a top-up of the tenant's lease in the background when it is
+    /// due ([`TenantRate::top_up_due`]) and no refill is in flight; the
+    /// request goes on with the token it took.
+    fn top_up(&self, redis: &Arc<RedisStore>, state: &Arc<TenantRate>) {
+        let Some(ask) = state.top_up_due(lease_size(state.cfg)) else {
+            return;
+        };
+        let Ok(turn) = state.refill.clone().try_lock_owned() else {
+            // A refill is in flight: its tokens come soon enough.
+            state.top_up_ended();
+            return;
+        };
+        self.refills[1].inc();
+        let (redis, script, st) = (redis.clone(), self.script.clone(), state.clone());
+        tokio::spawn(async move {
+            check_shared(&redis, &script, &st, ask, false).await;
+            st.top_up_ended();
+            drop(turn);
+        });
+    }
+}
+
+/// Asks the shared bucket for `want` tokens (and gives back expired leased
+/// tokens). For a caller (`for_caller`), takes one token for it and adds
+/// the rest to the lease; a top-up adds them all. `None` when Redis did not
+/// answer.
 async fn check_shared(
     redis: &RedisStore,
     script: &redis::Script,
     state: &TenantRate,
+    want: u64,
+    for_caller: bool,
 ) -> Option<Result<RateState, RateRefusal>> {
     let cfg = state.cfg;
     let key = &state.key;
     let interval_us = (1_000_000.0 / cfg.per_second).max(1.0).round() as u64;
-    let want = lease_size(cfg);
     let back = state.take_expired();
     let (granted, remaining, retry_us, reset_us) = redis
         .call("rate", false, |mut c| async move {
@@ -388,7 +458,7 @@ async fn check_shared(
         return Some(Err(RateRefusal::new(cfg, retry_after)));
     }
     let remaining = remaining.max(0) as u64;
-    let spare = granted as u64 - 1;
+    let spare = granted as u64 - u64::from(for_caller);
     if spare > 0 {
         state.add_tokens(spare, remaining, reset);
     }
@@ -469,7 +539,7 @@ mod tests {
 
     #[test]
     fn reload_keeps_unchanged_limiters() {
-        let rates = Rates::new(None, "rate");
+        let rates = Rates::new(None, "rate", &Metrics::new().unwrap());
         let a: Arc<str> = Arc::from("a");
         let cfg = RateConfig {
             per_second: 1.0,

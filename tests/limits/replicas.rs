@@ -164,3 +164,49 @@ async fn quota_remaining_header_reflects_other_replicas() {
     })
     .await;
 }
+
+/// A busy tenant's lease is topped up before it runs out: after the first
+/// refill (which the first request waits for), refills start in the
+/// background when the lease is down to a quarter, so requests find tokens
+/// and no further request waits for Redis. Every request is admitted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_tenants_lease_is_topped_up_ahead_of_need() {
+    let redis = Redis::start();
+    let fake = Fake::start().await;
+    // lease_size = min(400 * 5 %, 160 / 8, 100) = 20: a top-up starts at 5
+    // tokens left and asks for 14 (back to 19).
+    let gw = TestGateway::builder()
+        .fake(&fake)
+        .redis(&redis)
+        .tenant("busy", "k-busy")
+        .rate(400.0, 160)
+        .start()
+        .await;
+    wait_redis(&gw, "up").await;
+    let body = text_body("top me up");
+    for _ in 0..120 {
+        let r = gw.embed("k-busy", &body).await;
+        assert_eq!(r.status, 200, "{}", r.text);
+    }
+    let m = gw.metrics().await;
+    let waited = metric(
+        &m,
+        "embedgate_rate_lease_refills_total",
+        &[("when", "waited")],
+    );
+    let ahead = metric(
+        &m,
+        "embedgate_rate_lease_refills_total",
+        &[("when", "ahead")],
+    );
+    eprintln!("120 requests: {waited} refills waited for, {ahead} ahead of need");
+    // Without topping up: ~120 / 20 = 6 waited refills and none ahead.
+    assert!(
+        ahead >= 4.0,
+        "{ahead} refills ahead of need for 120 requests"
+    );
+    assert!(
+        waited <= 2.0,
+        "{waited} refills that a request waited for (only the first should be)"
+    );
+}
