@@ -446,9 +446,10 @@ for ((i = 0; i < 50; i++)); do  # the entries are written after the answers
 done
 RC_MEM1=$(used_memory)
 RC_KEYS=$( (rc --scan --pattern 'eg:c:*' || true) | head -n 16)
-RC_USAGE=$(for k in $RC_KEYS; do rc memory usage "$k" samples 0; done | awk '{ s += $1; n++ } END { if (n) printf "%.0f %d", s / n, n; else print "0 0" }')
+# Mean value length and mean MEMORY USAGE (with the sample size) of RC_KEYS.
 rc_strlen() { for k in $RC_KEYS; do rc strlen "$k"; done | awk '{ s += $1; n++ } END { if (n) printf "%.0f", s / n; else print 0 }'; }
 rc_usage() { for k in $RC_KEYS; do rc memory usage "$k" samples 0; done | awk '{ s += $1; n++ } END { if (n) printf "%.0f %d", s / n, n; else print "0 0" }'; }
+RC_USAGE=$(rc_usage)
 RC_STRLEN=$(rc_strlen)
 # The same keys once every entry was hit: a hit queues the entry's
 # compaction, which rewrites its Redis value in the compact form (eg2:).
@@ -465,7 +466,7 @@ for ((pass = 1; pass <= 4; pass++)); do
   done
   (( RC_STRLEN2 < RC_STRLEN / 2 )) && break
 done
-RC_PASSES=$pass
+RC_PASSES=$(( pass > 4 ? 4 : pass ))
 RC_USAGE2=$(rc_usage)
 
 log "case 6: text-embedding-v4 10-text batches: all hits, 5/10 hits, all misses"

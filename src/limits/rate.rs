@@ -189,8 +189,6 @@ struct Lease {
     /// The shared bucket said no: nothing frees up before this, so refuse
     /// locally until then instead of asking Redis again.
     denied_until: Option<Instant>,
-    /// A top-up of this lease was started and has not ended.
-    topping_up: bool,
 }
 
 /// One tenant's rate state in this process, kept across reloads while the
@@ -248,23 +246,13 @@ impl TenantRate {
 
     /// After a token was taken from the lease: how many tokens to ask for
     /// now, ahead of need, when the lease is down to a quarter of `want`
-    /// and no top-up is under way. Marks one as under way.
+    /// (what brings it back to `want − 1`).
     fn top_up_due(&self, want: u64) -> Option<u64> {
-        let mut lease = self.lease.lock().unwrap_or_else(|p| p.into_inner());
-        if lease.topping_up || lease.tokens == 0 || lease.tokens > want / 4 {
+        let lease = self.lease.lock().unwrap_or_else(|p| p.into_inner());
+        if lease.tokens == 0 || lease.tokens > want / 4 {
             return None;
         }
-        let ask = want.saturating_sub(1 + lease.tokens);
-        if ask == 0 {
-            return None;
-        }
-        lease.topping_up = true;
-        Some(ask)
-    }
-
-    fn top_up_ended(&self) {
-        let mut lease = self.lease.lock().unwrap_or_else(|p| p.into_inner());
-        lease.topping_up = false;
+        Some(want.saturating_sub(1 + lease.tokens)).filter(|&ask| ask > 0)
     }
 
     /// Expired tokens to give back with a refill; taken once, so a refill
@@ -301,8 +289,11 @@ impl TenantRate {
 /// Every tenant's state of one kind of rate in this process, by tenant name.
 pub(crate) struct Rates {
     redis: Option<Arc<RedisStore>>,
-    /// `embedgate_rate_lease_refills_total`: waited, ahead.
-    refills: [IntCounter; 2],
+    /// `embedgate_rate_lease_refills_total{when="waited"}`: refills a
+    /// request waited for.
+    refills_waited: IntCounter,
+    /// `…{when="ahead"}`: top-ups started before the lease ran out.
+    refills_ahead: IntCounter,
     /// Names this kind's Redis keys, apart from the tenant's other rates.
     suffix: &'static str,
     by_tenant: RwLock<HashMap<Arc<str>, Arc<TenantRate>>>,
@@ -318,7 +309,8 @@ impl Rates {
         let refills = |when: &str| metrics.rate_lease_refills.with_label_values(&[when]);
         Rates {
             redis,
-            refills: [refills("waited"), refills("ahead")],
+            refills_waited: refills("waited"),
+            refills_ahead: refills("ahead"),
             suffix,
             by_tenant: RwLock::new(HashMap::new()),
             script: redis::Script::new(RATE_SCRIPT),
@@ -370,7 +362,7 @@ impl Rates {
                     self.top_up(redis, &state);
                     return answer;
                 }
-                self.refills[0].inc();
+                self.refills_waited.inc();
                 // In a task of its own, so a request cancelled meanwhile
                 // loses no tokens: its token goes back to the shared bucket
                 // with the next refill.
@@ -398,11 +390,10 @@ impl Rates {
             .check()
             .map_err(|wait| RateRefusal::new(cfg, wait))
     }
-}
 
-impl Rates {
     /// Starts a top-up of the tenant's lease in the background when it is
-    /// due ([`TenantRate::top_up_due`]) and no refill is in flight; the
+    /// due ([`TenantRate::top_up_due`]) and no refill is in flight (the
+    /// refill turn is free; the top-up holds it until it is done); the
     /// request goes on with the token it took.
     fn top_up(&self, redis: &Arc<RedisStore>, state: &Arc<TenantRate>) {
         let Some(ask) = state.top_up_due(lease_size(state.cfg)) else {
@@ -410,14 +401,12 @@ impl Rates {
         };
         let Ok(turn) = state.refill.clone().try_lock_owned() else {
             // A refill is in flight: its tokens come soon enough.
-            state.top_up_ended();
             return;
         };
-        self.refills[1].inc();
+        self.refills_ahead.inc();
         let (redis, script, st) = (redis.clone(), self.script.clone(), state.clone());
         tokio::spawn(async move {
             check_shared(&redis, &script, &st, ask, false).await;
-            st.top_up_ended();
             drop(turn);
         });
     }
