@@ -452,7 +452,8 @@ rc_usage() { for k in $RC_KEYS; do rc memory usage "$k" samples 0; done | awk '{
 RC_USAGE=$(rc_usage)
 RC_STRLEN=$(rc_strlen)
 # The same keys once every entry was hit: a hit queues the entry's
-# compaction, which rewrites its Redis value in the compact form (eg2:).
+# compaction, which rewrites its Redis value in a compact form (these
+# identity hits: the digits form, eg3:; a gzip client's: DEFLATE, eg2:).
 # The queue is bounded (compact::QUEUE_JOBS): a pass over all the keys
 # overflows it and the dropped ones are asked again by their next hit, so
 # up to 4 passes, each followed by a wait until the values stop changing.
@@ -600,7 +601,7 @@ END {
     sprintf("gateway VmRSS %.1f MB before the fill, %.1f MB after (+%.1f KB/key), %.1f MB after the runs", rss0 / 1024, rss1 / 1024, (rss1 - rss0) / nkeys, rss2 / 1024))
   split(rcusage, ru, " "); split(rcusage2, ru2, " ")
   row("4 Redis bytes per cache entry", "", "", "",
-    sprintf("%d keys added; fresh (text): MEMORY USAGE mean %d B (%d keys; value %d B), used_memory delta / keys %.0f B; the same keys once hit (compact eg2:, %d pass(es) over the keys): %d B (value %d B); answer %d B",
+    sprintf("%d keys added; fresh (text): MEMORY USAGE mean %d B (%d keys; value %d B), used_memory delta / keys %.0f B; the same keys once hit (compact, eg3: digits form, %d pass(es) over the keys): %d B (value %d B); answer %d B",
       rcdb1 - rcdb0, ru[1], ru[2], rcstrlen, (rcdb1 - rcdb0) ? (rcmem1 - rcmem0) / (rcdb1 - rcdb0) : 0, rcpasses, ru2[1], rcstrlen2, rb))
   row("5 miss -c" c, "miss_gw", "fake direct", "miss_direct",
     sprintf("added p50 %+.3f ms; (+n): CPU of the fake", med(p50, "miss_gw") - med(p50, "miss_direct")))

@@ -11,16 +11,24 @@
 //!
 //! - **text**, as it is stored: a miss does no more than that (most
 //!   entries are never hit again);
-//! - **compact**: the text's raw DEFLATE blocks ([`Precompressed`], ~42% of
-//!   float text). The first hit of a ONE-PEACE entry asks for it; the
-//!   compaction thread ([`crate::compact`]) makes it once and it replaces
-//!   the text, in memory and in Redis (`eg2:`). gzip hits are built around
-//!   it as it is; identity hits inflate it (~50 µs), unless its text is in
-//!   the **hot tier**: a small byte-bounded cache of the texts identity
-//!   clients read (`cache.hot_max_bytes`, a part of `memory_max_bytes`).
+//! - **compact**, made once by the compaction thread ([`crate::compact`])
+//!   when a ONE-PEACE entry is first hit, replacing the text in memory and
+//!   in Redis. Which one depends on who hit it:
+//!   - a gzip client: the text's raw DEFLATE blocks ([`Precompressed`],
+//!     ~42% of float text, `eg2:` in Redis). gzip hits are built around
+//!     them as they are; identity hits inflate them (~46 µs);
+//!   - an identity client: the **digits form** ([`Digits`], 8 bytes per
+//!     float, ~40% of the text, `eg3:`), written back as text in ~13 µs.
+//!     A gzip hit of such an entry asks for the DEFLATE form, which then
+//!     replaces it.
 //!
-//! Identity clients get the same bytes from either form: the compact one
-//! inflates to the text exactly (length and CRC-32 checked).
+//!   Identity hits of either form first look in the **hot tier**: a small
+//!   byte-bounded cache of the texts identity clients read
+//!   (`cache.hot_max_bytes`, a part of `memory_max_bytes`).
+//!
+//! Identity clients get the same bytes from every form: a compact one gives
+//! the text back exactly (checked when it is made, and by length and CRC-32
+//! when it is read from Redis).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -30,7 +38,8 @@ use quick_cache::sync::{Cache as QuickCache, EntryAction, EntryResult};
 use quick_cache::Weighter;
 
 use crate::cache_key::CacheKey;
-use crate::compact::{self, Asked, Compactor, Finisher, Job};
+use crate::compact::{self, Asked, Compactor, Finisher, Job, Source};
+use crate::digits::Digits;
 use crate::gzip::{size_class, Precompressed};
 use crate::redis_store::RedisStore;
 
@@ -41,6 +50,9 @@ const REDIS_TEXT: &[u8] = b"eg1:";
 /// length and CRC-32 (4 bytes each, little-endian), then its raw DEFLATE
 /// blocks.
 const REDIS_COMPACT: &[u8] = b"eg2:";
+/// Prefix of a Redis value holding an entry's digits form
+/// ([`Digits::encode`]).
+const REDIS_DIGITS: &[u8] = b"eg3:";
 /// A typical entry once compacted (1536 floats as JSON text, deflated), to
 /// size the memory index.
 const TYPICAL_ENTRY_BYTES: u64 = 16 * 1024;
@@ -69,6 +81,7 @@ enum Form {
         settled: bool,
     },
     Compact(Precompressed),
+    Digits(Digits),
 }
 
 #[derive(Clone)]
@@ -100,6 +113,7 @@ impl Weighter<CacheKey, Entry> for EntryWeight {
             + match &val.form {
                 Form::Text { text, .. } => size_class(text.len()) as u64,
                 Form::Compact(c) => c.allocated() as u64,
+                Form::Digits(d) => d.allocated() as u64,
             }
     }
 }
@@ -143,6 +157,8 @@ enum Held {
     Form(Form),
     /// An `eg2:` Redis value: its compact form and the text it was checked as.
     Both(Precompressed, Bytes),
+    /// An `eg3:` Redis value: its digits form and the text it was checked as.
+    DigitsRead(Digits, Bytes),
 }
 
 /// The stores, shared with the compaction thread.
@@ -224,8 +240,22 @@ impl Cache {
                 self.keep_hot(key, &text, c.crc());
                 Some(Found::Text(text))
             }
+            Held::DigitsRead(d, text) if gzip => Some(
+                self.deflated(key, d)
+                    .await
+                    .map_or(Found::Text(text), Found::Gzip),
+            ),
+            Held::DigitsRead(d, text) => {
+                self.keep_hot(key, &text, d.crc());
+                Some(Found::Text(text))
+            }
             Held::Form(Form::Compact(c)) if gzip => Some(Found::Gzip(c)),
             Held::Form(Form::Compact(c)) => self.text_of(key, &c).map(Found::Text),
+            Held::Form(Form::Digits(d)) if gzip => match self.deflated(key, d.clone()).await {
+                Some(c) => Some(Found::Gzip(c)),
+                None => self.digits_text(key, &d, false).map(Found::Text),
+            },
+            Held::Form(Form::Digits(d)) => self.digits_text(key, &d, true).map(Found::Text),
             Held::Form(Form::Text { text, settled }) => {
                 let compactor = match &self.compactor {
                     Some(c) if !settled && text.len() >= MIN_COMPACT_BYTES => c,
@@ -242,13 +272,31 @@ impl Cache {
         }
     }
 
+    /// The DEFLATE form of a digits entry, for a gzip client: asked of the
+    /// compaction thread and waited for a bounded time.
+    async fn deflated(&self, key: &CacheKey, d: Digits) -> Option<Precompressed> {
+        match self
+            .compactor
+            .as_ref()?
+            .ask(*key, Source::Digits(d), false, true)
+        {
+            Asked::Queued(done) => compact::wait(&done).await,
+            Asked::Dropped => None,
+        }
+    }
+
     /// Looks `key` up; an entry read from Redis is served only if `valid`
     /// says it is whole (memory holds only what this process stored).
     pub(crate) async fn get_with(&self, key: &CacheKey, valid: impl Fn(&[u8]) -> bool) -> Lookup {
         let text = match self.lookup(key, valid).await {
             None => None,
-            Some(Held::Form(Form::Text { text, .. }) | Held::Both(_, text)) => Some(text),
+            Some(
+                Held::Form(Form::Text { text, .. })
+                | Held::Both(_, text)
+                | Held::DigitsRead(_, text),
+            ) => Some(text),
             Some(Held::Form(Form::Compact(c))) => self.text_of(key, &c),
+            Some(Held::Form(Form::Digits(d))) => self.digits_text(key, &d, true),
         };
         text.map_or(Lookup::Miss, Lookup::Hit)
     }
@@ -298,6 +346,16 @@ impl Cache {
                 return None;
             }
             Held::Both(c, text)
+        } else if let Some(value) = raw.strip_prefix(REDIS_DIGITS) {
+            let Some((d, text)) = Digits::decode(value) else {
+                tracing::warn!(key = ?key, "digits cache entry does not give its length and CRC; treated as a miss");
+                return None;
+            };
+            if !valid(&text) {
+                tracing::warn!(key = ?key, "cache entry failed validation; treated as a miss");
+                return None;
+            }
+            Held::DigitsRead(d, text)
         } else {
             tracing::warn!(key = ?key, "cache entry in an unknown format; treated as a miss");
             return None;
@@ -307,6 +365,7 @@ impl Cache {
             let form = match &held {
                 Held::Form(f) => f.clone(),
                 Held::Both(c, _) => Form::Compact(c.clone()),
+                Held::DigitsRead(d, _) => Form::Digits(d.clone()),
             };
             mem.insert(
                 *key,
@@ -322,12 +381,8 @@ impl Cache {
     /// A compact entry's text: from the hot tier, else inflated (and kept
     /// there). An entry that does not inflate (a bug) is dropped: a miss.
     fn text_of(&self, key: &CacheKey, c: &Precompressed) -> Option<Bytes> {
-        if let Some(hot) = &self.stores.hot {
-            if let Some(h) = hot.get(key) {
-                if h.crc == c.crc() && h.text.len() as u64 == c.len() {
-                    return Some(h.text);
-                }
-            }
+        if let Some(t) = self.hot_text(key, c.crc(), c.len()) {
+            return Some(t);
         }
         match c.inflate() {
             Some(text) => {
@@ -342,6 +397,35 @@ impl Cache {
                 None
             }
         }
+    }
+
+    /// A digits entry's text: from the hot tier, else written again (and
+    /// kept there if `hot`: an identity client reads it).
+    fn digits_text(&self, key: &CacheKey, d: &Digits, hot: bool) -> Option<Bytes> {
+        if let Some(t) = self.hot_text(key, d.crc(), d.len()) {
+            return Some(t);
+        }
+        match d.text() {
+            Some(text) => {
+                if hot {
+                    self.keep_hot(key, &text, d.crc());
+                }
+                Some(text)
+            }
+            None => {
+                tracing::error!(key = ?key, "digits memory entry does not give its text; dropped");
+                if let Some(mem) = &self.stores.memory {
+                    mem.remove(key);
+                }
+                None
+            }
+        }
+    }
+
+    /// The hot tier's text of the compact form with this CRC and length.
+    fn hot_text(&self, key: &CacheKey, crc: u32, len: u64) -> Option<Bytes> {
+        let h = self.stores.hot.as_ref()?.get(key)?;
+        (h.crc == crc && h.text.len() as u64 == len).then_some(h.text)
     }
 
     fn keep_hot(&self, key: &CacheKey, text: &Bytes, crc: u32) {
@@ -382,6 +466,7 @@ impl Cache {
             return match e.form {
                 Form::Text { text, .. } => Some(text),
                 Form::Compact(c) => self.text_of(key, &c),
+                Form::Digits(d) => self.digits_text(key, &d, false),
             };
         }
         match self.get(key, dimension).await {
@@ -436,16 +521,24 @@ impl Stores {
             .await;
     }
 
-    /// Replaces an entry's value with its compact form (`eg2:`), keeping
-    /// its TTL; an entry that expired or was evicted meanwhile stays gone.
-    /// Another answer stored for the key since is replaced too: both are
-    /// upstream's answer to the same input.
-    async fn put_compact(&self, key: &CacheKey, c: &Precompressed) {
+    /// Replaces an entry's value with its compact form (`eg2:` or `eg3:`),
+    /// keeping its TTL; an entry that expired or was evicted meanwhile stays
+    /// gone. Another answer stored for the key since is replaced too: both
+    /// are upstream's answer to the same input.
+    async fn put_compact(&self, key: &CacheKey, form: &Form) {
         let Some(redis) = &self.redis else {
             return;
         };
         let rkey = self.redis_key(key);
-        let value = encode_compact(c);
+        let value = match form {
+            Form::Compact(c) => encode_compact(c),
+            Form::Digits(d) => {
+                let mut v = REDIS_DIGITS.to_vec();
+                d.encode(&mut v);
+                v
+            }
+            Form::Text { .. } => return,
+        };
         // Skipped while Redis is down: the entry stays text there.
         let _ = redis
             .call("cache_compact", false, |mut c| async move {
@@ -462,67 +555,87 @@ impl Stores {
 
     /// The compaction thread's work: one entry's compact form, made once,
     /// for the requests waiting on it, the memory entry (only if it still
-    /// holds the text the job was made from) and Redis.
+    /// holds the form the job was made from) and Redis. A gzip client's
+    /// job makes the DEFLATE form; an identity client's the digits form
+    /// (DEFLATE if the text has no digits form).
     fn compact(self: &Arc<Self>, job: Job, fin: &Finisher) {
         let Job {
             key,
-            text,
+            source,
             read_as_text,
+            gzip,
             done,
         } = job;
+        let settle = |c: Option<Precompressed>| {
+            done.finish(c);
+            fin.forget(&key);
+        };
         if let Some(mem) = &self.memory {
-            match mem.peek(&key).map(|e| e.form) {
-                Some(Form::Text { text: held, .. }) if same(&held, &text) => {}
+            match (mem.peek(&key).map(|e| e.form), &source) {
+                (Some(Form::Text { text: held, .. }), Source::Text(t)) if same(&held, t) => {}
+                (Some(Form::Digits(held)), Source::Digits(d)) if held.same(d) => {}
                 // Compacted by an earlier job (this one was asked just
                 // before that one replaced the entry).
-                Some(Form::Compact(c)) => {
-                    done.finish(Some(c));
-                    fin.forget(&key);
-                    return;
-                }
-                // Stored again since (Redis too): nothing to do.
-                Some(Form::Text { .. }) => {
-                    done.finish(None);
-                    fin.forget(&key);
-                    return;
-                }
+                (Some(Form::Compact(c)), _) => return settle(Some(c)),
+                // Stored again or compacted otherwise since: nothing to do
+                // (a gzip hit of a digits entry asks again).
+                (Some(_), _) => return settle(None),
                 // Evicted: only Redis may still want it.
-                None => {
+                (None, _) => {
                     if self.redis.is_none() {
-                        done.finish(None);
-                        fin.forget(&key);
-                        return;
+                        return settle(None);
                     }
                 }
             }
         }
-        let Some(c) = Precompressed::of(&text).filter(|c| c.size() < text.len()) else {
+        let Some(text) = source.text() else {
+            tracing::error!(key = ?key, "digits cache entry does not give its text; not compacted");
+            return settle(None);
+        };
+        let digits = match (&source, gzip) {
+            (Source::Text(_), false) => Digits::of(&text),
+            _ => None,
+        };
+        let form = match digits {
+            Some(d) => Some(Form::Digits(d)),
+            None => Precompressed::of(&text)
+                .filter(|c| c.size() < text.len())
+                .map(Form::Compact),
+        };
+        let Some(form) = form else {
             tracing::debug!(key = ?key, bytes = text.len(), "cache entry does not compress; it stays text");
-            if let Some(mem) = &self.memory {
+            if let (Some(mem), Source::Text(t)) = (&self.memory, &source) {
                 let _ = mem.entry(&key, Some(Duration::ZERO), |_, e| {
                     if let Form::Text {
                         text: held,
                         settled,
                     } = &mut e.form
                     {
-                        if same(held, &text) {
+                        if same(held, t) {
                             *settled = true;
                         }
                     }
                     EntryAction::Retain(())
                 });
             }
-            done.finish(None);
-            fin.forget(&key);
-            return;
+            return settle(None);
+        };
+        let crc = match &form {
+            Form::Compact(c) => c.crc(),
+            Form::Digits(d) => d.crc(),
+            Form::Text { .. } => 0,
         };
         if let Some(mem) = &self.memory {
-            let replaced = mem.entry(&key, Some(Duration::ZERO), |_, e| match &e.form {
-                Form::Text { text: held, .. } if same(held, &text) => {
-                    e.form = Form::Compact(c.clone());
-                    EntryAction::Retain(true)
+            let replaced = mem.entry(&key, Some(Duration::ZERO), |_, e| {
+                let holds_source = match (&e.form, &source) {
+                    (Form::Text { text: held, .. }, Source::Text(t)) => same(held, t),
+                    (Form::Digits(held), Source::Digits(d)) => held.same(d),
+                    _ => false,
+                };
+                if holds_source {
+                    e.form = form.clone();
                 }
-                Form::Text { .. } | Form::Compact(_) => EntryAction::Retain(false),
+                EntryAction::Retain(holds_source)
             });
             // (A vacant result's guard, dropped here, leaves the key absent.)
             if matches!(replaced, EntryResult::Retained(true)) && read_as_text {
@@ -532,7 +645,7 @@ impl Stores {
                     // page), all freed by compaction, and one kept would
                     // keep the whole page from being returned.
                     let text = Bytes::copy_from_slice(&text);
-                    hot.insert(key, HotText { text, crc: c.crc() });
+                    hot.insert(key, HotText { text, crc });
                 }
             }
             // Hits read the compact form from memory from now on.
@@ -540,7 +653,10 @@ impl Stores {
         }
         // Waiters are woken once the entry is replaced: what they are
         // served, later hits read too.
-        done.finish(Some(c.clone()));
+        done.finish(match &form {
+            Form::Compact(c) => Some(c.clone()),
+            _ => None,
+        });
         match (&self.redis, &self.runtime) {
             (Some(_), Some(rt)) => {
                 let me = self.clone();
@@ -548,7 +664,7 @@ impl Stores {
                 // Without memory, the key stays asked until Redis holds the
                 // compact form: hits meanwhile join this job.
                 rt.spawn(async move {
-                    me.put_compact(&key, &c).await;
+                    me.put_compact(&key, &form).await;
                     fin.forget(&key);
                 });
             }
@@ -670,30 +786,36 @@ mod tests {
     /// 1536 floats as DashScope prints them (float32 values in shortest
     /// float64 form, ~19 characters each).
     fn dashscope_vector(seed: u32) -> Bytes {
-        let mut x = seed.wrapping_mul(2_654_435_761) | 1;
-        let v: Vec<f64> = (0..1536)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 17;
-                x ^= x << 5;
-                f64::from((x >> 8) as f32 / 16_777_216.0 - 0.5)
-            })
-            .collect();
-        Bytes::from(serde_json::to_vec(&v).unwrap())
+        Bytes::from(crate::digits::test_vector(seed, 1.0))
     }
 
     fn form(c: &Cache, key: &CacheKey) -> Option<Form> {
         c.stores.memory.as_ref()?.peek(key).map(|e| e.form)
     }
 
-    async fn compacted(c: &Cache, key: &CacheKey) -> Precompressed {
+    /// The entry's compact form, once the compaction thread made it.
+    async fn compacted(c: &Cache, key: &CacheKey) -> Form {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            if let Some(Form::Compact(p)) = form(c, key) {
-                return p;
+            if let Some(f @ (Form::Compact(_) | Form::Digits(_))) = form(c, key) {
+                return f;
             }
             assert!(Instant::now() < deadline, "never compacted");
             tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+
+    /// A gzip hit's compact form: the first ones may wait longer than the
+    /// bounded wait on a slow machine and be answered with the text.
+    async fn gzip_hit(c: &Cache, key: &CacheKey, text: &Bytes) -> Precompressed {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            match c.get_found(key, 1536, true).await {
+                Some(Found::Gzip(z)) => return z,
+                Some(Found::Text(t)) => assert_eq!(&t, text),
+                None => panic!("miss"),
+            }
+            assert!(Instant::now() < deadline, "never compacted");
         }
     }
 
@@ -727,6 +849,21 @@ mod tests {
             "{}",
             p.size()
         );
+        // The digits form: 8 bytes a float and its small rest.
+        let d = Digits::of(&text).unwrap();
+        let dz = Entry {
+            form: Form::Digits(d.clone()),
+            expires: Instant::now(),
+        };
+        assert_eq!(
+            EntryWeight.weight(&test_key("w"), &dz),
+            d.allocated() as u64 + ENTRY_OVERHEAD
+        );
+        assert!(
+            d.allocated() as u64 + ENTRY_OVERHEAD <= 12_800,
+            "{}",
+            d.allocated()
+        );
         // What the overhead stands for fits in it.
         let own = std::mem::size_of::<(CacheKey, Entry)>() as u64;
         assert!(own + 48 <= ENTRY_OVERHEAD, "{own}");
@@ -748,10 +885,13 @@ mod tests {
             panic!("no text hit")
         };
         assert!(same(&got, &text));
-        let p = compacted(&c, &key).await;
-        assert_eq!(weight(&c), p.allocated() as u64 + ENTRY_OVERHEAD);
-        assert!(weight(&c) * 100 <= text.len() as u64 * 45, "{}", weight(&c));
-        // Identity hits: the same bytes, inflated.
+        // An identity client's hit: the digits form.
+        let Form::Digits(d) = compacted(&c, &key).await else {
+            panic!("not the digits form")
+        };
+        assert_eq!(weight(&c), d.allocated() as u64 + ENTRY_OVERHEAD);
+        assert!(weight(&c) * 100 <= text.len() as u64 * 42, "{}", weight(&c));
+        // Identity hits: the same bytes, written again.
         for _ in 0..2 {
             let Some(Found::Text(again)) = c.get_found(&key, 1536, false).await else {
                 panic!("no text hit")
@@ -761,15 +901,31 @@ mod tests {
         }
         assert!(matches!(c.get_with(&key, |_| true).await, Lookup::Hit(b) if b == text));
         assert_eq!(c.recheck(&key, 1536).await, Some(text.clone()));
-        // gzip hits: the compact form itself, which inflates to the text.
+        // A gzip hit asks for the DEFLATE form, which replaces the digits:
+        // gzip hits are built around it as it is.
+        let z = gzip_hit(&c, &key, &text).await;
+        assert_eq!(z.inflate(), Some(text.clone()));
+        let Some(Form::Compact(p)) = form(&c, &key) else {
+            panic!("not the DEFLATE form")
+        };
+        assert_eq!(z.blocks(), p.blocks());
+        assert_eq!(weight(&c), p.allocated() as u64 + ENTRY_OVERHEAD);
+        assert!(weight(&c) * 100 <= text.len() as u64 * 45, "{}", weight(&c));
         let Some(Found::Gzip(z)) = c.get_found(&key, 1536, true).await else {
             panic!("no gzip hit")
         };
         assert_eq!(z.blocks(), p.blocks());
-        assert_eq!(z.inflate(), Some(text.clone()));
+        // Identity hits of it: the same bytes, inflated.
+        let Some(Found::Text(again)) = c.get_found(&key, 1536, false).await else {
+            panic!("no text hit")
+        };
+        assert_eq!(again, text);
         // Stored again (e.g. `no-cache`): text again, until hit again.
         c.store(key, text.clone()).await;
         assert!(matches!(form(&c, &key), Some(Form::Text { .. })));
+        // A gzip client's first hit makes the DEFLATE form directly.
+        let z = gzip_hit(&c, &key, &text).await;
+        assert!(matches!(form(&c, &key), Some(Form::Compact(p)) if p.blocks() == z.blocks()));
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -778,7 +934,9 @@ mod tests {
         let (key, text) = (test_key("h"), dashscope_vector(3));
         c.store(key, text.clone()).await;
         let _ = c.get_found(&key, 1536, false).await;
-        let p = compacted(&c, &key).await;
+        let Form::Digits(p) = compacted(&c, &key).await else {
+            panic!("not the digits form")
+        };
         // The text the identity hit read went to the hot tier (a copy)
         // with the compact form: identity hits read that buffer.
         let Some(Found::Text(hot)) = c.get_found(&key, 1536, false).await else {
@@ -840,8 +998,9 @@ mod tests {
         c.stores.compact(
             Job {
                 key,
-                text: old.clone(),
+                source: Source::Text(old.clone()),
                 read_as_text: true,
+                gzip: false,
                 done: done.clone(),
             },
             &fin,
@@ -854,8 +1013,9 @@ mod tests {
         };
         let job = |text: &Bytes, key| Job {
             key,
-            text: text.clone(),
+            source: Source::Text(text.clone()),
             read_as_text: false,
+            gzip: true,
             done: Arc::new(compact::Done::default()),
         };
         c.stores.compact(job(&held, key), &fin);

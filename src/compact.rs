@@ -17,6 +17,7 @@ use bytes::Bytes;
 use tokio::sync::Notify;
 
 use crate::cache_key::CacheKey;
+use crate::digits::Digits;
 use crate::gzip::Precompressed;
 
 /// Jobs waiting at most: each holds a reference to its entry's text, which
@@ -32,12 +33,40 @@ pub(crate) const GZIP_WAIT: Duration = Duration::from_millis(20);
 /// One entry to compact.
 pub(crate) struct Job {
     pub(crate) key: CacheKey,
-    /// The entry's text as the cache holds it (the same buffer: the
+    /// The entry's form as the cache holds it (the same buffers: the
     /// thread replaces the entry only if it still holds this one).
-    pub(crate) text: Bytes,
+    pub(crate) source: Source,
     /// An identity client read it: its text is worth keeping at hand.
     pub(crate) read_as_text: bool,
+    /// A gzip client asked for it (or joined the job): its compact form
+    /// is to be the DEFLATE one, which gzip answers are built around.
+    pub(crate) gzip: bool,
     pub(crate) done: Arc<Done>,
+}
+
+/// What a job compacts.
+#[derive(Clone)]
+pub(crate) enum Source {
+    /// An entry as it was stored.
+    Text(Bytes),
+    /// An entry in digits form, for a gzip client: made DEFLATE.
+    Digits(Digits),
+}
+
+impl Source {
+    /// The entry's text.
+    pub(crate) fn text(&self) -> Option<Bytes> {
+        match self {
+            Source::Text(t) => Some(t.clone()),
+            Source::Digits(d) => d.text(),
+        }
+    }
+}
+
+impl From<&Bytes> for Source {
+    fn from(text: &Bytes) -> Source {
+        Source::Text(text.clone())
+    }
 }
 
 /// A job's outcome, for the requests waiting on it.
@@ -142,12 +171,13 @@ impl Compactor {
         }
     }
 
-    /// Asks for `text`'s entry to be compacted; `urgent` (a request waits
-    /// for it) puts it ahead of the others, moving it up if it is queued.
+    /// Asks for the entry holding `source` to be compacted; `urgent` (a
+    /// gzip request waits for it) puts it ahead of the others, moving it up
+    /// if it is queued, and asks for the DEFLATE form.
     pub(crate) fn ask(
         &self,
         key: CacheKey,
-        text: &Bytes,
+        source: impl Into<Source>,
         read_as_text: bool,
         urgent: bool,
     ) -> Asked {
@@ -175,8 +205,9 @@ impl Compactor {
         s.asked.insert(key, done.clone());
         let job = Job {
             key,
-            text: text.clone(),
+            source: source.into(),
             read_as_text,
+            gzip: urgent,
             done: done.clone(),
         };
         if urgent {
@@ -213,11 +244,12 @@ impl Drop for Compactor {
 }
 
 /// Moves `key`'s queued job (if it is among the others) behind the
-/// waited-for ones.
+/// waited-for ones; a gzip client waits for it now.
 fn promote(s: &mut State, key: &CacheKey) {
     let urgent = s.urgent;
     if let Some(i) = s.jobs.iter().skip(urgent).position(|j| &j.key == key) {
-        if let Some(job) = s.jobs.remove(urgent + i) {
+        if let Some(mut job) = s.jobs.remove(urgent + i) {
+            job.gzip = true;
             s.jobs.insert(urgent, job);
             s.urgent += 1;
         }
@@ -305,7 +337,8 @@ mod tests {
         let c = Compactor::start(capacity, move |job, fin| {
             let _ = seen_tx.send(job.key);
             let _ = go_rx.recv();
-            job.done.finish(Precompressed::of(&job.text));
+            job.done
+                .finish(job.source.text().and_then(|t| Precompressed::of(&t)));
             fin.forget(&job.key);
         })
         .unwrap();
@@ -400,7 +433,8 @@ mod tests {
     async fn a_panicking_job_frees_its_waiters_and_the_thread_goes_on() {
         let c = Compactor::start(4, |job, fin| {
             assert!(job.key != key(1), "a bug");
-            job.done.finish(Precompressed::of(&job.text));
+            job.done
+                .finish(job.source.text().and_then(|t| Precompressed::of(&t)));
             fin.forget(&job.key);
         })
         .unwrap();

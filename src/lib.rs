@@ -65,6 +65,7 @@ mod compact;
 pub mod config;
 mod connection;
 mod date;
+mod digits;
 mod drain;
 mod embeddings;
 mod error;
