@@ -30,6 +30,7 @@
 //! the text back exactly (checked when it is made, and by length and CRC-32
 //! when it is read from Redis).
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -165,6 +166,11 @@ enum Held {
 struct Stores {
     memory: Option<QuickCache<CacheKey, Entry, EntryWeight>>,
     hot: Option<QuickCache<CacheKey, HotText, HotWeight>>,
+    /// Keys whose text was read once and not kept in the hot tier: a text
+    /// goes there on its key's second read, so keys read in turn, more of
+    /// them than the tier holds, do not churn it (every one evicting
+    /// another and the allocator keeping the churned texts' memory).
+    seen: Option<Doorkeeper>,
     redis: Option<Arc<RedisStore>>,
     ttl: Duration,
     /// Redis keys live under this prefix.
@@ -195,13 +201,14 @@ impl Cache {
             let items = (bytes / TYPICAL_ENTRY_BYTES).clamp(16, 1 << 20) as usize;
             QuickCache::with_weighter(items, bytes, EntryWeight)
         });
-        let hot = (memory.is_some() && hot_bytes > 0).then(|| {
-            let items = (hot_bytes / TYPICAL_TEXT_BYTES).clamp(4, 1 << 16) as usize;
-            QuickCache::with_weighter(items, hot_bytes, HotWeight)
-        });
+        let hot_items = (hot_bytes / TYPICAL_TEXT_BYTES).clamp(4, 1 << 16) as usize;
+        let hot = (memory.is_some() && hot_bytes > 0)
+            .then(|| QuickCache::with_weighter(hot_items, hot_bytes, HotWeight));
+        let seen = hot.as_ref().map(|_| Doorkeeper::new(hot_items * 2));
         let stores = Arc::new(Stores {
             memory,
             hot,
+            seen,
             redis,
             ttl,
             namespace: "eg:c:",
@@ -429,15 +436,7 @@ impl Cache {
     }
 
     fn keep_hot(&self, key: &CacheKey, text: &Bytes, crc: u32) {
-        if let Some(hot) = &self.stores.hot {
-            hot.insert(
-                *key,
-                HotText {
-                    text: text.clone(),
-                    crc,
-                },
-            );
-        }
+        self.stores.keep_hot(key, text, crc, false);
     }
 
     /// Stores an embedding that was validated by the caller, as text. With
@@ -493,6 +492,27 @@ impl Cache {
 }
 
 impl Stores {
+    /// Keeps a text identity clients read in the hot tier, for the compact
+    /// form with this CRC-32, if its key was read before (else it only
+    /// notes the key); `copy`: in a buffer of its own.
+    fn keep_hot(&self, key: &CacheKey, text: &Bytes, crc: u32, copy: bool) {
+        let Some(hot) = &self.hot else {
+            return;
+        };
+        // A key the tier holds (for another form) was read before.
+        if let Some(seen) = self.seen.as_ref().filter(|_| hot.peek(key).is_none()) {
+            if !seen.second_read(key) {
+                return;
+            }
+        }
+        let text = if copy {
+            Bytes::copy_from_slice(text)
+        } else {
+            text.clone()
+        };
+        hot.insert(*key, HotText { text, crc });
+    }
+
     fn redis_key(&self, key: &CacheKey) -> String {
         format!("{}{}", self.namespace, key.to_hex())
     }
@@ -639,14 +659,11 @@ impl Stores {
             });
             // (A vacant result's guard, dropped here, leaves the key absent.)
             if matches!(replaced, EntryResult::Retained(true)) && read_as_text {
-                if let Some(hot) = &self.hot {
-                    // A copy: the stored buffer shares its allocator page
-                    // with other entries' texts (mimalloc: 16 to a 512 KiB
-                    // page), all freed by compaction, and one kept would
-                    // keep the whole page from being returned.
-                    let text = Bytes::copy_from_slice(&text);
-                    hot.insert(key, HotText { text, crc });
-                }
+                // A copy: the stored buffer shares its allocator page with
+                // other entries' texts (mimalloc: 16 to a 512 KiB page),
+                // all freed by compaction, and one kept would keep the
+                // whole page from being returned.
+                self.keep_hot(&key, &text, crc, true);
             }
             // Hits read the compact form from memory from now on.
             fin.forget(&key);
@@ -670,6 +687,43 @@ impl Stores {
             }
             _ => fin.forget(&key),
         }
+    }
+}
+
+/// Notes the keys read once, in a table of slots indexed by a part of the
+/// key, each holding another part (a key's note is lost when another key
+/// takes its slot): a key read again before the table has seen about as
+/// many other keys as it has slots is recognised, one read in turn with
+/// many more is not (e.g. 4,096 keys read in turn through 512 slots: one
+/// in ~3,000 is).
+struct Doorkeeper {
+    slots: Box<[AtomicU64]>,
+}
+
+impl Doorkeeper {
+    /// At least `keys` slots (a power of two).
+    fn new(keys: usize) -> Doorkeeper {
+        let n = keys.max(16).next_power_of_two();
+        Doorkeeper {
+            slots: (0..n).map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
+
+    /// True when `key` was noted and not overwritten since (the note is
+    /// used up); else notes it.
+    fn second_read(&self, key: &CacheKey) -> bool {
+        let (index, tag) = key.words();
+        // 0 is an empty slot.
+        let tag = tag | 1;
+        let slot = &self.slots[index as usize & (self.slots.len() - 1)];
+        if slot
+            .compare_exchange(tag, 0, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+        {
+            return true;
+        }
+        slot.store(tag, Ordering::Relaxed);
+        false
     }
 }
 
@@ -937,8 +991,9 @@ mod tests {
         let Form::Digits(p) = compacted(&c, &key).await else {
             panic!("not the digits form")
         };
-        // The text the identity hit read went to the hot tier (a copy)
-        // with the compact form: identity hits read that buffer.
+        // The first identity hit only noted the key; the second one's text
+        // (written back from the digits) goes to the hot tier, and later
+        // identity hits read that buffer.
         let Some(Found::Text(hot)) = c.get_found(&key, 1536, false).await else {
             panic!("no text hit")
         };
@@ -949,7 +1004,14 @@ mod tests {
         assert!(same(&hot, &again));
         // A hot text is only served for its own compact form.
         let other = dashscope_vector(4);
-        c.keep_hot(&key, &other, p.crc() ^ 1);
+        let hot_tier = c.stores.hot.as_ref().unwrap();
+        hot_tier.insert(
+            key,
+            HotText {
+                text: other,
+                crc: p.crc() ^ 1,
+            },
+        );
         let Some(Found::Text(inflated)) = c.get_found(&key, 1536, false).await else {
             panic!("no text hit")
         };
@@ -963,6 +1025,39 @@ mod tests {
         let main = c.stores.memory.as_ref().unwrap().capacity();
         let tier = c.stores.hot.as_ref().unwrap().capacity();
         assert_eq!((main, tier), ((8 << 20) - (1 << 20), 1 << 20));
+    }
+
+    #[test]
+    fn keys_read_once_in_turn_do_not_churn_the_hot_tier() {
+        // 1 MiB: 32 texts, and 64 keys noted.
+        let c = Cache::new(8 << 20, 1 << 20, None, Duration::from_secs(60));
+        let hot = c.stores.hot.as_ref().unwrap();
+        let text = dashscope_vector(9);
+        for round in 0..3 {
+            for i in 0..500 {
+                c.keep_hot(&test_key(&format!("{round} {i}")), &text, 1);
+            }
+        }
+        assert_eq!(hot.len(), 0);
+        // A key read again soon goes in.
+        let key = test_key("again");
+        c.keep_hot(&key, &text, 1);
+        c.keep_hot(&key, &text, 1);
+        assert!(hot.get(&key).is_some_and(|h| same(&h.text, &text)));
+        // Without a hot tier nothing is noted either.
+        let none = Cache::new(8 << 20, 0, None, Duration::from_secs(60));
+        assert!(none.stores.seen.is_none());
+        // The table alone: keys read in turn, 8 times as many as it has
+        // slots, are (almost) never recognised; a key read again soon is.
+        let d = Doorkeeper::new(512);
+        let keys: Vec<_> = (0..4096).map(|i| test_key(&format!("d{i}"))).collect();
+        let mut recognised = 0;
+        for _ in 0..3 {
+            recognised += keys.iter().filter(|k| d.second_read(k)).count();
+        }
+        assert!(recognised < 40, "{recognised}");
+        assert!(!d.second_read(&keys[7]) && d.second_read(&keys[7]));
+        assert!(!d.second_read(&keys[7]));
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -39,6 +39,16 @@ impl CacheKey {
     pub(crate) fn to_hex(self) -> String {
         hex::encode(self.0)
     }
+
+    /// Two words of the digest (a SHA-256: any of its bits are as good as
+    /// the others), for tables that index and tell keys apart by them.
+    pub(crate) fn words(&self) -> (u64, u64) {
+        let mut a = [0u8; 8];
+        let mut b = [0u8; 8];
+        a.copy_from_slice(&self.0[..8]);
+        b.copy_from_slice(&self.0[8..16]);
+        (u64::from_le_bytes(a), u64::from_le_bytes(b))
+    }
 }
 
 impl fmt::Debug for CacheKey {
