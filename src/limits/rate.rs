@@ -167,12 +167,18 @@ return {grant, avail - grant, 0, math.ceil(new_tat - now)}
 pub(crate) const LEASE_TTL: Duration = Duration::from_secs(1);
 
 /// Tokens a replica takes per Redis call: 1 (no leasing) for small rates;
-/// for busy tenants up to 5 % of a second's rate, an eighth of the burst,
-/// and never more than 100.
+/// for busy tenants up to 5 % of a second's rate (50 ms of it), an eighth
+/// of the burst, and never more than [`MAX_LEASE`].
+/// The largest lease. Every Redis call wakes Redis, which (on a machine
+/// where it shares the gateway's cores) preempts a worker: with 100 a
+/// tenant at 55k requests/s made 550 refills a second and measured ~10%
+/// fewer hits per second, and a longer p99, than with 1,000 (55 a second).
+pub(crate) const MAX_LEASE: u64 = 1000;
+
 pub(crate) fn lease_size(cfg: RateConfig) -> u64 {
     let by_rate = (cfg.per_second * 0.05).floor();
     let by_burst = f64::from(cfg.burst / 8);
-    by_rate.min(by_burst).clamp(1.0, 100.0) as u64
+    by_rate.min(by_burst).clamp(1.0, MAX_LEASE as f64) as u64
 }
 
 /// Tokens this replica holds for a tenant.
@@ -510,7 +516,8 @@ mod tests {
         assert_eq!(size(20.0, 40), 1);
         assert_eq!(size(1000.0, 2000), 50);
         assert_eq!(size(1000.0, 80), 10);
-        assert_eq!(size(1.0e6, 1_000_000), 100);
+        assert_eq!(size(1.0e6, 1_000_000), 1000);
+        assert_eq!(size(4000.0, 1_000_000), 200);
     }
 
     #[test]
