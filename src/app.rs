@@ -145,10 +145,17 @@ impl App {
 
     /// Counters and ledger for one successful call to `model` (`cache` is
     /// hit or miss; a partial answer is metered as two calls, its hit items
-    /// and its miss items); returns once it is in the journal, so the
-    /// caller may send the answer. A mismatch of upstream's usage with the
+    /// and its miss items); returns once it is in the journal (written with
+    /// the rows of other answers recorded meanwhile), so the caller may
+    /// send the answer. A mismatch of upstream's usage with the
     /// gateway's is counted here (`embedgate_usage_mismatch_total`).
-    pub(crate) fn meter(&self, tenant: &Arc<str>, model: &str, cache: CacheStatus, r: &Reconciled) {
+    pub(crate) async fn meter(
+        &self,
+        tenant: &Arc<str>,
+        model: &str,
+        cache: CacheStatus,
+        r: &Reconciled,
+    ) {
         if !cache.is_row_status() {
             tracing::error!(
                 %tenant,
@@ -165,7 +172,7 @@ impl App {
                 .with_label_values(&[tenant, model_label(model)])
                 .inc();
         }
-        self.ledger.record(tenant, model, cache, r);
+        self.ledger.record_answer(tenant, model, cache, r).await;
     }
 
     /// Applies a reloaded config's tenants and admin token. Settings that

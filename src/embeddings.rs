@@ -396,7 +396,8 @@ async fn answer_hit(
         model,
         CacheStatus::Hit,
         &Reconciled::own(usage),
-    );
+    )
+    .await;
     let gzipped = gzip.is_some();
     Ok(Answer {
         body: match gzip {
@@ -485,12 +486,14 @@ impl Miss {
                     remaining = Some(r.remaining.saturating_sub(spent.saturating_sub(units)));
                     self.app.limits.settle(r, spent).await;
                 }
-                self.app.meter(
-                    &self.tenant.name,
-                    &self.model,
-                    CacheStatus::Miss,
-                    &reconciled,
-                );
+                self.app
+                    .meter(
+                        &self.tenant.name,
+                        &self.model,
+                        CacheStatus::Miss,
+                        &reconciled,
+                    )
+                    .await;
                 (
                     Ok(Answer {
                         body: AnswerBody::Whole(success.body),

@@ -407,7 +407,8 @@ async fn meter_once(app: &App, tenant: &Arc<Tenant>, id: &str, owner: &Owner, v:
                 upstream: true,
                 mismatch: false,
             };
-            app.meter(&tenant.name, &owner.model, CacheStatus::Miss, &r);
+            app.meter(&tenant.name, &owner.model, CacheStatus::Miss, &r)
+                .await;
             if let Some(q) = tenant.quota {
                 // Spent after the fact: a batch's size is known only now.
                 if let Ok(res) = app.limits.reserve(&tenant.name, q, 0).await {

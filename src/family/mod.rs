@@ -468,7 +468,8 @@ async fn answer(
             &req.model.name,
             CacheStatus::Hit,
             &Reconciled::own(hit_usage),
-        );
+        )
+        .await;
     }
     seen.served = Some(match (hits, misses) {
         (_, 0) => Served::Hit,
@@ -702,12 +703,14 @@ impl Miss {
                     remaining = Some((r.remaining + bound.total()).saturating_sub(spent));
                     self.app.limits.settle(r, spent).await;
                 }
-                self.app.meter(
-                    &self.tenant.name,
-                    &spec.name,
-                    CacheStatus::Miss,
-                    &reconciled,
-                );
+                self.app
+                    .meter(
+                        &self.tenant.name,
+                        &spec.name,
+                        CacheStatus::Miss,
+                        &reconciled,
+                    )
+                    .await;
                 let passthrough = self.whole.then_some((raw_body, answer.request_id));
                 (
                     Ok(Fetched {

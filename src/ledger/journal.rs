@@ -48,8 +48,11 @@ use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
+
+use tokio::sync::Notify;
 
 use crate::config::LedgerConfig;
 use crate::date::Day;
@@ -174,13 +177,13 @@ fn fnv1a(bytes: &[u8]) -> u32 {
     })
 }
 
-/// The whole line of row `row`, newline included, into `out`.
-fn encode_line(row: u64, body: &str, out: &mut Vec<u8>) {
+/// The whole line of row `row`, newline included, after what `out` holds.
+fn push_line(row: u64, body: &str, out: &mut Vec<u8>) {
     const HEX: &[u8; 16] = b"0123456789abcdef";
-    out.clear();
+    let start = out.len();
     out.extend_from_slice(itoa::Buffer::new().format(row).as_bytes());
     out.extend_from_slice(body.as_bytes());
-    let sum = fnv1a(out);
+    let sum = fnv1a(&out[start..]);
     for shift in (0..8).rev() {
         out.push(HEX[((sum >> (shift * 4)) & 0xf) as usize]);
     }
@@ -328,6 +331,13 @@ pub(crate) enum Event {
     Ended { run: Arc<str> },
 }
 
+/// A row's batch ([`Journal::append_batched`]).
+pub(crate) struct Batch {
+    pub(crate) number: u64,
+    /// The row opened it: its caller writes it.
+    pub(crate) opened: bool,
+}
+
 /// Segments of a run left by an earlier process.
 #[derive(Debug)]
 pub(crate) struct Leftover {
@@ -356,8 +366,13 @@ struct Writer {
     /// The disk failed: rows go to memory until a new segment opens.
     failing: bool,
     last_reopen: Instant,
-    /// The line being written, reused.
+    /// The lines being written, reused.
     line: Vec<u8>,
+    /// Rows appended to the open batch, not written yet (their bodies: a
+    /// row's number is given when it is written).
+    pending: Vec<String>,
+    /// Batches written so far; the open one is number `batches`.
+    batches: u64,
 }
 
 /// This process's journal.
@@ -365,6 +380,9 @@ pub(crate) struct Journal {
     /// `None`: `ledger.journal = false`, rows in memory only.
     dir: Option<PathBuf>,
     writer: Mutex<Writer>,
+    /// `Writer::batches`, for requests waiting for theirs.
+    written: AtomicU64,
+    batch_written: Notify,
     metrics: Arc<Metrics>,
     /// The directory's lock, held for the life of the process.
     _lock: Option<File>,
@@ -387,6 +405,8 @@ impl Journal {
             let journal = Journal {
                 dir: None,
                 writer: Mutex::new(Writer::new(run, Target::Memory(Vec::new()))),
+                written: AtomicU64::new(0),
+                batch_written: Notify::new(),
                 metrics,
                 _lock: None,
             };
@@ -406,6 +426,8 @@ impl Journal {
         let journal = Arc::new(Journal {
             dir: Some(dir),
             writer: Mutex::new(writer),
+            written: AtomicU64::new(0),
+            batch_written: Notify::new(),
             metrics,
             _lock: Some(lock),
         });
@@ -428,32 +450,93 @@ impl Journal {
         self.writer.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Appends one row: one `write(2)` into the OS page cache, never a disk
-    /// flush. Returns when the row is in the journal (or, when the disk
-    /// fails, in memory).
+    /// Appends one row: one `write(2)` into the OS page cache (with the
+    /// open batch's rows), never a disk flush. Returns when the row is in
+    /// the journal (or, when the disk fails, in memory).
     pub(crate) fn append(&self, entry: &Entry) {
         let mut body = String::with_capacity(96);
         entry.encode_body(&mut body);
-        let mut guard = self.writer();
-        let w = &mut *guard;
-        let row = w.next_row;
-        w.next_row += 1;
-        encode_line(row, &body, &mut w.line);
+        let mut w = self.writer();
+        w.pending.push(body);
+        self.write_pending(&mut w);
+    }
+
+    /// Adds one row to the open batch, to be written with the others by
+    /// one `write(2)`: the caller then waits with [`Journal::written`]
+    /// until its batch is, or writes the batch itself ([`Journal::flush`])
+    /// if it opened it (`Batch::opened`). Without a journal file the row
+    /// is kept in memory at once.
+    pub(crate) fn append_batched(&self, entry: &Entry) -> Batch {
+        let mut body = String::with_capacity(96);
+        entry.encode_body(&mut body);
+        let mut w = self.writer();
+        if matches!(w.target, Target::Memory(_)) {
+            w.pending.push(body);
+            self.write_pending(&mut w);
+            return Batch {
+                number: w.batches - 1,
+                opened: false,
+            };
+        }
+        let opened = w.pending.is_empty();
+        w.pending.push(body);
+        Batch {
+            number: w.batches,
+            opened,
+        }
+    }
+
+    /// Writes the open batch, if it has rows.
+    pub(crate) fn flush(&self) {
+        let mut w = self.writer();
+        self.write_pending(&mut w);
+    }
+
+    /// Returns once batch `number` is written.
+    pub(crate) async fn written(&self, number: u64) {
+        loop {
+            let notified = self.batch_written.notified();
+            tokio::pin!(notified);
+            // Registered before looking: a batch written in between wakes it.
+            notified.as_mut().enable();
+            if self.written.load(Ordering::Acquire) > number {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    /// Writes the open batch's rows (numbered now, in order) with one
+    /// `write(2)`, and wakes the requests waiting for it. With the lock.
+    fn write_pending(&self, w: &mut Writer) {
+        if w.pending.is_empty() {
+            return;
+        }
+        let bodies = std::mem::take(&mut w.pending);
+        w.line.clear();
+        for body in &bodies {
+            let row = w.next_row;
+            w.next_row += 1;
+            push_line(row, body, &mut w.line);
+        }
         let failed = match &mut w.target {
             Target::Memory(buf) => {
                 buf.extend_from_slice(&w.line);
                 None
             }
-            Target::File(file) => match (&**file).write_all(&w.line) {
+            Target::File(file) => match write_counted(file, &w.line) {
                 Ok(()) => {
                     w.segment_bytes += w.line.len() as u64;
                     w.dirty = true;
                     None
                 }
-                Err(e) => Some(e),
+                Err((e, done)) => Some((e, done)),
             },
         };
-        if let Some(e) = failed {
+        if let Some((e, done)) = failed {
+            // Rows written whole before the failure are in the failed run;
+            // the rest (a torn one is skipped when it is read) go on.
+            let whole = w.line[..done].iter().filter(|&&c| c == b'\n').count();
             self.metrics
                 .journal_errors
                 .with_label_values(&["append"])
@@ -470,21 +553,30 @@ impl Journal {
             }
             let ended = std::mem::replace(&mut w.run, new_run());
             w.events.push(Event::Ended { run: ended });
-            w.next_row = 2;
+            w.next_row = 1;
             w.seq = 0;
             w.segment_bytes = 0;
             w.failing = true;
             w.last_reopen = Instant::now();
-            encode_line(1, &body, &mut w.line);
+            w.line.clear();
+            for body in &bodies[whole..] {
+                let row = w.next_row;
+                w.next_row += 1;
+                push_line(row, body, &mut w.line);
+            }
             if let Target::Memory(buf) = &mut w.target {
                 buf.extend_from_slice(&w.line);
             }
         }
+        w.batches += 1;
+        self.written.store(w.batches, Ordering::Release);
+        self.batch_written.notify_waiters();
     }
 
     /// What happened since the last call, rows kept in memory included.
     pub(crate) fn poll(&self) -> Vec<Event> {
         let mut w = self.writer();
+        self.write_pending(&mut w);
         let run = w.run.clone();
         if let Target::Memory(buf) = &mut w.target {
             if !buf.is_empty() {
@@ -515,6 +607,7 @@ impl Journal {
             match create_segment(dir, &run, seq + 1) {
                 Ok((file, path)) => {
                     let mut w = self.writer();
+                    self.write_pending(&mut w);
                     if w.run == run && w.seq == seq && !w.failing {
                         let old = std::mem::replace(&mut w.target, Target::File(Arc::new(file)));
                         if let Target::File(f) = old {
@@ -542,6 +635,7 @@ impl Journal {
             match create_segment(dir, &run, 0) {
                 Ok((file, path)) => {
                     let mut w = self.writer();
+                    self.write_pending(&mut w);
                     let old_run = std::mem::replace(&mut w.run, run.clone());
                     let old = std::mem::replace(&mut w.target, Target::File(Arc::new(file)));
                     if let Target::Memory(bytes) = old {
@@ -572,6 +666,7 @@ impl Journal {
     pub(crate) fn sync(&self) {
         let files = {
             let mut w = self.writer();
+            self.write_pending(&mut w);
             let mut files = std::mem::take(&mut w.unsynced);
             if w.dirty {
                 if let Target::File(f) = &w.target {
@@ -597,6 +692,7 @@ impl Journal {
     /// deleted once read.
     pub(crate) fn seal(&self) {
         let mut w = self.writer();
+        self.write_pending(&mut w);
         if let Target::File(f) = std::mem::replace(&mut w.target, Target::Memory(Vec::new())) {
             w.unsynced.push(f);
             let ended = std::mem::replace(&mut w.run, new_run());
@@ -640,8 +736,30 @@ impl Writer {
             failing: false,
             last_reopen: Instant::now(),
             line: Vec::with_capacity(160),
+            pending: Vec::new(),
+            batches: 0,
         }
     }
+}
+
+/// `write_all`, which on failure also tells how many bytes went out.
+fn write_counted(file: &File, mut bytes: &[u8]) -> Result<(), (io::Error, usize)> {
+    let total = bytes.len();
+    let mut f = file;
+    while !bytes.is_empty() {
+        match f.write(bytes) {
+            Ok(0) => {
+                return Err((
+                    io::Error::from(io::ErrorKind::WriteZero),
+                    total - bytes.len(),
+                ))
+            }
+            Ok(n) => bytes = &bytes[n..],
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err((e, total - bytes.len())),
+        }
+    }
+    Ok(())
 }
 
 /// Takes the directory's lock, or says who holds it.
@@ -880,7 +998,7 @@ mod tests {
         let mut body = String::new();
         e.encode_body(&mut body);
         let mut line = Vec::new();
-        encode_line(42, &body, &mut line);
+        push_line(42, &body, &mut line);
         assert_eq!(line.last(), Some(&b'\n'));
         let text = &line[..line.len() - 1];
         assert_eq!(decode_line(text), Some((42, e.clone())));
@@ -1067,7 +1185,7 @@ mod tests {
         let mut body = String::new();
         e.encode_body(&mut body);
         let mut line = Vec::new();
-        encode_line(1, &body, &mut line);
+        push_line(1, &body, &mut line);
         let mut content = line.clone();
         content.extend_from_slice(&line[..10]);
         fs::write(&path, &content).unwrap();
@@ -1081,6 +1199,54 @@ mod tests {
             .read(true, |l| seen.push(matches!(l, Line::Row(..))))
             .unwrap());
         assert_eq!(seen, vec![true, false]);
+    }
+
+    #[tokio::test]
+    async fn a_batch_is_one_write_and_wakes_its_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let metrics = Arc::new(Metrics::new().unwrap());
+        let (j, _) = Journal::open(&config(dir.path()), metrics).unwrap();
+        let e = entry("search", CacheStatus::Hit);
+        let file_len = |j: &Journal| match &j.writer().target {
+            Target::File(f) => f.metadata().unwrap().len(),
+            Target::Memory(_) => panic!("not a file"),
+        };
+        let first = j.append_batched(&e);
+        assert!(first.opened);
+        let others: Vec<Batch> = (0..3).map(|_| j.append_batched(&e)).collect();
+        assert!(others.iter().all(|b| !b.opened && b.number == first.number));
+        // Nothing written yet; a row waiting for its batch waits.
+        assert_eq!(file_len(&j), 0);
+        let waiter = {
+            let j = j.clone();
+            tokio::spawn(async move { j.written(first.number).await })
+        };
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished());
+        j.flush();
+        tokio::time::timeout(Duration::from_secs(10), waiter)
+            .await
+            .expect("woken")
+            .unwrap();
+        let one_line = file_len(&j) / 4;
+        assert!(one_line > 0 && file_len(&j) == 4 * one_line);
+        // The next row opens the next batch; a plain append writes it too,
+        // rows numbered in order.
+        let next = j.append_batched(&e);
+        assert!(next.opened && next.number == first.number + 1);
+        j.append(&e);
+        j.written(next.number).await;
+        let rows: Vec<u64> = read_all(&j.poll()).iter().map(|r| r.0).collect();
+        assert_eq!(rows, vec![1, 2, 3, 4, 5, 6]);
+        // Without a journal file a row is kept at once.
+        let off = LedgerConfig {
+            journal: false,
+            ..config(dir.path())
+        };
+        let (m, _) = Journal::open(&off, Arc::new(Metrics::new().unwrap())).unwrap();
+        let b = m.append_batched(&e);
+        assert!(!b.opened);
+        m.written(b.number).await;
     }
 
     #[test]

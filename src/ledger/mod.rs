@@ -7,9 +7,10 @@
 //!
 //! The path of one answer:
 //!
-//! 1. [`Ledger::record`] appends it to this replica's [`journal`] before
-//!    the response is sent: one `write(2)`, so a crash of the process
-//!    loses nothing (a power loss at most `ledger.fsync_interval`).
+//! 1. [`Ledger::record_answer`] appends it to this replica's [`journal`]
+//!    before the response is sent: one `write(2)` for the answers metered
+//!    at the same time (group commit), so a crash of the process loses
+//!    nothing (a power loss at most `ledger.fsync_interval`).
 //! 2. A background shipper reads the journal back every 50 ms and writes
 //!    it to the [`store`]: Redis, shared by every replica, or without Redis
 //!    the embedded SQLite database. Rows are summed per (journal run,
@@ -83,6 +84,16 @@ impl std::fmt::Display for LedgerError {
 }
 
 type GroupKey = (Arc<str>, Day);
+
+/// Writes the journal's open batch when dropped: the request that opened
+/// it writes it even if it is cancelled while the others join.
+struct WriteOnDrop<'a>(&'a Journal);
+
+impl Drop for WriteOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.flush();
+    }
+}
 
 /// One (run, tenant, day): what the store has, what is being written,
 /// what waits.
@@ -278,6 +289,22 @@ impl Ledger {
         cache: CacheStatus,
         r: &Reconciled,
     ) {
+        if !self.recordable(tenant, model, cache, r) {
+            return;
+        }
+        self.journal
+            .append(&Entry::new(tenant, model, Day::today(), cache, r));
+        self.recorded();
+    }
+
+    /// False (logged and counted) for a row the ledger does not take.
+    fn recordable(
+        &self,
+        tenant: &Arc<str>,
+        model: &str,
+        cache: CacheStatus,
+        r: &Reconciled,
+    ) -> bool {
         if !valid_model_name(model) || !cache.is_row_status() {
             self.metrics.ledger_rejected_rows.inc();
             let shown: String = model
@@ -293,10 +320,40 @@ impl Ledger {
                 units = r.record.total(),
                 "a metered call is not recorded in the ledger: its model name is not 1-64 bytes of [A-Za-z0-9._-], or its status is partial"
             );
+            return false;
+        }
+        true
+    }
+
+    /// [`Ledger::record`] for an answer's request: the row is written with
+    /// the others recorded meanwhile on this worker, one `write(2)` for all
+    /// (group commit). Returns once it is in the journal. The request that
+    /// opens a batch lets the others run first and then writes it (also
+    /// when it is cancelled meanwhile); the others wait for it.
+    pub(crate) async fn record_answer(
+        &self,
+        tenant: &Arc<str>,
+        model: &str,
+        cache: CacheStatus,
+        r: &Reconciled,
+    ) {
+        if !self.recordable(tenant, model, cache, r) {
             return;
         }
-        self.journal
-            .append(&Entry::new(tenant, model, Day::today(), cache, r));
+        let batch = self
+            .journal
+            .append_batched(&Entry::new(tenant, model, Day::today(), cache, r));
+        if batch.opened {
+            let writer = WriteOnDrop(&self.journal);
+            tokio::task::yield_now().await;
+            drop(writer);
+        } else {
+            self.journal.written(batch.number).await;
+        }
+        self.recorded();
+    }
+
+    fn recorded(&self) {
         self.wake.notify_one();
         if let Some(e) = &self.events {
             e.notify();
@@ -739,6 +796,42 @@ mod tests {
 
     fn units(r: &Report) -> u64 {
         r.rows.iter().map(|r| r.units).sum()
+    }
+
+    #[tokio::test]
+    async fn answers_recorded_together_are_written_together_even_if_cancelled() {
+        let dir = tempfile::tempdir().unwrap();
+        let metrics = Arc::new(Metrics::new().unwrap());
+        let today = Day::today();
+        let t: Arc<str> = Arc::from("search");
+        let l = Ledger::open(&config(dir.path()), None, metrics.clone()).unwrap();
+        let hit = Reconciled::own(usage(1, 0));
+        // Ten answers recorded at once: all return, their rows written.
+        let mut all = tokio::task::JoinSet::new();
+        for _ in 0..10 {
+            let (l, t) = (l.clone(), t.clone());
+            all.spawn(async move { l.record_answer(&t, M, CacheStatus::Hit, &hit).await });
+        }
+        all.join_all().await;
+        // One whose request goes away while its batch is open (the one
+        // that opened it): its row is written anyway, and so is the row of
+        // another answer in the batch, which returns.
+        use std::future::Future;
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        let mut opener = Box::pin(l.record_answer(&t, M, CacheStatus::Hit, &hit));
+        assert!(opener.as_mut().poll(&mut cx).is_pending());
+        let mut joined = Box::pin(l.record_answer(&t, M, CacheStatus::Hit, &hit));
+        assert!(joined.as_mut().poll(&mut cx).is_pending());
+        drop(opener);
+        tokio::time::timeout(Duration::from_secs(10), joined)
+            .await
+            .expect("the batch was written");
+        let r = l
+            .report(today, today, None, None, &[], &Prices::new())
+            .await
+            .unwrap();
+        assert_eq!(units(&r), 12);
+        assert_eq!(r.figures[0].requests, 12);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
