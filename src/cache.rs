@@ -591,17 +591,16 @@ impl Stores {
             fin.forget(&key);
         };
         if let Some(mem) = &self.memory {
-            match (mem.peek(&key).map(|e| e.form), &source) {
-                (Some(Form::Text { text: held, .. }), Source::Text(t)) if same(&held, t) => {}
-                (Some(Form::Digits(held)), Source::Digits(d)) if held.same(d) => {}
+            match mem.peek(&key).map(|e| e.form) {
+                Some(f) if holds(&f, &source) => {}
                 // Compacted by an earlier job (this one was asked just
                 // before that one replaced the entry).
-                (Some(Form::Compact(c)), _) => return settle(Some(c)),
+                Some(Form::Compact(c)) => return settle(Some(c)),
                 // Stored again or compacted otherwise since: nothing to do
                 // (a gzip hit of a digits entry asks again).
-                (Some(_), _) => return settle(None),
+                Some(_) => return settle(None),
                 // Evicted: only Redis may still want it.
-                (None, _) => {
+                None => {
                     if self.redis.is_none() {
                         return settle(None);
                     }
@@ -647,11 +646,7 @@ impl Stores {
         };
         if let Some(mem) = &self.memory {
             let replaced = mem.entry(&key, Some(Duration::ZERO), |_, e| {
-                let holds_source = match (&e.form, &source) {
-                    (Form::Text { text: held, .. }, Source::Text(t)) => same(held, t),
-                    (Form::Digits(held), Source::Digits(d)) => held.same(d),
-                    _ => false,
-                };
+                let holds_source = holds(&e.form, &source);
                 if holds_source {
                     e.form = form.clone();
                 }
@@ -724,6 +719,15 @@ impl Doorkeeper {
         }
         slot.store(tag, Ordering::Relaxed);
         false
+    }
+}
+
+/// The entry holds the form a job was made from (the same buffers).
+fn holds(form: &Form, source: &Source) -> bool {
+    match (form, source) {
+        (Form::Text { text, .. }, Source::Text(t)) => same(text, t),
+        (Form::Digits(held), Source::Digits(d)) => held.same(d),
+        _ => false,
     }
 }
 

@@ -114,6 +114,18 @@ struct Queue {
 }
 
 impl Queue {
+    fn new() -> Queue {
+        Queue {
+            state: Mutex::new(State {
+                jobs: VecDeque::new(),
+                urgent: 0,
+                asked: HashMap::new(),
+                closed: false,
+            }),
+            ready: Condvar::new(),
+        }
+    }
+
     fn lock(&self) -> MutexGuard<'_, State> {
         // A panic while holding the lock left nothing half-done that
         // matters: the worst is a job lost, which a later hit asks again.
@@ -135,15 +147,7 @@ impl Compactor {
         capacity: usize,
         mut work: impl FnMut(Job, &Finisher) + Send + 'static,
     ) -> Option<Compactor> {
-        let queue = Arc::new(Queue {
-            state: Mutex::new(State {
-                jobs: VecDeque::new(),
-                urgent: 0,
-                asked: HashMap::new(),
-                closed: false,
-            }),
-            ready: Condvar::new(),
-        });
+        let queue = Arc::new(Queue::new());
         let finisher = Finisher {
             queue: queue.clone(),
         };
@@ -287,15 +291,7 @@ impl Finisher {
     #[cfg(test)]
     pub(crate) fn for_tests() -> Finisher {
         Finisher {
-            queue: Arc::new(Queue {
-                state: Mutex::new(State {
-                    jobs: VecDeque::new(),
-                    urgent: 0,
-                    asked: HashMap::new(),
-                    closed: false,
-                }),
-                ready: Condvar::new(),
-            }),
+            queue: Arc::new(Queue::new()),
         }
     }
 

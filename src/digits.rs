@@ -92,7 +92,8 @@ impl Digits {
         }
         let open = text.iter().position(|&c| c == b'[')?;
         let head_end = open + 1 + ws(&text[open + 1..]);
-        let mut numbers: Vec<u64> = Vec::with_capacity(text.len() / 16);
+        // One word per number, ~20 bytes of text each.
+        let mut words = BytesMut::with_capacity(text.len() / 16 * 8);
         let mut verbatim: Vec<&[u8]> = Vec::new();
         let mut sep: Option<&[u8]> = None;
         let mut i = head_end;
@@ -103,12 +104,12 @@ impl Digits {
             }
             let number = &text[i..i + len];
             match word(number) {
-                Some(w) => numbers.push(w),
+                Some(w) => words.put_u64_le(w),
                 None => {
                     if verbatim.len() >= MAX_VERBATIM || len > MAX_VERBATIM_LEN {
                         return None;
                     }
-                    numbers.push(VERBATIM | verbatim.len() as u64);
+                    words.put_u64_le(VERBATIM | verbatim.len() as u64);
                     verbatim.push(number);
                 }
             }
@@ -133,25 +134,17 @@ impl Digits {
         if head.len() > MAX_FRAME || tail.len() > MAX_FRAME || sep.len() > MAX_FRAME {
             return None;
         }
-        let mut frame = BytesMut::with_capacity(
-            head.len() + sep.len() + tail.len() + verbatim.iter().map(|v| v.len()).sum::<usize>(),
-        );
-        frame.put_slice(head);
-        frame.put_slice(sep);
-        frame.put_slice(tail);
+        let mut frame = [head, sep, tail].concat();
         let mut verbatim_ends = Vec::with_capacity(verbatim.len());
         for v in &verbatim {
-            frame.put_slice(v);
+            frame.extend_from_slice(v);
             verbatim_ends.push(frame.len() as u32);
         }
-        let mut words = BytesMut::with_capacity(numbers.len() * 8);
-        for w in &numbers {
-            words.put_u64_le(*w);
-        }
         let d = Digits {
-            words: words.freeze(),
+            // A buffer of exactly the words (the capacity was a guess).
+            words: Bytes::copy_from_slice(&words),
             meta: Arc::new(Meta {
-                frame: frame.to_vec().into_boxed_slice(),
+                frame: frame.into_boxed_slice(),
                 head_len: head.len() as u16,
                 sep_len: sep.len() as u16,
                 tail_len: tail.len() as u16,

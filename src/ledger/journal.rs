@@ -371,8 +371,6 @@ struct Writer {
     /// Rows appended to the open batch, not written yet (their bodies: a
     /// row's number is given when it is written).
     pending: Vec<String>,
-    /// Batches written so far; the open one is number `batches`.
-    batches: u64,
 }
 
 /// This process's journal.
@@ -380,7 +378,8 @@ pub(crate) struct Journal {
     /// `None`: `ledger.journal = false`, rows in memory only.
     dir: Option<PathBuf>,
     writer: Mutex<Writer>,
-    /// `Writer::batches`, for requests waiting for theirs.
+    /// Batches written so far (changed with the writer's lock held); the
+    /// open one is number `written`.
     written: AtomicU64,
     batch_written: Notify,
     metrics: Arc<Metrics>,
@@ -474,14 +473,14 @@ impl Journal {
             w.pending.push(body);
             self.write_pending(&mut w);
             return Batch {
-                number: w.batches - 1,
+                number: self.written.load(Ordering::Relaxed) - 1,
                 opened: false,
             };
         }
         let opened = w.pending.is_empty();
         w.pending.push(body);
         Batch {
-            number: w.batches,
+            number: self.written.load(Ordering::Relaxed),
             opened,
         }
     }
@@ -513,12 +512,7 @@ impl Journal {
             return;
         }
         let bodies = std::mem::take(&mut w.pending);
-        w.line.clear();
-        for body in &bodies {
-            let row = w.next_row;
-            w.next_row += 1;
-            push_line(row, body, &mut w.line);
-        }
+        w.number_lines(&bodies);
         let failed = match &mut w.target {
             Target::Memory(buf) => {
                 buf.extend_from_slice(&w.line);
@@ -530,7 +524,7 @@ impl Journal {
                     w.dirty = true;
                     None
                 }
-                Err((e, done)) => Some((e, done)),
+                Err(failed) => Some(failed),
             },
         };
         if let Some((e, done)) = failed {
@@ -558,18 +552,12 @@ impl Journal {
             w.segment_bytes = 0;
             w.failing = true;
             w.last_reopen = Instant::now();
-            w.line.clear();
-            for body in &bodies[whole..] {
-                let row = w.next_row;
-                w.next_row += 1;
-                push_line(row, body, &mut w.line);
-            }
+            w.number_lines(&bodies[whole..]);
             if let Target::Memory(buf) = &mut w.target {
                 buf.extend_from_slice(&w.line);
             }
         }
-        w.batches += 1;
-        self.written.store(w.batches, Ordering::Release);
+        self.written.fetch_add(1, Ordering::Release);
         self.batch_written.notify_waiters();
     }
 
@@ -723,6 +711,15 @@ impl Journal {
 }
 
 impl Writer {
+    /// `line` holds the rows of `bodies`, numbered from `next_row` on.
+    fn number_lines(&mut self, bodies: &[String]) {
+        self.line.clear();
+        for body in bodies {
+            push_line(self.next_row, body, &mut self.line);
+            self.next_row += 1;
+        }
+    }
+
     fn new(run: Arc<str>, target: Target) -> Writer {
         Writer {
             run,
@@ -737,7 +734,6 @@ impl Writer {
             last_reopen: Instant::now(),
             line: Vec::with_capacity(160),
             pending: Vec::new(),
-            batches: 0,
         }
     }
 }
