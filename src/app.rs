@@ -15,6 +15,7 @@ use crate::ledger::Ledger;
 use crate::limits::Limits;
 use crate::metering::{CacheStatus, Reconciled, Usage};
 use crate::metrics::{model_label, Metrics};
+use crate::parse_memo::ParseMemo;
 use crate::redis_store::{Holds, RedisStore};
 use crate::tasks::TaskStore;
 use crate::tenants::TenantTable;
@@ -53,6 +54,8 @@ pub(crate) struct App {
     /// multimodal model of the table (the SDK uploads local files for
     /// them all).
     pub(crate) upload_models: Vec<String>,
+    /// ONE-PEACE bodies parsed lately (the parse rules are `config`'s).
+    pub(crate) parse_memo: ParseMemo,
 }
 
 impl App {
@@ -114,6 +117,7 @@ impl App {
             refusal_lines: RefusalLines::default(),
             tasks,
             upload_models,
+            parse_memo: ParseMemo::default(),
         }))
     }
 

@@ -57,13 +57,30 @@ impl fmt::Debug for CacheKey {
     }
 }
 
-struct Encoder(Sha256);
+/// Writes fields (tag, length, bytes) into a hash or a buffer.
+trait Sink {
+    fn put(&mut self, bytes: &[u8]);
+}
 
-impl Encoder {
+impl Sink for Sha256 {
+    fn put(&mut self, bytes: &[u8]) {
+        self.update(bytes);
+    }
+}
+
+impl Sink for Vec<u8> {
+    fn put(&mut self, bytes: &[u8]) {
+        self.extend_from_slice(bytes);
+    }
+}
+
+struct Encoder<S>(S);
+
+impl<S: Sink> Encoder<S> {
     fn field(&mut self, tag: u8, bytes: &[u8]) {
-        self.0.update([tag]);
-        self.0.update((bytes.len() as u64).to_be_bytes());
-        self.0.update(bytes);
+        self.0.put(&[tag]);
+        self.0.put(&(bytes.len() as u64).to_be_bytes());
+        self.0.put(bytes);
     }
 
     /// Who may share the entry, and the upstream account it is bound to.
@@ -120,38 +137,61 @@ pub(crate) fn cache_key(
     req: &EmbeddingRequest,
     headers: &ForwardedHeaders,
 ) -> CacheKey {
-    let EmbeddingRequest {
-        model,
-        items,
-        parameters,
-        // Only decides whether an over-long input errors; errors are never cached.
-        auto_truncation: _,
-        extra,
-        input_extra,
-    } = req;
+    KeyFields::of(req).key(scope, workspace, headers)
+}
 
-    let mut e = Encoder(Sha256::new());
-    e.0.update(KEY_VERSION);
-    e.scope(scope, workspace);
-    e.field(TAG_MODEL, model.as_bytes());
-    e.field(TAG_ITEM_COUNT, &(items.len() as u64).to_be_bytes());
-    for Item {
-        modality,
-        content,
-        factor,
-    } in items
-    {
-        e.field(TAG_MODALITY, modality.as_str().as_bytes());
-        e.field(TAG_CONTENT, content.as_bytes());
-        e.field(TAG_FACTOR, &factor.to_bits().to_be_bytes());
+/// The part of a request's key that comes from its body (model, items,
+/// parameters, extras), encoded once: [`crate::parse_memo`] keeps it with
+/// the parsed request, so a body sent again is keyed by hashing these
+/// bytes with the scope and headers.
+pub(crate) struct KeyFields(Vec<u8>);
+
+impl KeyFields {
+    pub(crate) fn of(req: &EmbeddingRequest) -> KeyFields {
+        let EmbeddingRequest {
+            model,
+            items,
+            parameters,
+            // Only decides whether an over-long input errors; errors are never cached.
+            auto_truncation: _,
+            extra,
+            input_extra,
+        } = req;
+        let mut e = Encoder(Vec::with_capacity(256));
+        e.field(TAG_MODEL, model.as_bytes());
+        e.field(TAG_ITEM_COUNT, &(items.len() as u64).to_be_bytes());
+        for Item {
+            modality,
+            content,
+            factor,
+        } in items
+        {
+            e.field(TAG_MODALITY, modality.as_str().as_bytes());
+            e.field(TAG_CONTENT, content.as_bytes());
+            e.field(TAG_FACTOR, &factor.to_bits().to_be_bytes());
+        }
+        let mut params = parameters.clone();
+        params.remove("auto_truncation");
+        e.field(TAG_PARAMETERS, canonical_object(&params).as_bytes());
+        e.field(TAG_EXTRA, canonical_object(extra).as_bytes());
+        e.field(TAG_INPUT_EXTRA, canonical_object(input_extra).as_bytes());
+        KeyFields(e.0)
     }
-    let mut params = parameters.clone();
-    params.remove("auto_truncation");
-    e.field(TAG_PARAMETERS, canonical_object(&params).as_bytes());
-    e.field(TAG_EXTRA, canonical_object(extra).as_bytes());
-    e.field(TAG_INPUT_EXTRA, canonical_object(input_extra).as_bytes());
-    e.headers(headers);
-    CacheKey(e.0.finalize().into())
+
+    /// The key of the request these fields are from.
+    pub(crate) fn key(
+        &self,
+        scope: KeyScope<'_>,
+        workspace: Option<&str>,
+        headers: &ForwardedHeaders,
+    ) -> CacheKey {
+        let mut e = Encoder(Sha256::new());
+        e.0.update(KEY_VERSION);
+        e.scope(scope, workspace);
+        e.0.update(&self.0);
+        e.headers(headers);
+        CacheKey(e.0.finalize().into())
+    }
 }
 
 /// Bump when the family's item encoding changes.

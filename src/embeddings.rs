@@ -32,7 +32,7 @@ use crate::app::App;
 use crate::auth::tenant_of;
 use crate::body::{Body, ReqBody};
 use crate::cache::Found;
-use crate::cache_key::{cache_key, CacheKey, KeyScope};
+use crate::cache_key::{CacheKey, KeyScope};
 use crate::coalesce::{self, Outcome, Role};
 use crate::config::CacheScope;
 use crate::config::{ModelApi, Vectors};
@@ -41,6 +41,7 @@ use crate::family::{self, Api};
 use crate::fault;
 use crate::forwarded::ForwardedHeaders;
 use crate::metering::{self, CacheStatus, ModelName, Reconciled, Usage};
+use crate::parse_memo::Parsed;
 use crate::request::{EmbeddingRequest, ParseRules};
 use crate::request_id;
 use crate::response::{self, Framing};
@@ -97,8 +98,9 @@ pub(crate) async fn serve(
                     // 1. parse. A request the ONE-PEACE parser takes names
                     // a model of ONE-PEACE's kind; every other multimodal
                     // model goes the family's way.
-                    let parsed =
-                        EmbeddingRequest::parse(&body, &ParseRules::of(&app.config.upstream));
+                    let parsed = app.parse_memo.get_or_parse(&body, |b| {
+                        EmbeddingRequest::parse(b, &ParseRules::of(&app.config.upstream))
+                    });
                     let family_model = parsed.is_err()
                         && family::peek_model(&body)
                             .filter(|m| !app.config.upstream.models.contains(m))
@@ -243,11 +245,12 @@ async fn answer(
     tenant: Arc<Tenant>,
     parts: http::request::Parts,
     forwarded: ForwardedHeaders,
-    parsed: EmbeddingRequest,
+    memo: Arc<Parsed>,
     request_id: &str,
     seen: &mut Seen,
 ) -> Result<Answer, GatewayError> {
-    let model: Arc<str> = Arc::from(parsed.model.as_str());
+    let parsed = &memo.request;
+    let model = memo.model.clone();
     seen.model = Some(model.clone());
     if !tenant.may_use(&parsed.model) {
         return Err(GatewayError::ModelNotAllowed(parsed.model.clone()));
@@ -258,7 +261,9 @@ async fn answer(
         CacheScope::Tenant => KeyScope::Tenant(&tenant.name),
         CacheScope::Shared => KeyScope::Shared,
     };
-    let key = cache_key(scope, tenant.workspace.as_deref(), &parsed, &forwarded);
+    let key = memo
+        .key_fields
+        .key(scope, tenant.workspace.as_deref(), &forwarded);
     let usage = Usage::of(parsed.counts(), &app.config.metering.weights);
     let dimension = parsed.expected_dimension(app.config.upstream.embedding_dimension);
     let cc = cache_control(&parts.headers);
@@ -346,7 +351,7 @@ async fn answer(
             no_store: cc.no_store,
             forwarded: forwarded.clone(),
             body,
-            panic_after_reserve: fault::wanted(&parsed),
+            panic_after_reserve: fault::wanted(parsed),
             guard,
             _slot: slot,
         };

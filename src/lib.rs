@@ -83,6 +83,7 @@ mod limits;
 mod log_writer;
 mod metering;
 mod metrics;
+mod parse_memo;
 mod rate_limit;
 mod redis_store;
 mod reload;

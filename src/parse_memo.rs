@@ -1,0 +1,192 @@
+//! Recently parsed ONE-PEACE request bodies, so a body sent again (a hot
+//! key: a client in a loop, many clients asking for the same text) is not
+//! parsed and keyed again: the parse walks the JSON at four levels and the
+//! key canonicalises `parameters` and the extras, together ~1 µs of a
+//! ~15 µs hit (issue 11's profile).
+//!
+//! A body is remembered only when it parsed; the entry holds the body's
+//! bytes and is used only for a body equal to them byte for byte, so a
+//! lookup answers exactly what parsing that body answers (the parse rules
+//! are the process's config, fixed for its life). What is remembered:
+//! the parsed request and its fields' key encoding ([`KeyFields`]); the
+//! key itself still adds the tenant's scope and the forwarded headers.
+//!
+//! The table is direct-mapped ([`SLOTS`] slots, each a mutex held for a
+//! compare or a swap): a new body takes its slot, whoever had it. Bodies
+//! over [`MAX_BODY_BYTES`] are not kept, so the memo holds at most a few MB
+//! however it is fed. A client that makes its bodies collide only evicts
+//! entries, which costs their next request one parse.
+
+use std::hash::BuildHasher;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use bytes::Bytes;
+
+use crate::cache_key::KeyFields;
+use crate::request::EmbeddingRequest;
+
+/// Slots of the table.
+const SLOTS: usize = 512;
+/// Bodies larger than this are parsed every time (and parsing them costs
+/// more than a memo saves: they are rarely sent twice).
+pub(crate) const MAX_BODY_BYTES: usize = 2048;
+
+/// A parsed request with what its cache key needs from it.
+pub(crate) struct Parsed {
+    pub(crate) request: EmbeddingRequest,
+    pub(crate) model: Arc<str>,
+    pub(crate) key_fields: KeyFields,
+}
+
+impl Parsed {
+    pub(crate) fn new(request: EmbeddingRequest) -> Parsed {
+        Parsed {
+            model: Arc::from(request.model.as_str()),
+            key_fields: KeyFields::of(&request),
+            request,
+        }
+    }
+}
+
+struct Entry {
+    body: Bytes,
+    parsed: Arc<Parsed>,
+}
+
+pub(crate) struct ParseMemo {
+    slots: Box<[Mutex<Option<Entry>>]>,
+    hasher: foldhash::fast::RandomState,
+}
+
+impl Default for ParseMemo {
+    fn default() -> ParseMemo {
+        ParseMemo {
+            slots: (0..SLOTS).map(|_| Mutex::new(None)).collect(),
+            hasher: foldhash::fast::RandomState::default(),
+        }
+    }
+}
+
+impl ParseMemo {
+    /// `body` parsed: the remembered result for these exact bytes, else
+    /// `parse(body)`'s, remembered when it is a request.
+    pub(crate) fn get_or_parse<E>(
+        &self,
+        body: &Bytes,
+        parse: impl FnOnce(&[u8]) -> Result<EmbeddingRequest, E>,
+    ) -> Result<Arc<Parsed>, E> {
+        if body.len() > MAX_BODY_BYTES {
+            return parse(body).map(|r| Arc::new(Parsed::new(r)));
+        }
+        let slot = &self.slots[self.hasher.hash_one(&body[..]) as usize % SLOTS];
+        if let Some(e) = &*lock(slot) {
+            if e.body == *body {
+                return Ok(e.parsed.clone());
+            }
+        }
+        let parsed = Arc::new(Parsed::new(parse(body)?));
+        *lock(slot) = Some(Entry {
+            // Its own copy: `body` may be a view into a larger buffer.
+            body: Bytes::copy_from_slice(body),
+            parsed: parsed.clone(),
+        });
+        Ok(parsed)
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::request::ParseRules;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    fn body(text: &str) -> Bytes {
+        Bytes::from(format!(
+            r#"{{"model":"m","input":{{"contents":[{{"text":"{text}"}}]}}}}"#
+        ))
+    }
+
+    fn parse_counted<'a>(
+        models: &'a [String],
+        calls: &'a AtomicUsize,
+    ) -> impl Fn(&[u8]) -> Result<EmbeddingRequest, crate::error::GatewayError> + 'a {
+        move |b| {
+            calls.fetch_add(1, Ordering::Relaxed);
+            EmbeddingRequest::parse(b, &ParseRules::for_tests(models))
+        }
+    }
+
+    #[test]
+    fn an_equal_body_is_parsed_once_and_a_different_one_again() {
+        let models = vec!["m".to_string()];
+        let calls = AtomicUsize::new(0);
+        let memo = ParseMemo::default();
+        let a = memo.get_or_parse(&body("a"), parse_counted(&models, &calls));
+        let a2 = memo.get_or_parse(&body("a"), parse_counted(&models, &calls));
+        assert!(Arc::ptr_eq(&a.ok().unwrap(), &a2.ok().unwrap()));
+        assert_eq!(calls.load(Ordering::Relaxed), 1);
+        let b = memo
+            .get_or_parse(&body("b"), parse_counted(&models, &calls))
+            .ok()
+            .unwrap();
+        assert_eq!(calls.load(Ordering::Relaxed), 2);
+        assert_eq!(b.request.items[0].content, "b");
+        assert_eq!(&*b.model, "m");
+    }
+
+    #[test]
+    fn errors_and_large_bodies_are_not_remembered() {
+        let models = vec!["m".to_string()];
+        let calls = AtomicUsize::new(0);
+        let memo = ParseMemo::default();
+        let bad = Bytes::from_static(br#"{"model":"other","input":{}}"#);
+        for _ in 0..2 {
+            assert!(memo
+                .get_or_parse(&bad, parse_counted(&models, &calls))
+                .is_err());
+        }
+        assert_eq!(calls.load(Ordering::Relaxed), 2);
+        let large = body(&"x".repeat(MAX_BODY_BYTES));
+        for _ in 0..2 {
+            let p = memo.get_or_parse(&large, |b| {
+                calls.fetch_add(1, Ordering::Relaxed);
+                EmbeddingRequest::parse(
+                    b,
+                    &ParseRules {
+                        max_text_chars: 1 << 20,
+                        max_text_bytes: 1 << 20,
+                        ..ParseRules::for_tests(&models)
+                    },
+                )
+            });
+            assert!(p.is_ok());
+        }
+        assert_eq!(calls.load(Ordering::Relaxed), 4);
+    }
+
+    #[test]
+    fn colliding_bodies_take_each_others_slot_and_answer_their_own() {
+        let models = vec!["m".to_string()];
+        let calls = AtomicUsize::new(0);
+        let memo = ParseMemo::default();
+        // More bodies than slots: some share a slot; each answers its own.
+        for round in 0..2 {
+            for i in 0..SLOTS * 2 {
+                let text = format!("t{i}");
+                let p = memo
+                    .get_or_parse(&body(&text), parse_counted(&models, &calls))
+                    .ok()
+                    .unwrap();
+                assert_eq!(p.request.items[0].content, text, "round {round}");
+            }
+        }
+        // The second round found some, not all (the first round's later
+        // bodies evicted earlier ones sharing their slot).
+        let n = calls.load(Ordering::Relaxed);
+        assert!(n > SLOTS * 2 && n < SLOTS * 4, "{n} parses");
+    }
+}
