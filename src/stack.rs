@@ -10,8 +10,8 @@
 //!    sensitive, so no `Debug` or log of the request shows it.
 //! 3. **in-flight gauge**: `embedgate_in_flight_requests` while the
 //!    request is being served, also when the client goes away.
-//! 4. **access log and request metrics** (`tower-http` `Trace` with
-//!    [`AccessLog`]): one `embedgate::access` line and one
+//! 4. **access log and request metrics** ([`AccessLayer`]): the request
+//!    span, then one `embedgate::access` line and one
 //!    `embedgate_requests_total` / `…_duration_seconds` sample per answer,
 //!    labelled from what the inner layers put on the response; refusals'
 //!    lines (503, 429) are limited to a few a second plus a summary.
@@ -75,9 +75,8 @@ use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::limit::RequestBodyLimitLayer;
 use tower_http::request_id::{PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
-use tower_http::trace::TraceLayer;
 
-use crate::access_log::{AccessLog, InFlight, RouteName};
+use crate::access_log::{AccessLayer, InFlight, RouteName};
 use crate::app::App;
 use crate::auth::AuthLayer;
 use crate::body::{self, Body, BoxError, BoxFuture, ReqBody};
@@ -89,7 +88,7 @@ use crate::rate_limit::RateLimitLayer;
 use crate::request_id::{self, MakeUuid};
 use crate::rescue::{self, RescueLayer};
 use crate::response::{self, Framing};
-use crate::telemetry::{self, RequestSpan};
+use crate::telemetry;
 use crate::upstream::{
     COMPATIBLE_PATH, EMBEDDING_PATH, TASKS_PATH, TEXT_EMBEDDING_PATH, UPLOADS_PATH,
 };
@@ -133,7 +132,6 @@ where
     let (body_base, body_rate) = (server.body_read_timeout, server.body_min_bytes_per_second);
     let metrics = app.metrics.clone();
     let stack = ServiceBuilder::new()
-        .map_response(|r: Response<_>| r.map(body::boxed))
         // 1.
         .map_request(request_id::drop_unusable)
         .layer(SetRequestIdLayer::x_request_id(MakeUuid))
@@ -149,13 +147,7 @@ where
             }
         })
         // 4.
-        .layer(
-            TraceLayer::new_for_http()
-                .make_span_with(RequestSpan)
-                .on_request(())
-                .on_response(AccessLog::new(app.clone()))
-                .on_failure(()),
-        )
+        .layer(AccessLayer::new(app.clone()))
         .map_response(telemetry::on_response)
         // 5.
         .layer(PropagateRequestIdLayer::x_request_id())
