@@ -4,7 +4,8 @@
 //! key canonicalises `parameters` and the extras, together ~1 µs of a
 //! ~15 µs hit (issue 11's profile).
 //!
-//! A body is remembered only when it parsed; the entry holds the body's
+//! A body is remembered only when it parsed, on its second parse (see
+//! [`Slot`]); the entry holds the body's
 //! bytes and is used only for a body equal to them byte for byte, so a
 //! lookup answers exactly what parsing that body answers (the parse rules
 //! are the process's config, fixed for its life). What is remembered:
@@ -12,7 +13,8 @@
 //! key itself still adds the tenant's scope and the forwarded headers.
 //!
 //! The table is direct-mapped ([`SLOTS`] slots, each a mutex held for a
-//! compare or a swap): a new body takes its slot, whoever had it. Bodies
+//! compare or a swap): a body parsed twice takes its slot, whoever had
+//! it. Bodies
 //! over [`MAX_BODY_BYTES`] are not kept, so the memo holds at most a few MB
 //! however it is fed. A client that makes its bodies collide only evicts
 //! entries, which costs their next request one parse.
@@ -53,15 +55,25 @@ struct Entry {
     parsed: Arc<Parsed>,
 }
 
+/// One slot: the body it keeps, and the hash of the last body parsed
+/// here but not kept. A body is kept on its second parse in a row (its
+/// hash seen), so a stream of bodies sent once (misses) costs a hash and
+/// a lock each, never a copy or an eviction.
+#[derive(Default)]
+struct Slot {
+    kept: Option<Entry>,
+    seen: u64,
+}
+
 pub(crate) struct ParseMemo {
-    slots: Box<[Mutex<Option<Entry>>]>,
+    slots: Box<[Mutex<Slot>]>,
     hasher: foldhash::fast::RandomState,
 }
 
 impl Default for ParseMemo {
     fn default() -> ParseMemo {
         ParseMemo {
-            slots: (0..SLOTS).map(|_| Mutex::new(None)).collect(),
+            slots: (0..SLOTS).map(|_| Mutex::default()).collect(),
             hasher: foldhash::fast::RandomState::default(),
         }
     }
@@ -69,7 +81,7 @@ impl Default for ParseMemo {
 
 impl ParseMemo {
     /// `body` parsed: the remembered result for these exact bytes, else
-    /// `parse(body)`'s, remembered when it is a request.
+    /// `parse(body)`'s, remembered when it is a request seen twice.
     pub(crate) fn get_or_parse<E>(
         &self,
         body: &Bytes,
@@ -78,18 +90,31 @@ impl ParseMemo {
         if body.len() > MAX_BODY_BYTES {
             return parse(body).map(|r| Arc::new(Parsed::new(r)));
         }
-        let slot = &self.slots[self.hasher.hash_one(&body[..]) as usize % SLOTS];
-        if let Some(e) = &*lock(slot) {
+        // Never 0, the empty `seen`.
+        let hash = self.hasher.hash_one(&body[..]) | 1;
+        let slot = &self.slots[(hash >> 1) as usize % SLOTS];
+        if let Some(e) = &lock(slot).kept {
             if e.body == *body {
                 return Ok(e.parsed.clone());
             }
         }
         let parsed = Arc::new(Parsed::new(parse(body)?));
-        *lock(slot) = Some(Entry {
-            // Its own copy: `body` may be a view into a larger buffer.
-            body: Bytes::copy_from_slice(body),
-            parsed: parsed.clone(),
-        });
+        let evicted = {
+            let mut s = lock(slot);
+            if s.seen == hash {
+                s.seen = 0;
+                s.kept.replace(Entry {
+                    // Its own copy: `body` may be a view into a larger buffer.
+                    body: Bytes::copy_from_slice(body),
+                    parsed: parsed.clone(),
+                })
+            } else {
+                s.seen = hash;
+                None
+            }
+        };
+        // Freed outside the lock.
+        drop(evicted);
         Ok(parsed)
     }
 }
@@ -121,19 +146,25 @@ mod tests {
     }
 
     #[test]
-    fn an_equal_body_is_parsed_once_and_a_different_one_again() {
+    fn a_body_sent_again_is_kept_and_found_and_a_different_one_parsed() {
         let models = vec!["m".to_string()];
         let calls = AtomicUsize::new(0);
         let memo = ParseMemo::default();
-        let a = memo.get_or_parse(&body("a"), parse_counted(&models, &calls));
+        // Parsed the first time, and kept the second.
+        for n in 1..=2 {
+            let a = memo.get_or_parse(&body("a"), parse_counted(&models, &calls));
+            assert_eq!(a.ok().unwrap().request.items[0].content, "a");
+            assert_eq!(calls.load(Ordering::Relaxed), n);
+        }
         let a2 = memo.get_or_parse(&body("a"), parse_counted(&models, &calls));
-        assert!(Arc::ptr_eq(&a.ok().unwrap(), &a2.ok().unwrap()));
-        assert_eq!(calls.load(Ordering::Relaxed), 1);
+        let a3 = memo.get_or_parse(&body("a"), parse_counted(&models, &calls));
+        assert!(Arc::ptr_eq(&a2.ok().unwrap(), &a3.ok().unwrap()));
+        assert_eq!(calls.load(Ordering::Relaxed), 2);
         let b = memo
             .get_or_parse(&body("b"), parse_counted(&models, &calls))
             .ok()
             .unwrap();
-        assert_eq!(calls.load(Ordering::Relaxed), 2);
+        assert_eq!(calls.load(Ordering::Relaxed), 3);
         assert_eq!(b.request.items[0].content, "b");
         assert_eq!(&*b.model, "m");
     }
@@ -174,19 +205,43 @@ mod tests {
         let calls = AtomicUsize::new(0);
         let memo = ParseMemo::default();
         // More bodies than slots: some share a slot; each answers its own.
+        // Each body is sent twice in a row, so it is kept.
         for round in 0..2 {
             for i in 0..SLOTS * 2 {
                 let text = format!("t{i}");
-                let p = memo
-                    .get_or_parse(&body(&text), parse_counted(&models, &calls))
-                    .ok()
-                    .unwrap();
-                assert_eq!(p.request.items[0].content, text, "round {round}");
+                for _ in 0..2 {
+                    let p = memo
+                        .get_or_parse(&body(&text), parse_counted(&models, &calls))
+                        .ok()
+                        .unwrap();
+                    assert_eq!(p.request.items[0].content, text, "round {round}");
+                }
             }
         }
-        // The second round found some, not all (the first round's later
-        // bodies evicted earlier ones sharing their slot).
+        // Round one parsed each body twice (seen, then kept); round two
+        // found some bodies kept, not all (later bodies evicted earlier
+        // ones sharing their slot).
         let n = calls.load(Ordering::Relaxed);
-        assert!(n > SLOTS * 2 && n < SLOTS * 4, "{n} parses");
+        assert!(n > SLOTS * 4 && n < SLOTS * 8, "{n} parses");
+    }
+
+    #[test]
+    fn bodies_sent_once_do_not_evict_a_kept_one() {
+        let models = vec!["m".to_string()];
+        let calls = AtomicUsize::new(0);
+        let memo = ParseMemo::default();
+        for _ in 0..2 {
+            let _ = memo.get_or_parse(&body("hot"), parse_counted(&models, &calls));
+        }
+        for i in 0..SLOTS * 4 {
+            let _ = memo.get_or_parse(&body(&format!("once {i}")), parse_counted(&models, &calls));
+        }
+        let before = calls.load(Ordering::Relaxed);
+        let _ = memo.get_or_parse(&body("hot"), parse_counted(&models, &calls));
+        assert_eq!(
+            calls.load(Ordering::Relaxed),
+            before,
+            "the hot body was parsed again"
+        );
     }
 }
