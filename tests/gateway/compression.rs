@@ -13,6 +13,34 @@ fn gunzip(b: &[u8]) -> String {
     out
 }
 
+/// A hit asked for with `accept_encoding`: its status, its headers and,
+/// when it came as gzip, its request id and the bytes on the wire.
+async fn gzip_hit(
+    gw: &TestGateway,
+    b: &str,
+    accept_encoding: &str,
+) -> (
+    reqwest::StatusCode,
+    reqwest::header::HeaderMap,
+    Option<(String, bytes::Bytes)>,
+) {
+    let r = gw
+        .client
+        .post(gw.url(EMBED_PATH))
+        .header("authorization", format!("Bearer {K1}"))
+        .header("accept-encoding", accept_encoding)
+        .body(b.to_string())
+        .send()
+        .await
+        .unwrap();
+    let (status, headers) = (r.status(), r.headers().clone());
+    assert_eq!(headers["x-cache"], "HIT");
+    let gzipped = headers.get("content-encoding").is_some_and(|v| v == "gzip");
+    let rid = headers["x-request-id"].to_str().unwrap().to_string();
+    let wire = r.bytes().await.unwrap();
+    (status, headers, gzipped.then_some((rid, wire)))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gzip_hits_decode_to_the_identity_answer_in_fewer_bytes() {
     let gw = one_tenant().start().await;
@@ -36,25 +64,10 @@ async fn gzip_hits_decode_to_the_identity_answer_in_fewer_bytes() {
     // waits a bounded time for it (answered uncompressed after that, which
     // a slow debug build can reach), so look until one is gzip.
     let (rid, wire) = eventually(20, "a gzip hit", async || {
-        let r = gw
-            .client
-            .post(gw.url(EMBED_PATH))
-            .header("authorization", format!("Bearer {K1}"))
-            .header("accept-encoding", "gzip, deflate")
-            .body(b.clone())
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 200);
-        assert_eq!(r.headers()["x-cache"], "HIT");
-        assert_eq!(r.headers()["vary"], "accept-encoding");
-        let gzipped = r
-            .headers()
-            .get("content-encoding")
-            .is_some_and(|v| v == "gzip");
-        let rid = r.headers()["x-request-id"].to_str().unwrap().to_string();
-        let wire = r.bytes().await.unwrap();
-        gzipped.then_some((rid, wire))
+        let (status, headers, zipped) = gzip_hit(&gw, &b, "gzip, deflate").await;
+        assert_eq!(status, 200);
+        assert_eq!(headers["vary"], "accept-encoding");
+        zipped
     })
     .await;
     let text = gunzip(&wire);
@@ -116,23 +129,8 @@ async fn compacted_entries_answer_byte_for_byte() {
     // A gzip hit is built around the compact form, so once one is gzip the
     // entry is compacted (the first gzip hit waits a bounded time for it).
     let zipped = eventually(20, "a gzip hit", async || {
-        let r = gw
-            .client
-            .post(gw.url(EMBED_PATH))
-            .header("authorization", format!("Bearer {K1}"))
-            .header("accept-encoding", "gzip")
-            .body(b.clone())
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.headers()["x-cache"], "HIT");
-        let gzipped = r
-            .headers()
-            .get("content-encoding")
-            .is_some_and(|v| v == "gzip");
-        let rid = r.headers()["x-request-id"].to_str().unwrap().to_string();
-        let wire = r.bytes().await.unwrap();
-        gzipped.then_some((wire, rid))
+        let (_, _, zipped) = gzip_hit(&gw, &b, "gzip").await;
+        zipped.map(|(rid, wire)| (wire, rid))
     })
     .await;
     let (wire, zipped_rid) = zipped;
