@@ -198,7 +198,7 @@ pub fn start(listener: TcpListener, api_key: Option<String>) -> Arc<FakeState> {
             tokio::spawn(async move {
                 let svc = service_fn(move |req| {
                     let s = s.clone();
-                    async move { handle(s, req).await }
+                    async move { handle(s, req).await.map(Cut::serve) }
                 });
                 let _ = auto::Builder::new(TokioExecutor::new())
                     .serve_connection(TokioIo::new(stream), svc)
@@ -396,15 +396,87 @@ pub(crate) async fn act_on_fault(fault: &Option<Fault>, shape: Shape) -> Option<
             None
         }
         Some(Fault::CutBody) => {
-            // A length the body never reaches: hyper aborts the connection.
-            let mut r = Response::new(Full::new(Bytes::from_static(b"{\"output\":")));
+            // A length the body never reaches, and the connection broken
+            // off after the first bytes ([`Cut`]).
+            let mut r = Response::new(Full::new(Bytes::from_static(CUT_PREFIX)));
             r.headers_mut()
                 .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
             r.headers_mut()
                 .insert("content-length", HeaderValue::from_static("100000"));
+            r.extensions_mut().insert(CutMark);
             Some(Ok(r))
         }
         _ => None,
+    }
+}
+
+/// Marks an answer to break off after its first bytes (`Fault::CutBody`).
+#[derive(Clone, Copy)]
+struct CutMark;
+
+/// An answer's body as served: whole, or (marked [`CutMark`]) its bytes
+/// sent and flushed, then an error, on which hyper drops the connection.
+/// A body that only ends short of its length is not enough: hyper then
+/// keeps the connection open, and the client waits for the rest.
+enum Cut {
+    Whole(Full<Bytes>),
+    /// The bytes to send, then whether the flush has had its turn.
+    Cut(Option<Bytes>, bool),
+}
+
+/// What a cut answer sends before it is broken off.
+const CUT_PREFIX: &[u8] = b"{\"output\":";
+
+impl Cut {
+    fn serve(r: Response<Full<Bytes>>) -> Response<Cut> {
+        let cut = r.extensions().get::<CutMark>().is_some();
+        r.map(|full| match cut {
+            true => Cut::Cut(Some(Bytes::from_static(CUT_PREFIX)), false),
+            false => Cut::Whole(full),
+        })
+    }
+}
+
+impl hyper::body::Body for Cut {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, std::io::Error>>> {
+        use std::task::Poll;
+        match self.get_mut() {
+            Cut::Whole(full) => std::pin::Pin::new(full)
+                .poll_frame(cx)
+                .map_err(|never| match never {}),
+            Cut::Cut(bytes, flushed) => {
+                if let Some(b) = bytes.take() {
+                    return Poll::Ready(Some(Ok(hyper::body::Frame::data(b))));
+                }
+                if !*flushed {
+                    // Pending once, so hyper writes out what it has.
+                    *flushed = true;
+                    cx.waker().wake_by_ref();
+                    return Poll::Pending;
+                }
+                Poll::Ready(Some(Err(std::io::Error::other("answer cut by the fake"))))
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Cut::Whole(full) => full.is_end_stream(),
+            Cut::Cut(..) => false,
+        }
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        match self {
+            Cut::Whole(full) => full.size_hint(),
+            Cut::Cut(..) => hyper::body::SizeHint::default(),
+        }
     }
 }
 
