@@ -301,6 +301,9 @@ impl Events {
                         s.sealed = true;
                     }
                 }
+                // Events read a segment's rows from the file, at their own
+                // pace and from their cursor (the ledger takes them here).
+                Event::Rows { .. } => {}
             }
         }
         drop(st);

@@ -325,6 +325,15 @@ fn decode_v1(f: &[&str]) -> Option<Entry> {
 pub(crate) enum Event {
     /// A new segment of `run`; the run's earlier segments get no more rows.
     Segment { run: Arc<str>, path: PathBuf },
+    /// Rows of `run` written to its current segment, numbered from
+    /// `first`: the shipper takes them from here, so this process never
+    /// reads its own segments back (they are read only as leftovers of a
+    /// process that ended before shipping them).
+    Rows {
+        run: Arc<str>,
+        first: u64,
+        entries: Vec<Entry>,
+    },
     /// Rows of a run kept in memory.
     Memory { run: Arc<str>, bytes: Vec<u8> },
     /// `run` gets no more rows.
@@ -371,6 +380,8 @@ struct Writer {
     /// Rows appended to the open batch, not written yet (their bodies: a
     /// row's number is given when it is written).
     pending: Vec<String>,
+    /// The same rows, for the shipper once they are in a segment.
+    pending_entries: Vec<Entry>,
 }
 
 /// This process's journal.
@@ -452,11 +463,12 @@ impl Journal {
     /// Appends one row: one `write(2)` into the OS page cache (with the
     /// open batch's rows), never a disk flush. Returns when the row is in
     /// the journal (or, when the disk fails, in memory).
-    pub(crate) fn append(&self, entry: &Entry) {
+    pub(crate) fn append(&self, entry: Entry) {
         let mut body = String::with_capacity(96);
         entry.encode_body(&mut body);
         let mut w = self.writer();
         w.pending.push(body);
+        w.pending_entries.push(entry);
         self.write_pending(&mut w);
     }
 
@@ -465,10 +477,11 @@ impl Journal {
     /// until its batch is, or writes the batch itself ([`Journal::flush`])
     /// if it opened it (`Batch::opened`). Without a journal file the row
     /// is kept in memory at once.
-    pub(crate) fn append_batched(&self, entry: &Entry) -> Batch {
+    pub(crate) fn append_batched(&self, entry: Entry) -> Batch {
         let mut body = String::with_capacity(96);
         entry.encode_body(&mut body);
         let mut w = self.writer();
+        w.pending_entries.push(entry);
         if matches!(w.target, Target::Memory(_)) {
             w.pending.push(body);
             self.write_pending(&mut w);
@@ -512,8 +525,12 @@ impl Journal {
             return;
         }
         let bodies = std::mem::take(&mut w.pending);
+        let mut entries = std::mem::take(&mut w.pending_entries);
+        let first = w.next_row;
         w.number_lines(&bodies);
         let failed = match &mut w.target {
+            // Rows in memory reach the shipper as lines, as they would
+            // from a segment (usage events read the same bytes).
             Target::Memory(buf) => {
                 buf.extend_from_slice(&w.line);
                 None
@@ -527,10 +544,27 @@ impl Journal {
                 Err(failed) => Some(failed),
             },
         };
-        if let Some((e, done)) = failed {
+        if matches!(w.target, Target::File(_)) && failed.is_none() {
+            let run = w.run.clone();
+            w.events.push(Event::Rows {
+                run,
+                first,
+                entries,
+            });
+        } else if let Some((e, done)) = failed {
             // Rows written whole before the failure are in the failed run;
-            // the rest (a torn one is skipped when it is read) go on.
+            // the rest (a torn one is skipped if the segment is ever read
+            // as a leftover) go on.
             let whole = w.line[..done].iter().filter(|&&c| c == b'\n').count();
+            if whole > 0 {
+                entries.truncate(whole);
+                let run = w.run.clone();
+                w.events.push(Event::Rows {
+                    run,
+                    first,
+                    entries,
+                });
+            }
             self.metrics
                 .journal_errors
                 .with_label_values(&["append"])
@@ -703,10 +737,28 @@ impl Journal {
         }
     }
 
+    /// The writer, for tests that set its state.
+    #[cfg(test)]
+    pub(crate) fn writer_for_test(&self) -> WriterForTest<'_> {
+        WriterForTest(self.writer())
+    }
+
     /// The run rows are appended to now.
     #[cfg(test)]
     pub(crate) fn current_run(&self) -> Arc<str> {
         self.writer().run.clone()
+    }
+}
+
+/// [`Journal::writer_for_test`].
+#[cfg(test)]
+pub(crate) struct WriterForTest<'a>(MutexGuard<'a, Writer>);
+
+#[cfg(test)]
+impl WriterForTest<'_> {
+    /// The current segment is full: the next `maintain` rotates.
+    pub(crate) fn segment_bytes_full(mut self) {
+        self.0.segment_bytes = ROTATE_BYTES;
     }
 }
 
@@ -734,6 +786,7 @@ impl Writer {
             last_reopen: Instant::now(),
             line: Vec::with_capacity(160),
             pending: Vec::new(),
+            pending_entries: Vec::new(),
         }
     }
 }
@@ -965,11 +1018,17 @@ mod tests {
         }
     }
 
+    /// The rows the events carry, in order: read from their segments and
+    /// memory. The rows handed over with the events (what the shipper
+    /// takes) must be the segments' rows exactly.
     fn read_all(events: &[Event]) -> Vec<(u64, Entry)> {
         let mut rows = Vec::new();
+        let mut from_files = Vec::new();
+        let mut fed = Vec::new();
         for e in events {
+            let mut read = Vec::new();
             let mut each = |l: Line| match l {
-                Line::Row(n, e) => rows.push((n, e)),
+                Line::Row(n, e) => read.push((n, e)),
                 Line::Damaged => panic!("damaged line"),
             };
             match e {
@@ -977,13 +1036,19 @@ mod tests {
                     SegmentReader::new(path.clone())
                         .read(true, &mut each)
                         .unwrap();
+                    from_files.extend_from_slice(&read);
                 }
                 Event::Memory { bytes, .. } => {
                     assert_eq!(lines(bytes, &mut each), bytes.len());
                 }
+                Event::Rows { first, entries, .. } => {
+                    fed.extend((*first..).zip(entries.iter().cloned()));
+                }
                 Event::Ended { .. } => {}
             }
+            rows.append(&mut read);
         }
+        assert_eq!(fed, from_files, "the rows handed over are the rows written");
         rows
     }
 
@@ -1126,7 +1191,7 @@ mod tests {
         );
         let e = entry("search", CacheStatus::Hit);
         for _ in 0..3 {
-            j.append(&e);
+            j.append(e.clone());
         }
         let events = j.poll();
         let rows = read_all(&events);
@@ -1149,10 +1214,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (j, _) = Journal::open(&config(dir.path()), Arc::new(Metrics::new().unwrap())).unwrap();
         let e = entry("search", CacheStatus::Miss);
-        j.append(&e);
+        j.append(e.clone());
         j.writer().segment_bytes = ROTATE_BYTES;
         j.maintain();
-        j.append(&e);
+        j.append(e.clone());
         j.sync();
         let events = j.poll();
         let segments: Vec<String> = events
@@ -1207,9 +1272,9 @@ mod tests {
             Target::File(f) => f.metadata().unwrap().len(),
             Target::Memory(_) => panic!("not a file"),
         };
-        let first = j.append_batched(&e);
+        let first = j.append_batched(e.clone());
         assert!(first.opened);
-        let others: Vec<Batch> = (0..3).map(|_| j.append_batched(&e)).collect();
+        let others: Vec<Batch> = (0..3).map(|_| j.append_batched(e.clone())).collect();
         assert!(others.iter().all(|b| !b.opened && b.number == first.number));
         // Nothing written yet; a row waiting for its batch waits.
         assert_eq!(file_len(&j), 0);
@@ -1228,9 +1293,9 @@ mod tests {
         assert!(one_line > 0 && file_len(&j) == 4 * one_line);
         // The next row opens the next batch; a plain append writes it too,
         // rows numbered in order.
-        let next = j.append_batched(&e);
+        let next = j.append_batched(e.clone());
         assert!(next.opened && next.number == first.number + 1);
-        j.append(&e);
+        j.append(e.clone());
         j.written(next.number).await;
         let rows: Vec<u64> = read_all(&j.poll()).iter().map(|r| r.0).collect();
         assert_eq!(rows, vec![1, 2, 3, 4, 5, 6]);
@@ -1240,7 +1305,7 @@ mod tests {
             ..config(dir.path())
         };
         let (m, _) = Journal::open(&off, Arc::new(Metrics::new().unwrap())).unwrap();
-        let b = m.append_batched(&e);
+        let b = m.append_batched(e.clone());
         assert!(!b.opened);
         m.written(b.number).await;
     }
@@ -1251,14 +1316,14 @@ mod tests {
         let metrics = Arc::new(Metrics::new().unwrap());
         let (j, _) = Journal::open(&config(dir.path()), metrics.clone()).unwrap();
         let e = entry("search", CacheStatus::Miss);
-        j.append(&e);
+        j.append(e.clone());
         let first = j.current_run();
         // A file that refuses writes stands in for a full or failing disk.
         let ro = dir.path().join("read-only");
         fs::write(&ro, b"").unwrap();
         j.writer().target = Target::File(Arc::new(File::open(&ro).unwrap()));
-        j.append(&e);
-        j.append(&e);
+        j.append(e.clone());
+        j.append(e.clone());
         assert_eq!(j.status(), "memory");
         assert_eq!(
             metrics.journal_errors.with_label_values(&["append"]).get(),
@@ -1270,7 +1335,7 @@ mod tests {
         j.writer().last_reopen = Instant::now() - REOPEN_EVERY;
         j.maintain();
         assert_eq!(j.status(), "ok");
-        j.append(&e);
+        j.append(e.clone());
         let third = j.current_run();
         let events = j.poll();
         let order: Vec<String> = events
@@ -1284,16 +1349,19 @@ mod tests {
                     )
                 }
                 Event::Ended { run } => format!("ended {run}"),
+                Event::Rows { run, entries, .. } => format!("rows {run} {}", entries.len()),
             })
             .collect();
         assert_eq!(
             order,
             vec![
                 format!("segment {first}"),
+                format!("rows {first} 1"),
                 format!("ended {first}"),
                 format!("memory {second} 2"),
                 format!("ended {second}"),
                 format!("segment {third}"),
+                format!("rows {third} 1"),
             ]
         );
         // Every row is there once: one on the first segment, two in
@@ -1323,7 +1391,7 @@ mod tests {
                 for _ in 0..2 {
                     s.spawn(|| {
                         for _ in 0..n / 2 {
-                            j.append(&e);
+                            j.append(e.clone());
                         }
                     });
                 }
@@ -1341,7 +1409,7 @@ mod tests {
         let (j, left) = Journal::open(&cfg, Arc::new(Metrics::new().unwrap())).unwrap();
         assert!(left.is_empty());
         assert_eq!(j.status(), "off");
-        j.append(&entry("search", CacheStatus::Hit));
+        j.append(entry("search", CacheStatus::Hit));
         let rows = read_all(&j.poll());
         assert_eq!(rows.len(), 1);
         assert!(j.poll().is_empty());

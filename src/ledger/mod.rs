@@ -11,8 +11,10 @@
 //!    before the response is sent: one `write(2)` for the answers metered
 //!    at the same time (group commit), so a crash of the process loses
 //!    nothing (a power loss at most `ledger.fsync_interval`).
-//! 2. A background shipper reads the journal back every 50 ms and writes
-//!    it to the [`store`]: Redis, shared by every replica, or without Redis
+//! 2. A background shipper takes the rows written to the journal every
+//!    50 ms (from memory: the journal hands over each row it wrote, so this
+//!    process never reads its own segments back) and writes them to the
+//!    [`store`]: Redis, shared by every replica, or without Redis
 //!    the embedded SQLite database. Rows are summed per (journal run,
 //!    tenant, day) into one batch that carries the number of its last row;
 //!    the store applies it only if it has not applied that row yet, so a
@@ -124,7 +126,11 @@ impl Group {
 
 struct Segment {
     reader: SegmentReader,
-    /// Read to its end, and nothing more will be appended.
+    /// This process's segment: its rows come from the journal in memory
+    /// ([`Event::Rows`]), the file is never read.
+    fed: bool,
+    /// Every row taken (read to its end, or fed and closed), and nothing
+    /// more will be appended.
     done: bool,
     read_errors: u64,
 }
@@ -159,7 +165,7 @@ impl Run {
             segments: l
                 .segments
                 .into_iter()
-                .map(|(_, path)| Segment::new(path))
+                .map(|(_, path)| Segment::new(path, false))
                 .collect(),
             ended: true,
             markers_known: false,
@@ -174,9 +180,10 @@ impl Run {
 }
 
 impl Segment {
-    fn new(path: std::path::PathBuf) -> Segment {
+    fn new(path: std::path::PathBuf, fed: bool) -> Segment {
         Segment {
             reader: SegmentReader::new(path),
+            fed,
             done: false,
             read_errors: 0,
         }
@@ -293,7 +300,7 @@ impl Ledger {
             return;
         }
         self.journal
-            .append(&Entry::new(tenant, model, Day::today(), cache, r));
+            .append(Entry::new(tenant, model, Day::today(), cache, r));
         self.recorded();
     }
 
@@ -342,7 +349,7 @@ impl Ledger {
         }
         let batch = self
             .journal
-            .append_batched(&Entry::new(tenant, model, Day::today(), cache, r));
+            .append_batched(Entry::new(tenant, model, Day::today(), cache, r));
         if batch.opened {
             let writer = WriteOnDrop(&self.journal);
             tokio::task::yield_now().await;
@@ -471,12 +478,24 @@ impl Ledger {
         let mut st = self.state();
         for ev in events {
             match ev {
-                Event::Segment { run, path, .. } => st
-                    .runs
-                    .entry(run)
-                    .or_insert_with(Run::live)
-                    .segments
-                    .push(Segment::new(path)),
+                Event::Segment { run, path } => {
+                    let r = st.runs.entry(run).or_insert_with(Run::live);
+                    // Every row of the segments before it was handed over.
+                    for s in r.segments.iter_mut().filter(|s| s.fed) {
+                        s.done = true;
+                    }
+                    r.segments.push(Segment::new(path, true));
+                }
+                Event::Rows {
+                    run,
+                    first,
+                    entries,
+                } => {
+                    let r = st.runs.entry(run).or_insert_with(Run::live);
+                    for (n, e) in (first..).zip(entries) {
+                        take(&mut r.groups, metrics, Line::Row(n, e));
+                    }
+                }
                 Event::Memory { run, bytes } => {
                     let r = st.runs.entry(run).or_insert_with(Run::live);
                     journal::lines(&bytes, &mut |l| take(&mut r.groups, metrics, l));
@@ -484,6 +503,9 @@ impl Ledger {
                 Event::Ended { run } => {
                     if let Some(r) = st.runs.get_mut(&run) {
                         r.ended = true;
+                        for s in r.segments.iter_mut().filter(|s| s.fed) {
+                            s.done = true;
+                        }
                     }
                 }
             }
@@ -509,7 +531,7 @@ impl Ledger {
             let ended = run.ended;
             let groups = &mut run.groups;
             for (i, seg) in run.segments.iter_mut().enumerate() {
-                if seg.done {
+                if seg.done || seg.fed {
                     continue;
                 }
                 let sealed = ended || i + 1 < last;
@@ -832,6 +854,52 @@ mod tests {
             .unwrap();
         assert_eq!(units(&r), 12);
         assert_eq!(r.figures[0].requests, 12);
+    }
+
+    /// The shipper takes this process's rows from the journal in memory:
+    /// a segment's file is written, never read back. Here the file is
+    /// damaged after the rows are written and they are shipped whole; once
+    /// shipped, a segment the journal rotated away from is deleted.
+    #[tokio::test]
+    async fn rows_are_shipped_from_memory_and_shipped_segments_deleted() {
+        let dir = tempfile::tempdir().unwrap();
+        let metrics = Arc::new(Metrics::new().unwrap());
+        let today = Day::today();
+        let t: Arc<str> = Arc::from("search");
+        let l = Ledger::open(&config(dir.path()), None, metrics.clone()).unwrap();
+        let _round = l.round.lock().await;
+        for _ in 0..5 {
+            l.record(&t, M, CacheStatus::Miss, &reconcile(usage(1, 1), None));
+        }
+        let segment = |n: usize| {
+            let mut all: Vec<_> = std::fs::read_dir(dir.path().join("journal"))
+                .unwrap()
+                .map(|e| e.unwrap().path())
+                .filter(|p| p.extension().is_some_and(|x| x == "jnl"))
+                .collect();
+            all.sort();
+            assert_eq!(all.len(), n, "{all:?}");
+            all
+        };
+        let first = segment(1).remove(0);
+        let written = std::fs::read(&first).unwrap();
+        assert_eq!(written.iter().filter(|&&b| b == b'\n').count(), 5);
+        std::fs::write(&first, vec![b'#'; written.len()]).unwrap();
+        // A new segment: the first is now closed, shipped and deleted.
+        l.journal.writer_for_test().segment_bytes_full();
+        l.journal.maintain();
+        l.record(&t, M, CacheStatus::Hit, &Reconciled::own(usage(1, 0)));
+        assert!(l.ship_once().await);
+        drop(_round);
+        let r = l
+            .report(today, today, None, None, &[], &Prices::new())
+            .await
+            .unwrap();
+        assert_eq!(units(&r), 16);
+        assert_eq!(r.figures[0].requests, 6);
+        assert_eq!(metrics.journal_damaged_rows.get(), 0);
+        let left = segment(1);
+        assert_ne!(left[0], first);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
