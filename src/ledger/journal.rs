@@ -609,6 +609,14 @@ impl Journal {
         std::mem::take(&mut w.events)
     }
 
+    /// [`Journal::maintain`] has file work to do.
+    pub(crate) fn maintenance_due(&self) -> bool {
+        self.dir.is_some() && {
+            let w = self.writer();
+            w.rotate_due() || w.reopen_due()
+        }
+    }
+
     /// Housekeeping between shipments (blocking file work): starts a new
     /// segment once the current one is large, and tries the disk again
     /// after a failure.
@@ -618,12 +626,7 @@ impl Journal {
         };
         let (run, seq, rotate, reopen) = {
             let w = self.writer();
-            (
-                w.run.clone(),
-                w.seq,
-                !w.failing && w.segment_bytes >= ROTATE_BYTES,
-                w.failing && w.last_reopen.elapsed() >= REOPEN_EVERY,
-            )
+            (w.run.clone(), w.seq, w.rotate_due(), w.reopen_due())
         };
         if rotate {
             match create_segment(dir, &run, seq + 1) {
@@ -763,6 +766,14 @@ impl WriterForTest<'_> {
 }
 
 impl Writer {
+    fn rotate_due(&self) -> bool {
+        !self.failing && self.segment_bytes >= ROTATE_BYTES
+    }
+
+    fn reopen_due(&self) -> bool {
+        self.failing && self.last_reopen.elapsed() >= REOPEN_EVERY
+    }
+
     /// `line` holds the rows of `bodies`, numbered from `next_row` on.
     fn number_lines(&mut self, bodies: &[String]) {
         self.line.clear();

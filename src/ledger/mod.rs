@@ -404,7 +404,9 @@ impl Ledger {
     /// The caller holds `round`. Returns true when everything read is
     /// confirmed.
     async fn ship_once(self: &Arc<Self>) -> bool {
-        let need = self.blocking(Ledger::read_journal).await;
+        let need = self
+            .off_worker_if(Ledger::reads_files, Ledger::read_journal)
+            .await;
         if !need.is_empty() {
             for (run, groups) in need {
                 match self.sink.applied(&run, &groups).await {
@@ -424,7 +426,8 @@ impl Ledger {
                     }
                 }
             }
-            self.blocking(Ledger::read_journal).await;
+            self.off_worker_if(Ledger::reads_files, Ledger::read_journal)
+                .await;
         }
         let batches = self.batches();
         if !batches.is_empty() {
@@ -449,7 +452,42 @@ impl Ledger {
                 }
             }
         }
-        self.blocking(Ledger::tidy).await
+        self.off_worker_if(Ledger::tidies_files, Ledger::tidy).await
+    }
+
+    /// `f` on a blocking thread when `files` says it will touch files,
+    /// otherwise here: a round with nothing to read or delete (the usual
+    /// one: rows come from memory) wakes no other thread, which on a
+    /// machine whose cores are busy would preempt a request worker.
+    async fn off_worker_if<T: Default + Send + 'static>(
+        self: &Arc<Self>,
+        files: fn(&Ledger) -> bool,
+        f: fn(&Ledger) -> T,
+    ) -> T {
+        if files(self) {
+            self.blocking(f).await
+        } else {
+            f(self)
+        }
+    }
+
+    /// [`Ledger::read_journal`] has segments to read: leftovers.
+    fn reads_files(&self) -> bool {
+        self.state()
+            .runs
+            .values()
+            .any(|r| !r.markers_known || r.segments.iter().any(|s| !s.fed && !s.done))
+    }
+
+    /// [`Ledger::tidy`] has segments to delete, or the journal a segment
+    /// to start.
+    fn tidies_files(&self) -> bool {
+        self.journal.maintenance_due()
+            || self
+                .state()
+                .runs
+                .values()
+                .any(|r| r.clean() && r.segments.iter().any(|s| s.done))
     }
 
     /// Runs blocking file work off the async workers. A panic in it (a
