@@ -262,9 +262,16 @@ async fn identical_items_in_flight_are_requested_once() {
         rb.text
     );
     assert_eq!(items(&gw), 4, "four distinct texts, each requested once");
+    // Whichever request claims a shared text first calls upstream for
+    // it; the other waits for that call. One request may claim both (its
+    // answer a MISS, the other's PARTIAL), or each one of them (both
+    // PARTIAL): the two run at once on two workers.
     let mut caches = [ra.cache().to_string(), rb.cache().to_string()];
     caches.sort();
-    assert_eq!(caches, ["MISS", "PARTIAL"]);
+    assert!(
+        caches == ["MISS", "PARTIAL"] || caches == ["PARTIAL", "PARTIAL"],
+        "{caches:?}"
+    );
     // Both answers carry the right vectors in their own order.
     for (r, texts) in [
         (&ra, ["shared one", "only a", "shared two"]),
