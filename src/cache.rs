@@ -388,45 +388,41 @@ impl Cache {
     /// A compact entry's text: from the hot tier, else inflated (and kept
     /// there). An entry that does not inflate (a bug) is dropped: a miss.
     fn text_of(&self, key: &CacheKey, c: &Precompressed) -> Option<Bytes> {
-        if let Some(t) = self.hot_text(key, c.crc(), c.len()) {
-            return Some(t);
-        }
-        match c.inflate() {
-            Some(text) => {
-                self.keep_hot(key, &text, c.crc());
-                Some(text)
-            }
-            None => {
-                tracing::error!(key = ?key, "compact memory entry does not inflate; dropped");
-                if let Some(mem) = &self.stores.memory {
-                    mem.remove(key);
-                }
-                None
-            }
-        }
+        self.compact_text(key, c.crc(), c.len(), true, "deflate", || c.inflate())
     }
 
     /// A digits entry's text: from the hot tier, else written again (and
     /// kept there if `hot`: an identity client reads it).
     fn digits_text(&self, key: &CacheKey, d: &Digits, hot: bool) -> Option<Bytes> {
-        if let Some(t) = self.hot_text(key, d.crc(), d.len()) {
+        self.compact_text(key, d.crc(), d.len(), hot, "digits", || d.text())
+    }
+
+    /// A compact form's text (the form's CRC-32 and text length given):
+    /// from the hot tier, else made by `make` and kept there if `hot`. A
+    /// form that does not give its text (a bug) is dropped: a miss.
+    fn compact_text(
+        &self,
+        key: &CacheKey,
+        crc: u32,
+        len: u64,
+        hot: bool,
+        form: &'static str,
+        make: impl FnOnce() -> Option<Bytes>,
+    ) -> Option<Bytes> {
+        if let Some(t) = self.hot_text(key, crc, len) {
             return Some(t);
         }
-        match d.text() {
-            Some(text) => {
-                if hot {
-                    self.keep_hot(key, &text, d.crc());
-                }
-                Some(text)
+        let Some(text) = make() else {
+            tracing::error!(key = ?key, form, "a compact memory entry does not give its text; dropped");
+            if let Some(mem) = &self.stores.memory {
+                mem.remove(key);
             }
-            None => {
-                tracing::error!(key = ?key, "digits memory entry does not give its text; dropped");
-                if let Some(mem) = &self.stores.memory {
-                    mem.remove(key);
-                }
-                None
-            }
+            return None;
+        };
+        if hot {
+            self.keep_hot(key, &text, crc);
         }
+        Some(text)
     }
 
     /// The hot tier's text of the compact form with this CRC and length.

@@ -544,13 +544,8 @@ impl Journal {
                 Err(failed) => Some(failed),
             },
         };
-        if matches!(w.target, Target::File(_)) && failed.is_none() {
-            let run = w.run.clone();
-            w.events.push(Event::Rows {
-                run,
-                first,
-                entries,
-            });
+        if failed.is_none() && matches!(w.target, Target::File(_)) {
+            w.hand_over(first, entries);
         } else if let Some((e, done)) = failed {
             // Rows written whole before the failure are in the failed run;
             // the rest (a torn one is skipped if the segment is ever read
@@ -558,12 +553,7 @@ impl Journal {
             let whole = w.line[..done].iter().filter(|&&c| c == b'\n').count();
             if whole > 0 {
                 entries.truncate(whole);
-                let run = w.run.clone();
-                w.events.push(Event::Rows {
-                    run,
-                    first,
-                    entries,
-                });
+                w.hand_over(first, entries);
             }
             self.metrics
                 .journal_errors
@@ -740,10 +730,10 @@ impl Journal {
         }
     }
 
-    /// The writer, for tests that set its state.
+    /// The current segment is full: the next `maintain` rotates.
     #[cfg(test)]
-    pub(crate) fn writer_for_test(&self) -> WriterForTest<'_> {
-        WriterForTest(self.writer())
+    pub(crate) fn fill_segment_for_test(&self) {
+        self.writer().segment_bytes = ROTATE_BYTES;
     }
 
     /// The run rows are appended to now.
@@ -753,19 +743,18 @@ impl Journal {
     }
 }
 
-/// [`Journal::writer_for_test`].
-#[cfg(test)]
-pub(crate) struct WriterForTest<'a>(MutexGuard<'a, Writer>);
-
-#[cfg(test)]
-impl WriterForTest<'_> {
-    /// The current segment is full: the next `maintain` rotates.
-    pub(crate) fn segment_bytes_full(mut self) {
-        self.0.segment_bytes = ROTATE_BYTES;
-    }
-}
-
 impl Writer {
+    /// Rows of the current run written to its segment, numbered from
+    /// `first`, for the shipper ([`Event::Rows`]).
+    fn hand_over(&mut self, first: u64, entries: Vec<Entry>) {
+        let run = self.run.clone();
+        self.events.push(Event::Rows {
+            run,
+            first,
+            entries,
+        });
+    }
+
     fn rotate_due(&self) -> bool {
         !self.failing && self.segment_bytes >= ROTATE_BYTES
     }

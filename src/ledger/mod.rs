@@ -924,7 +924,7 @@ mod tests {
         assert_eq!(written.iter().filter(|&&b| b == b'\n').count(), 5);
         std::fs::write(&first, vec![b'#'; written.len()]).unwrap();
         // A new segment: the first is now closed, shipped and deleted.
-        l.journal.writer_for_test().segment_bytes_full();
+        l.journal.fill_segment_for_test();
         l.journal.maintain();
         l.record(&t, M, CacheStatus::Hit, &Reconciled::own(usage(1, 0)));
         assert!(l.ship_once().await);
