@@ -83,7 +83,7 @@ fi
 
 # Expected duration: the loaded runs (the list of phases below), the
 # one-connection runs, and about a minute for starting, filling and checking.
-RUNS=$(( ROUNDS * (4 + 2 + 2 + 2 + 8 + 3 + 3) ))
+RUNS=$(( ROUNDS * (4 + 2 + 2 + 3 + 8 + 3 + 3) ))
 EXPECTED=$(( RUNS * SECS + ROUNDS * 2 * LAT_SECS + 60 ))
 [ "$PROFILE" = 1 ] && EXPECTED=$(( EXPECTED + 2 * SECS + 60 ))
 log "expected duration: about $(( EXPECTED / 60 )) min $(( EXPECTED % 60 )) s ($RUNS runs of ${SECS}s, $(( ROUNDS * 2 )) of ${LAT_SECS}s)"
@@ -244,6 +244,9 @@ start_gateway gwj 1 warn false 1 "" ""
 start_gateway gwl 1 "" true 1 "" "$RS_LINE"
 # gwk: as gw, fresh, for the 4,096 keys and its VmRSS (case 4)
 start_gateway gwk 1 warn true 1 "" ""
+# gwd: as gwk with cache.compact_form = "digits" (case 4: 8 bytes a float,
+# cheaper to write back, against float32's 4)
+start_gateway gwd 1 warn true 1 'compact_form = "digits"' ""
 # gwc: cache in its own Redis, state in the state Redis (case 4, Redis bytes)
 start_gateway gwc 1 warn true 1 "$RC_LINE" "$RS_LINE"
 # gw2: as gw with 2 worker threads (case 7)
@@ -293,7 +296,7 @@ warm_hit() { # URL HEADER_NAME BODY HEADER...: repeats until the answer says HIT
   done
   die "$url never answered $hname: HIT"
 }
-for g in gw gwn gwj gwl gwk gw2; do warm_hit "${GWURL[$g]}" x-cache "$BODY" -H "Authorization: $AUTH"; done
+for g in gw gwn gwj gwl gwk gwd gw2; do warm_hit "${GWURL[$g]}" x-cache "$BODY" -H "Authorization: $AUTH"; done
 warm_hit "$NG" x-cache-status "$BODY"
 warm_hit "$NG2" x-cache-status "$BODY"
 warm_hit "$NGL" x-cache-status "$BODY"
@@ -414,24 +417,28 @@ DROPPED=$(gw_counts gwl | awk '{ print $4 }')
 
 log "case 4: $NKEYS keys: fill, then ${ROUNDS} rounds x ${SECS}s"
 sleep 1
-RSS0=$(vmrss_kb "${GWPID[gwk]}")
+RSS0=$(vmrss_kb "${GWPID[gwk]}"); RSSD0=$(vmrss_kb "${GWPID[gwd]}")
 fill fill_gwk "${GWURL[gwk]}" "$AUTH"
+fill fill_gwd "${GWURL[gwd]}" "$AUTH"
 sleep 1
-RSS1=$(vmrss_kb "${GWPID[gwk]}")
+RSS1=$(vmrss_kb "${GWPID[gwk]}"); RSSD1=$(vmrss_kb "${GWPID[gwd]}")
 fill fill_ng "$NG" ""
 for i in 0 $(( NKEYS / 2 )) $(( NKEYS - 1 )); do
   # shellcheck disable=SC2059
   b=$(printf "$BODY_FMT" "$i")
-  post "${GWURL[gwk]}" "$b" -H "Authorization: $AUTH" | tr -d '\r' | grep -qi '^x-cache: HIT' || die "gwk: key $i not cached after the fill"
+  for g in gwk gwd; do
+    post "${GWURL[$g]}" "$b" -H "Authorization: $AUTH" | tr -d '\r' | grep -qi '^x-cache: HIT' || die "$g: key $i not cached after the fill"
+  done
   post "$NG" "$b" | tr -d '\r' | grep -qi '^x-cache-status: HIT' || die "nginx: key $i not cached after the fill"
 done
-snap gwk
+snap gwk gwd
 for ((r = 1; r <= ROUNDS; r++)); do
   run keys_gw "$r" "${GWURL[gwk]}" keys.lua "$CONNS" "$THREADS" "$SECS" "$AUTH" "${GWPID[gwk]}"
   run keys_ng "$r" "$NG" keys.lua "$CONNS" "$THREADS" "$SECS" "" "${NG1_P[@]}"
+  run keys_gwd "$r" "${GWURL[gwd]}" keys.lua "$CONNS" "$THREADS" "$SECS" "$AUTH" "${GWPID[gwd]}"
 done
-read -r H2 N2 U2 < <(since gwk)
-RSS2=$(vmrss_kb "${GWPID[gwk]}")
+read -r H2 N2 U2 < <(since gwk gwd)
+RSS2=$(vmrss_kb "${GWPID[gwk]}"); RSSD2=$(vmrss_kb "${GWPID[gwd]}")
 
 log "case 4: Redis bytes per cache entry ($NKEYS keys through a gateway with cache.redis_url)"
 rc() { redis-cli -p "$RC_PORT" "$@" | tr -d '\r'; }
@@ -453,7 +460,8 @@ RC_USAGE=$(rc_usage)
 RC_STRLEN=$(rc_strlen)
 # The same keys once every entry was hit: a hit queues the entry's
 # compaction, which rewrites its Redis value in a compact form (these
-# identity hits: the digits form, eg3:; a gzip client's: DEFLATE, eg2:).
+# identity hits: the float32 form, eg4: (eg3: with cache.compact_form =
+# "digits"); a gzip client's: DEFLATE, eg2:).
 # The queue is bounded (compact::QUEUE_JOBS): a pass over all the keys
 # overflows it and the dropped ones are asked again by their next hit, so
 # up to 4 passes, each followed by a wait until the values stop changing.
@@ -536,7 +544,7 @@ REDIS_V=$(redis-server --version | sed -n 's/.* v=\([^ ]*\).*/\1/p')
 
 awk -F'\t' -v tck="$CLK_TCK" -v rb="$RESP_BYTES" -v nkeys="$NKEYS" -v c="$CONNS" -v sc="$SCALE_CONNS" \
     -v st="$SCALE_THREADS" -v logb="$LOG_BYTES" -v rscmds="$RS_CMDS" -v dropped="${DROPPED:-0}" \
-    -v rss0="$RSS0" -v rss1="$RSS1" -v rss2="$RSS2" \
+    -v rss0="$RSS0" -v rss1="$RSS1" -v rss2="$RSS2" -v rssd0="$RSSD0" -v rssd1="$RSSD1" -v rssd2="$RSSD2" \
     -v rcdb0="$RC_DB0" -v rcdb1="$RC_DB1" -v rcmem0="$RC_MEM0" -v rcmem1="$RC_MEM1" \
     -v rcusage="$RC_USAGE" -v rcstrlen="$RC_STRLEN" -v rcusage2="$RC_USAGE2" -v rcstrlen2="$RC_STRLEN2" -v rcpasses="$RC_PASSES" \
     -v h1="$H1" -v n1="$N1" -v u1="$U1" -v h2="$H2" -v n2="$N2" -v u2="$U2" -v h3="$H3" -v n3="$N3" -v u3="$U3" '
@@ -598,10 +606,12 @@ END {
   row("3 hit, Accept-Encoding: gzip", "hitgz_gw", "nginx gzip on", "hitgz_ng",
     sprintf("bytes/answer incl. headers: gateway %d (%s of identity %d), nginx %d (%s of %d)", gzg, pct(gzg, idg), idg, gzn, pct(gzn, idn), idn))
   row(sprintf("4 hit over %d keys", nkeys), "keys_gw", "nginx proxy_cache", "keys_ng",
-    sprintf("gateway VmRSS %.1f MB before the fill, %.1f MB after (+%.1f KB/key), %.1f MB after the runs", rss0 / 1024, rss1 / 1024, (rss1 - rss0) / nkeys, rss2 / 1024))
+    sprintf("gateway (compact_form = float32, the default) VmRSS %.1f MB before the fill, %.1f MB after (+%.1f KB/key), %.1f MB after the runs", rss0 / 1024, rss1 / 1024, (rss1 - rss0) / nkeys, rss2 / 1024))
+  row(sprintf("4 hit over %d keys, compact_form = digits", nkeys), "keys_gwd", "nginx proxy_cache", "keys_ng",
+    sprintf("gateway VmRSS %.1f MB before the fill, %.1f MB after, %.1f MB after the runs", rssd0 / 1024, rssd1 / 1024, rssd2 / 1024))
   split(rcusage, ru, " "); split(rcusage2, ru2, " ")
   row("4 Redis bytes per cache entry", "", "", "",
-    sprintf("%d keys added; fresh (text): MEMORY USAGE mean %d B (%d keys; value %d B), used_memory delta / keys %.0f B; the same keys once hit (compact, eg3: digits form, %d pass(es) over the keys): %d B (value %d B); answer %d B",
+    sprintf("%d keys added; fresh (text): MEMORY USAGE mean %d B (%d keys; value %d B), used_memory delta / keys %.0f B; the same keys once hit (compact, eg4: float32 form, %d pass(es) over the keys): %d B (value %d B); answer %d B",
       rcdb1 - rcdb0, ru[1], ru[2], rcstrlen, (rcdb1 - rcdb0) ? (rcmem1 - rcmem0) / (rcdb1 - rcdb0) : 0, rcpasses, ru2[1], rcstrlen2, rb))
   row("5 miss -c" c, "miss_gw", "fake direct", "miss_direct",
     sprintf("added p50 %+.3f ms; (+n): CPU of the fake", med(p50, "miss_gw") - med(p50, "miss_direct")))
@@ -619,7 +629,7 @@ END {
       sprintf("2 vs 1 worker: gateway %.2f (%s), nginx %.2f (%s)", ratio("sc" cs[j] "_gw2", "sc" cs[j] "_gw1"), rounds("sc" cs[j] "_gw2", "sc" cs[j] "_gw1"),
         ratio("sc" cs[j] "_ng2", "sc" cs[j] "_ng1"), rounds("sc" cs[j] "_ng2", "sc" cs[j] "_ng1")))
   }
-  printf "\nchecks: hit phases (cases 1 2 3 7; gateways gw gwn gwj gwl gw2): %d hits, %d non-hits, %d upstream calls; case 4 hit runs (gwk): %d hits, %d non-hits, %d upstream calls; miss phase (case 5, gw): %d hits, %d misses, %d upstream calls; wrk errors:%s\n",
+  printf "\nchecks: hit phases (cases 1 2 3 7; gateways gw gwn gwj gwl gw2): %d hits, %d non-hits, %d upstream calls; case 4 hit runs (gwk gwd): %d hits, %d non-hits, %d upstream calls; miss phase (case 5, gw): %d hits, %d misses, %d upstream calls; wrk errors:%s\n",
     h1, n1, u1, h2, n2, u2, h3, n3, u3, errs == "" ? " none" : errs
   printf "req/s, p50, p99, CPU: medians of the rounds; ratio = gateway / baseline req/s, per round in brackets; p99 x = gateway p99 / baseline p99; CPU = user+system us per request of the server processes, every thread (/proc/PID/task/*/stat), (+n) = the arm extra processes (Redis, the fake upstream); ! = the arm had errors\n"
 }' "$RESULTS" >"$WORK/table.txt"

@@ -9,7 +9,8 @@ use tokio::sync::Semaphore;
 use crate::access_log::RefusalLines;
 use crate::cache::Cache;
 use crate::coalesce::Coalescer;
-use crate::config::Config;
+use crate::config::{CompactForm, Config};
+use crate::digits::Words;
 use crate::fair_share::TenantSlots;
 use crate::ledger::Ledger;
 use crate::limits::Limits;
@@ -68,6 +69,10 @@ impl App {
         let cache = Arc::new(Cache::new(
             config.cache.memory_max_bytes,
             config.cache.hot_max_bytes,
+            match config.cache.compact_form {
+                CompactForm::Float32 => Words::Float32,
+                CompactForm::Digits => Words::Digits,
+            },
             cache_redis.clone(),
             config.cache.ttl,
         ));
@@ -213,6 +218,9 @@ impl App {
             || c.cache.redis_timeout != new.cache.redis_timeout
             || c.cache.scope != new.cache.scope
             || c.cache.ttl != new.cache.ttl
+            || c.cache.memory_max_bytes != new.cache.memory_max_bytes
+            || c.cache.hot_max_bytes != new.cache.hot_max_bytes
+            || c.cache.compact_form != new.cache.compact_form
         {
             restart.push("cache");
         }

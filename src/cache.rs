@@ -17,10 +17,12 @@
 //!   - a gzip client: the text's raw DEFLATE blocks ([`Precompressed`],
 //!     ~42% of float text, `eg2:` in Redis). gzip hits are built around
 //!     them as they are; identity hits inflate them (~46 µs);
-//!   - an identity client: the **digits form** ([`Digits`], 8 bytes per
-//!     float, ~40% of the text, `eg3:`), written back as text in ~12 µs.
-//!     A gzip hit of such an entry asks for the DEFLATE form, which then
-//!     replaces it.
+//!   - an identity client: the **digits form** ([`Digits`]), written back
+//!     as text exactly: float32 words (4 bytes per float, ~20% of the
+//!     text, `eg4:`, ~27 µs to write back) or, for texts whose numbers are
+//!     not float32 values or with `cache.compact_form = "digits"`, decimal
+//!     digits (8 bytes per float, ~40%, `eg3:`, ~12 µs). A gzip hit of
+//!     such an entry asks for the DEFLATE form, which then replaces it.
 //!
 //!   Identity hits of either form first look in the **hot tier**: a small
 //!   byte-bounded cache of the texts identity clients read
@@ -40,7 +42,7 @@ use quick_cache::Weighter;
 
 use crate::cache_key::CacheKey;
 use crate::compact::{self, Asked, Compactor, Finisher, Job, Source};
-use crate::digits::Digits;
+use crate::digits::{Digits, Words};
 use crate::gzip::{size_class, Precompressed};
 use crate::redis_store::RedisStore;
 
@@ -51,9 +53,12 @@ const REDIS_TEXT: &[u8] = b"eg1:";
 /// length and CRC-32 (4 bytes each, little-endian), then its raw DEFLATE
 /// blocks.
 const REDIS_COMPACT: &[u8] = b"eg2:";
-/// Prefix of a Redis value holding an entry's digits form
-/// ([`Digits::encode`]).
+/// Prefix of a Redis value holding an entry's digits form with decimal
+/// digits words ([`Digits::encode`]).
 const REDIS_DIGITS: &[u8] = b"eg3:";
+/// Prefix of a Redis value holding an entry's digits form with float32
+/// words.
+const REDIS_FLOAT32: &[u8] = b"eg4:";
 /// A typical entry once compacted (1536 floats as JSON text, deflated), to
 /// size the memory index.
 const TYPICAL_ENTRY_BYTES: u64 = 16 * 1024;
@@ -158,7 +163,8 @@ enum Held {
     Form(Form),
     /// An `eg2:` Redis value: its compact form and the text it was checked as.
     Both(Precompressed, Bytes),
-    /// An `eg3:` Redis value: its digits form and the text it was checked as.
+    /// An `eg3:` or `eg4:` Redis value: its digits form and the text it was
+    /// checked as.
     DigitsRead(Digits, Bytes),
 }
 
@@ -173,6 +179,9 @@ struct Stores {
     seen: Option<Doorkeeper>,
     redis: Option<Arc<RedisStore>>,
     ttl: Duration,
+    /// The digits form identity clients' entries are compacted to (the
+    /// smallest one a text has, of this kind or larger).
+    words: Words,
     /// Redis keys live under this prefix.
     namespace: &'static str,
     /// Where the compaction thread's Redis writes run.
@@ -188,10 +197,11 @@ pub(crate) struct Cache {
 
 impl Cache {
     /// `hot_max_bytes` of `memory_max_bytes` hold the hot tier (none
-    /// without a memory cache).
+    /// without a memory cache); `words`: the digits form's kind.
     pub(crate) fn new(
         memory_max_bytes: u64,
         hot_max_bytes: u64,
+        words: Words,
         redis: Option<Arc<RedisStore>>,
         ttl: Duration,
     ) -> Cache {
@@ -211,6 +221,7 @@ impl Cache {
             seen,
             redis,
             ttl,
+            words,
             namespace: "eg:c:",
             runtime: tokio::runtime::Handle::try_current().ok(),
         });
@@ -353,8 +364,12 @@ impl Cache {
                 return None;
             }
             Held::Both(c, text)
-        } else if let Some(value) = raw.strip_prefix(REDIS_DIGITS) {
-            let Some((d, text)) = Digits::decode(value) else {
+        } else if let Some((value, kind)) = raw
+            .strip_prefix(REDIS_FLOAT32)
+            .map(|v| (v, Words::Float32))
+            .or_else(|| raw.strip_prefix(REDIS_DIGITS).map(|v| (v, Words::Digits)))
+        {
+            let Some((d, text)) = Digits::decode(value, kind) else {
                 tracing::warn!(key = ?key, "digits cache entry does not give its length and CRC; treated as a miss");
                 return None;
             };
@@ -537,7 +552,8 @@ impl Stores {
             .await;
     }
 
-    /// Replaces an entry's value with its compact form (`eg2:` or `eg3:`),
+    /// Replaces an entry's value with its compact form (`eg2:`, `eg3:` or
+    /// `eg4:`),
     /// keeping its TTL; an entry that expired or was evicted meanwhile stays
     /// gone. Another answer stored for the key since is replaced too: both
     /// are upstream's answer to the same input.
@@ -549,7 +565,11 @@ impl Stores {
         let value = match form {
             Form::Compact(c) => encode_compact(c),
             Form::Digits(d) => {
-                let mut v = REDIS_DIGITS.to_vec();
+                let mut v = match d.kind() {
+                    Words::Float32 => REDIS_FLOAT32,
+                    Words::Digits => REDIS_DIGITS,
+                }
+                .to_vec();
                 d.encode(&mut v);
                 v
             }
@@ -572,8 +592,8 @@ impl Stores {
     /// The compaction thread's work: one entry's compact form, made once,
     /// for the requests waiting on it, the memory entry (only if it still
     /// holds the form the job was made from) and Redis. A gzip client's
-    /// job makes the DEFLATE form; an identity client's the digits form
-    /// (DEFLATE if the text has no digits form).
+    /// job makes the DEFLATE form; an identity client's the smallest digits
+    /// form (DEFLATE if the text has none).
     fn compact(self: &Arc<Self>, job: Job, fin: &Finisher) {
         let Job {
             key,
@@ -608,7 +628,7 @@ impl Stores {
             return settle(None);
         };
         let digits = match (&source, gzip) {
-            (Source::Text(_), false) => Digits::of(&text),
+            (Source::Text(_), false) => Digits::smallest(&text, self.words),
             _ => None,
         };
         let form = match digits {
@@ -820,10 +840,10 @@ mod tests {
     #[tokio::test]
     async fn memory_hit_and_expiry() {
         let key = test_key("a");
-        let c = Cache::new(1 << 20, 0, None, Duration::from_millis(1));
+        let c = Cache::new(1 << 20, 0, Words::Float32, None, Duration::from_millis(1));
         assert!(matches!(c.get(&key, 2).await, Lookup::Miss));
         c.put(&key, Bytes::from_static(b"[1,2]")).await;
-        let c2 = Cache::new(1 << 20, 0, None, Duration::from_secs(60));
+        let c2 = Cache::new(1 << 20, 0, Words::Float32, None, Duration::from_secs(60));
         c2.put(&key, Bytes::from_static(b"[1,2]")).await;
         assert!(matches!(c2.get(&key, 2).await, Lookup::Hit(b) if &b[..] == b"[1,2]"));
         // The 1 ms entry: once its deadline passes it is gone.
@@ -903,21 +923,23 @@ mod tests {
             "{}",
             p.size()
         );
-        // The digits form: 8 bytes a float and its small rest.
-        let d = Digits::of(&text).unwrap();
-        let dz = Entry {
-            form: Form::Digits(d.clone()),
-            expires: Instant::now(),
-        };
-        assert_eq!(
-            EntryWeight.weight(&test_key("w"), &dz),
-            d.allocated() as u64 + ENTRY_OVERHEAD
-        );
-        assert!(
-            d.allocated() as u64 + ENTRY_OVERHEAD <= 12_800,
-            "{}",
-            d.allocated()
-        );
+        // The digits form: 4 or 8 bytes a float and its small rest.
+        for (kind, most) in [(Words::Float32, 6_600), (Words::Digits, 12_800)] {
+            let d = Digits::of(&text, kind).unwrap();
+            let dz = Entry {
+                form: Form::Digits(d.clone()),
+                expires: Instant::now(),
+            };
+            assert_eq!(
+                EntryWeight.weight(&test_key("w"), &dz),
+                d.allocated() as u64 + ENTRY_OVERHEAD
+            );
+            assert!(
+                d.allocated() as u64 + ENTRY_OVERHEAD <= most,
+                "{kind:?}: {}",
+                d.allocated()
+            );
+        }
         // What the overhead stands for fits in it.
         let own = std::mem::size_of::<(CacheKey, Entry)>() as u64;
         assert!(own + 48 <= ENTRY_OVERHEAD, "{own}");
@@ -927,7 +949,13 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_hit_entry_is_compacted_once_and_reads_the_same() {
         // No hot tier: identity hits of the compact form inflate it.
-        let c = Arc::new(Cache::new(8 << 20, 0, None, Duration::from_secs(60)));
+        let c = Arc::new(Cache::new(
+            8 << 20,
+            0,
+            Words::Float32,
+            None,
+            Duration::from_secs(60),
+        ));
         let (key, text) = (test_key("k"), dashscope_vector(2));
         c.store(key, text.clone()).await;
         assert_eq!(weight(&c), size_class(text.len()) as u64 + ENTRY_OVERHEAD);
@@ -984,7 +1012,13 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn the_hot_tier_keeps_the_text_identity_clients_read() {
-        let c = Arc::new(Cache::new(8 << 20, 1 << 20, None, Duration::from_secs(60)));
+        let c = Arc::new(Cache::new(
+            8 << 20,
+            1 << 20,
+            Words::Float32,
+            None,
+            Duration::from_secs(60),
+        ));
         let (key, text) = (test_key("h"), dashscope_vector(3));
         c.store(key, text.clone()).await;
         let _ = c.get_found(&key, 1536, false).await;
@@ -1030,7 +1064,13 @@ mod tests {
     #[test]
     fn keys_read_once_in_turn_do_not_churn_the_hot_tier() {
         // 1 MiB: 32 texts, and 64 keys noted.
-        let c = Cache::new(8 << 20, 1 << 20, None, Duration::from_secs(60));
+        let c = Cache::new(
+            8 << 20,
+            1 << 20,
+            Words::Float32,
+            None,
+            Duration::from_secs(60),
+        );
         let hot = c.stores.hot.as_ref().unwrap();
         let text = dashscope_vector(9);
         for round in 0..3 {
@@ -1045,7 +1085,7 @@ mod tests {
         c.keep_hot(&key, &text, 1);
         assert!(hot.get(&key).is_some_and(|h| same(&h.text, &text)));
         // Without a hot tier nothing is noted either.
-        let none = Cache::new(8 << 20, 0, None, Duration::from_secs(60));
+        let none = Cache::new(8 << 20, 0, Words::Float32, None, Duration::from_secs(60));
         assert!(none.stores.seen.is_none());
         // The table alone: keys read in turn, 8 times as many as it has
         // slots, are (almost) never recognised; a key read again soon is.
@@ -1062,7 +1102,13 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_gzip_hit_waits_for_the_compact_form() {
-        let c = Arc::new(Cache::new(8 << 20, 0, None, Duration::from_secs(60)));
+        let c = Arc::new(Cache::new(
+            8 << 20,
+            0,
+            Words::Float32,
+            None,
+            Duration::from_secs(60),
+        ));
         let (key, text) = (test_key("g"), dashscope_vector(5));
         c.store(key, text.clone()).await;
         // The wait is bounded; on a slow machine the first answer may be
@@ -1082,7 +1128,13 @@ mod tests {
 
     #[tokio::test]
     async fn a_job_replaces_only_the_entry_it_was_made_from() {
-        let c = Arc::new(Cache::new(8 << 20, 0, None, Duration::from_secs(60)));
+        let c = Arc::new(Cache::new(
+            8 << 20,
+            0,
+            Words::Float32,
+            None,
+            Duration::from_secs(60),
+        ));
         let key = test_key("r");
         let (old, new) = (dashscope_vector(6), dashscope_vector(7));
         c.store(key, old.clone()).await;

@@ -2,21 +2,31 @@
 //! text that is quick to turn back into the text.
 //!
 //! DashScope prints a vector as a list of float32 values in their shortest
-//! float64 form (`-0.0069580078125`, `0.041749317198991776`): almost every
-//! number is an optional `-`, `0.`, a few zeros and up to 17 significant
-//! digits. Such a number fits in one 64-bit word (the digits in three parts,
-//! the zeros, the sign), 8 bytes instead of ~20: 12,288 bytes for 1536
-//! floats, against ~13 KB for the DEFLATE form ([`Precompressed`]). Writing
-//! the text again is a few arithmetic steps per number (~12 µs for 1536
-//! floats, against ~46 µs to inflate DEFLATE), so identity hits of a
-//! compacted entry stay cheap.
+//! float64 form (`-0.0069580078125`, `0.041749317198991776`). A form keeps
+//! one word per number, in one of two kinds ([`Words`]):
+//!
+//! - **float32**, 4 bytes: the number's float32 value, when printing that
+//!   value in its shortest float64 form (the fewest digits that read back
+//!   as the same float64, the nearest such: Python's `repr`, ryu's) gives
+//!   exactly the number's text back: 6,144 bytes for 1536 floats. Writing
+//!   finds those digits with one 128-bit product per number (and 3 bits
+//!   kept with the value saying how to round it, see [`Float32`]), then
+//!   writes them as the digits kind does: ~28 µs for 1536 floats;
+//! - **digits**, 8 bytes: almost every number is an optional `-`, `0.`, a
+//!   few zeros and up to 17 significant digits, which fit in one 64-bit
+//!   word (the digits in three parts, the zeros, the sign): 12,288 bytes
+//!   for 1536 floats, written back in ~12 µs (a few arithmetic steps per
+//!   number). For texts whose numbers are not float32 values so printed.
+//!
+//! Both are well under the ~13 KB of the DEFLATE form ([`Precompressed`]),
+//! which takes ~46 µs to inflate.
 //!
 //! Anything else is kept as it was: the text before the first number and
 //! after the last one, the separator (the same between every two
 //! numbers, or the text is not taken), and up to [`MAX_VERBATIM`] numbers
-//! of another shape as their own bytes. [`Digits::of`] writes the text back
-//! and compares it before it returns a form, so a form always gives back
-//! its text byte for byte.
+//! of another shape (`0`, `1e-05`) as their own bytes. [`Digits::of`]
+//! writes the text back and compares it before it returns a form, so a
+//! form always gives back its text byte for byte.
 //!
 //! [`Precompressed`]: crate::gzip::Precompressed
 
@@ -36,9 +46,12 @@ const MAX_VERBATIM_LEN: usize = 40;
 const MAX_TEXT: usize = 16 << 20;
 const MAX_FRAME: usize = 64;
 
-/// A word with this bit is a number kept as its own bytes: its low 32 bits
-/// index [`Digits::verbatim`].
+/// A digits word with this bit is a number kept as its own bytes: its low
+/// 32 bits index the numbers so kept.
 const VERBATIM: u64 = 1 << 63;
+/// A float32 word (see [`Float32`]) with this exponent code is a number
+/// kept as its own bytes: its low 23 bits index the numbers so kept.
+const VERBATIM32: u32 = 31;
 /// The significant digits, as an integer below 10^17, are kept in three
 /// parts, so that writing them needs no division: the last eight digits
 /// (bits 0-26), the eight before (bits 27-53) and the first (bits 54-57).
@@ -52,16 +65,35 @@ const MAX_ZEROS: u32 = 7;
 const MAX_SIGNIFICANT: usize = 17;
 const E8: u64 = 100_000_000;
 
+/// How a form keeps its numbers (see the module).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Words {
+    /// 4 bytes a number: its float32 value.
+    Float32,
+    /// 8 bytes a number: its decimal digits.
+    Digits,
+}
+
+impl Words {
+    fn size(self) -> usize {
+        match self {
+            Words::Float32 => 4,
+            Words::Digits => 8,
+        }
+    }
+}
+
 /// An entry's text in digits form (see the module). Clones share buffers.
 #[derive(Clone)]
 pub(crate) struct Digits {
-    /// One little-endian word per number.
+    /// One little-endian word per number, of `meta.kind`.
     words: Bytes,
     /// The rest, apart: a cache entry holds only these two pointers.
     meta: Arc<Meta>,
 }
 
 pub(crate) struct Meta {
+    kind: Words,
     /// The text before the first number, between two numbers, after the
     /// last one, and the numbers kept as they were; one buffer.
     frame: Box<[u8]>,
@@ -83,17 +115,27 @@ impl Deref for Digits {
 }
 
 impl Digits {
-    /// The digits form of `text`, when it is a list of numbers of the
-    /// usual shape (see the module) and the form is smaller; checked: it
-    /// writes back exactly `text`.
-    pub(crate) fn of(text: &[u8]) -> Option<Digits> {
+    /// The smallest form of `text` of `kind` or larger: float32 words
+    /// when its numbers are float32 values so printed, else digits.
+    pub(crate) fn smallest(text: &[u8], kind: Words) -> Option<Digits> {
+        match kind {
+            Words::Float32 => Digits::of(text, Words::Float32),
+            Words::Digits => None,
+        }
+        .or_else(|| Digits::of(text, Words::Digits))
+    }
+
+    /// The form of `text` with words of `kind`, when it is a list of
+    /// numbers of that kind (see the module) and the form is smaller;
+    /// checked: it writes back exactly `text`.
+    pub(crate) fn of(text: &[u8], kind: Words) -> Option<Digits> {
         if text.len() > MAX_TEXT {
             return None;
         }
         let open = text.iter().position(|&c| c == b'[')?;
         let head_end = open + 1 + ws(&text[open + 1..]);
         // One word per number, ~20 bytes of text each.
-        let mut words = BytesMut::with_capacity(text.len() / 16 * 8);
+        let mut words = BytesMut::with_capacity(text.len() / 16 * kind.size());
         let mut verbatim: Vec<&[u8]> = Vec::new();
         let mut sep: Option<&[u8]> = None;
         let mut i = head_end;
@@ -103,15 +145,19 @@ impl Digits {
                 return None;
             }
             let number = &text[i..i + len];
-            match word(number) {
-                Some(w) => words.put_u64_le(w),
-                None => {
-                    if verbatim.len() >= MAX_VERBATIM || len > MAX_VERBATIM_LEN {
-                        return None;
-                    }
-                    words.put_u64_le(VERBATIM | verbatim.len() as u64);
-                    verbatim.push(number);
+            let taken = match kind {
+                Words::Float32 => float32_word(number).map(|w| words.put_u32_le(w)),
+                Words::Digits => word(number).map(|w| words.put_u64_le(w)),
+            };
+            if taken.is_none() {
+                if verbatim.len() >= MAX_VERBATIM || len > MAX_VERBATIM_LEN {
+                    return None;
                 }
+                match kind {
+                    Words::Float32 => words.put_u32_le(VERBATIM32 << 23 | verbatim.len() as u32),
+                    Words::Digits => words.put_u64_le(VERBATIM | verbatim.len() as u64),
+                }
+                verbatim.push(number);
             }
             i += len;
             // The separator: `,` with whitespace around it; or the end.
@@ -144,6 +190,7 @@ impl Digits {
             // A buffer of exactly the words (the capacity was a guess).
             words: Bytes::copy_from_slice(&words),
             meta: Arc::new(Meta {
+                kind,
                 frame: frame.into_boxed_slice(),
                 head_len: head.len() as u16,
                 sep_len: sep.len() as u16,
@@ -169,12 +216,20 @@ impl Digits {
         let (sep, rest) = rest.split_at_checked(usize::from(self.sep_len))?;
         let (tail, verbatim) = rest.split_at_checked(usize::from(self.tail_len))?;
         let verbatim_base = self.frame.len() - verbatim.len();
+        // Number `k` of those kept as their own bytes.
+        let kept = |k: usize| -> Option<&[u8]> {
+            let end = (*self.verbatim_ends.get(k)? as usize).checked_sub(verbatim_base)?;
+            let start = match k {
+                0 => 0,
+                _ => (self.verbatim_ends[k - 1] as usize).checked_sub(verbatim_base)?,
+            };
+            verbatim.get(start..end)
+        };
         let len = self.len as usize;
         // Room to write 8 bytes at a time past the end of any number.
         let mut out = vec![0u8; len + SLACK];
         let mut at = put(&mut out, 0, head)?;
-        for (n, w) in self.words.chunks_exact(8).enumerate() {
-            let w = u64::from_le_bytes(w.try_into().ok()?);
+        for (n, w) in self.words.chunks_exact(self.kind.size()).enumerate() {
             if n > 0 {
                 at = match sep {
                     [c] => {
@@ -184,17 +239,24 @@ impl Digits {
                     _ => put(&mut out, at, sep)?,
                 };
             }
-            if w & VERBATIM != 0 {
-                let k = (w & u64::from(u32::MAX)) as usize;
-                let end = (*self.verbatim_ends.get(k)? as usize).checked_sub(verbatim_base)?;
-                let start = match k {
-                    0 => 0,
-                    _ => (self.verbatim_ends[k - 1] as usize).checked_sub(verbatim_base)?,
-                };
-                at = put(&mut out, at, verbatim.get(start..end)?)?;
-            } else {
-                at = number(&mut out, at, w)?;
-            }
+            at = match self.kind {
+                Words::Float32 => {
+                    let w = u32::from_le_bytes(w.try_into().ok()?);
+                    if (w >> 23) & 31 == VERBATIM32 {
+                        put(&mut out, at, kept((w & 0x7f_ffff) as usize)?)?
+                    } else {
+                        Float32(w).write(&mut out, at)?
+                    }
+                }
+                Words::Digits => {
+                    let w = u64::from_le_bytes(w.try_into().ok()?);
+                    if w & VERBATIM != 0 {
+                        put(&mut out, at, kept((w & u64::from(u32::MAX)) as usize)?)?
+                    } else {
+                        number(&mut out, at, w)?
+                    }
+                }
+            };
         }
         at = put(&mut out, at, tail)?;
         if at != len {
@@ -214,6 +276,11 @@ impl Digits {
             + 32
     }
 
+    /// How it keeps its numbers.
+    pub(crate) fn kind(&self) -> Words {
+        self.kind
+    }
+
     /// Length of the text.
     pub(crate) fn len(&self) -> u64 {
         u64::from(self.len)
@@ -229,7 +296,8 @@ impl Digits {
         self.words.as_ptr() == other.words.as_ptr() && self.words.len() == other.words.len()
     }
 
-    /// Its bytes, for a Redis value: read back with [`Digits::decode`].
+    /// Its bytes, for a Redis value: read back with [`Digits::decode`] (its
+    /// kind is not among them: the value's prefix tells it).
     pub(crate) fn encode(&self, out: &mut Vec<u8>) {
         out.extend_from_slice(&self.len.to_le_bytes());
         out.extend_from_slice(&self.crc.to_le_bytes());
@@ -245,9 +313,10 @@ impl Digits {
         out.extend_from_slice(&self.words);
     }
 
-    /// A form read from [`Digits::encode`]'s bytes, with its text; `None`
-    /// unless the text it writes has the recorded length and CRC-32.
-    pub(crate) fn decode(value: &[u8]) -> Option<(Digits, Bytes)> {
+    /// A form of `kind` read from [`Digits::encode`]'s bytes, with its
+    /// text; `None` unless the text it writes has the recorded length and
+    /// CRC-32.
+    pub(crate) fn decode(value: &[u8], kind: Words) -> Option<(Digits, Bytes)> {
         let mut r = value;
         let len = u32::from_le_bytes(take(&mut r, 4)?.try_into().ok()?);
         let crc = u32::from_le_bytes(take(&mut r, 4)?.try_into().ok()?);
@@ -269,15 +338,16 @@ impl Digits {
             ends.push(e);
         }
         let frame: Box<[u8]> = take(&mut r, frame_len)?.into();
-        if !r.len().is_multiple_of(8)
+        if !r.len().is_multiple_of(kind.size())
             || usize::from(head_len) + usize::from(sep_len) + usize::from(tail_len) > frame_len
-            || r.len() / 8 > len as usize
+            || r.len() / kind.size() > len as usize
         {
             return None;
         }
         let d = Digits {
             words: Bytes::copy_from_slice(r),
             meta: Arc::new(Meta {
+                kind,
                 frame,
                 head_len,
                 sep_len,
@@ -340,6 +410,226 @@ fn word(number: &[u8]) -> Option<u64> {
     )
 }
 
+/// The float32 word of a number of the usual shape whose value is a
+/// float32 value printed in its shortest float64 form: the nearest float32
+/// is printed with the same digits word.
+fn float32_word(number: &[u8]) -> Option<u32> {
+    let digits = word(number)?;
+    let f: f32 = std::str::from_utf8(number).ok()?.parse().ok()?;
+    let (w, printed) = Float32::of(f)?;
+    (printed == digits).then_some(w.0)
+}
+
+const POW5: [u64; 24] = {
+    let mut t = [1u64; 24];
+    let mut i = 1;
+    while i < 24 {
+        t[i] = t[i - 1] * 5;
+        i += 1;
+    }
+    t
+};
+const POW10: [u64; 18] = {
+    let mut t = [1u64; 18];
+    let mut i = 1;
+    while i < 18 {
+        t[i] = t[i - 1] * 10;
+        i += 1;
+    }
+    t
+};
+
+/// A float32 of the usual shape (|f| in [1e-7, 1): `0.`, up to 6 zeros
+/// and up to 17 digits when printed) as it is kept: its bits, with the
+/// exponent (24 values) in 5 bits and, in the 3 bits so freed, how its
+/// shortest float64 form is made from its 17-digit one ([`Near`]): 0 and
+/// 1, 17 digits rounded down and up; 2 and 3, 16 digits rounded down and
+/// up; 4, fewer digits, searched for.
+///
+/// Bits: sign (31), how (28-30), exponent - 100 (23-27; 31 is a number
+/// kept as its own bytes), significand (0-22).
+struct Float32(u32);
+
+impl Float32 {
+    const EXPONENT_BASE: u32 = 100;
+
+    /// The word of `f` and the digits word of its shortest float64 form.
+    fn of(f: f32) -> Option<(Float32, u64)> {
+        let near = Near::of(f)?;
+        let (digits, length) = near.shortest();
+        let how = match length {
+            17 => digits - near.d17,
+            16 => 2 + digits - near.d17 / 10,
+            _ => 4,
+        };
+        let bits = f.to_bits();
+        let code = ((bits >> 23) & 0xff).checked_sub(Self::EXPONENT_BASE)?;
+        let w = bits & 0x8000_0000 | (how as u32) << 28 | code << 23 | bits & 0x7f_ffff;
+        Some((Float32(w), near.word(digits)))
+    }
+
+    /// Writes its number at `at`; where it ends. `None` for a word of no
+    /// number.
+    ///
+    /// Where it ends is known from the sign, the zeros and `how` alone,
+    /// before the digits are: the next number's writing need not wait for
+    /// this one's arithmetic (~40 cycles of dependent steps).
+    #[inline(always)]
+    fn write(&self, out: &mut [u8], mut at: usize) -> Option<usize> {
+        let w = self.0;
+        let code = (w >> 23) & 31;
+        let bits = w & 0x8000_0000 | (code + Self::EXPONENT_BASE) << 23 | w & 0x7f_ffff;
+        let near = Near::of(f32::from_bits(bits))?;
+        let how = (w >> 28) & 7;
+        let (digits, length) = match how {
+            // No branch on which: half the numbers are each.
+            0..=3 => {
+                let tenth = near.d17 / 10;
+                let digits = (if how & 2 != 0 { tenth } else { near.d17 }) + u64::from(how & 1);
+                (digits, 17 - (how >> 1) as usize)
+            }
+            4 => near.shortest(),
+            _ => return None,
+        };
+        *out.get_mut(at)? = b'-';
+        at += usize::from(near.negative);
+        if length < 16 {
+            let (top, mid, lo) = (digits / (E8 * E8), digits / E8 % E8, digits % E8);
+            return decimal(out, at, false, near.zeros, top, mid, lo);
+        }
+        // `0.` and up to 6 zeros, of which `zeros` are kept.
+        put8(out, at, u64::from_le_bytes(*b"0.000000"))?;
+        at += 2 + near.zeros;
+        // A first digit, kept only with 17.
+        *out.get_mut(at)? = b'0' + (digits / (E8 * E8)) as u8;
+        let after = at + length - 16;
+        put8(out, after, ascii8((digits / E8 % E8) as u32))?;
+        put8(out, after + 8, ascii8((digits % E8) as u32))?;
+        Some(at + length)
+    }
+}
+
+/// A float32's float64 scaled to 17 digits before the point: `d17`, then
+/// `s` bits of fraction. The float64 is `m·2^e` (`m` the float32's 24-bit
+/// significand; its float64 significand `m·2^29` is even, so both ends of
+/// the interval that reads back as it are in it). Scaled by `10^q`, it is
+/// `m·5^q / 2^s` exactly: one 128-bit product, the point `s` bits from its
+/// end; the interval is `half` = `5^q` either side in units of
+/// `2^-(s+30)` (half of that below when `m` is a power of two: the float64
+/// below it is nearer).
+struct Near {
+    d17: u64,
+    frac: u128,
+    s: u32,
+    half: u128,
+    power_of_two: bool,
+    zeros: usize,
+    negative: bool,
+}
+
+impl Near {
+    /// `f` scaled, for |f| in [1e-7, 1).
+    #[inline(always)]
+    fn of(f: f32) -> Option<Near> {
+        let bits = f.to_bits();
+        let a = f64::from(f.abs());
+        if !(1e-7..1.0).contains(&a) {
+            return None;
+        }
+        // `a` in [10^(-zeros-1), 10^-zeros), counted without branches. (No
+        // float32 lies between a power of ten and its nearest float64.)
+        let zeros = [0.1, 0.01, 1e-3, 1e-4, 1e-5, 1e-6]
+            .iter()
+            .map(|&p| usize::from(a < p))
+            .sum::<usize>();
+        let m = u64::from(bits & 0x7f_ffff | 0x80_0000);
+        let e = ((bits >> 23) & 0xff) as i32 - 150;
+        let q = 17 + zeros;
+        // 7 to 24 for |f| in [1e-7, 1).
+        let s = u32::try_from(-(e + q as i32))
+            .ok()
+            .filter(|s| (1..=40).contains(s))?;
+        let t = u128::from(m) * u128::from(POW5[q]);
+        let d17 = (t >> s) as u64;
+        if !(POW10[16]..POW10[17]).contains(&d17) {
+            return None;
+        }
+        Some(Near {
+            d17,
+            frac: t & ((1u128 << s) - 1),
+            s,
+            half: u128::from(POW5[q]),
+            power_of_two: m == 1 << 23,
+            zeros,
+            negative: bits >> 31 != 0,
+        })
+    }
+
+    /// The digits of the shortest float64 form (the fewest that read back
+    /// as it, the nearest of those, the even one of two as near), and how
+    /// many. Each digit dropped from the end while the nearer of the two
+    /// rounded values is still in the interval makes it one digit shorter.
+    fn shortest(&self) -> (u64, usize) {
+        // 17 digits always read back: the nearer of the two.
+        let half_unit = 1u128 << (self.s - 1);
+        let up = self.frac > half_unit || (self.frac == half_unit && self.d17 % 2 == 1);
+        let mut best = (self.d17 + u64::from(up), 17);
+        // Most numbers print with 16 or 17 digits: the first two lengths
+        // with constant divisors, the rest (values with short exact forms)
+        // after.
+        if let Some(b) = self.rounded(10) {
+            best = (b, 16);
+            if let Some(b) = self.rounded(100) {
+                best = (b, 15);
+                for (j, &p) in POW10.iter().enumerate().take(17).skip(3) {
+                    let Some(b) = self.rounded(p) else { break };
+                    best = (b, 17 - j);
+                }
+            }
+        }
+        best
+    }
+
+    /// The nearer of the two multiples of `p` around it (the even one of
+    /// two as near), divided by `p`, if it is in the interval.
+    #[inline(always)]
+    fn rounded(&self, p: u64) -> Option<u64> {
+        let q = self.d17 / p;
+        let r = self.d17 - q * p;
+        // Distances to q·p and (q+1)·p.
+        let below = ((u128::from(r) << self.s) | self.frac) << 30;
+        let above = (u128::from(p) << (self.s + 30)) - below;
+        let below_in = if self.power_of_two {
+            2 * below <= self.half
+        } else {
+            below <= self.half
+        };
+        let above_in = above <= self.half;
+        match (below_in, above_in) {
+            (true, true) if below < above || (below == above && q.is_multiple_of(2)) => Some(q),
+            (true, false) => Some(q),
+            (_, true) => Some(q + 1),
+            (false, false) => None,
+        }
+    }
+
+    /// The digits word of these digits (of the shortest form).
+    fn word(&self, digits: u64) -> u64 {
+        let (top, mid, lo) = (digits / (E8 * E8), digits / E8 % E8, digits % E8);
+        lo | mid << EIGHT_BITS
+            | top << TOP_SHIFT
+            | (self.zeros as u64) << ZEROS_SHIFT
+            | if self.negative { NEGATIVE } else { 0 }
+    }
+}
+
+/// The digits word of float32 `f` printed in its shortest float64 form,
+/// for `f` of the usual shape (see [`Float32`]).
+#[cfg(test)]
+fn float32_digits(f: f32) -> Option<u64> {
+    Float32::of(f).map(|(_, digits)| digits)
+}
+
 /// Bytes written past a number's end at most (they are overwritten by
 /// what follows, or cut).
 const SLACK: usize = 16;
@@ -359,20 +649,36 @@ fn put8(out: &mut [u8], at: usize, word: u64) -> Option<()> {
 }
 
 /// Writes the number of word `w` (not a verbatim one) at `at`; where it
-/// ends. Every write is of a fixed size: 8 bytes at a time, the ones past
-/// the number's end overwritten by what follows.
-fn number(out: &mut [u8], mut at: usize, w: u64) -> Option<usize> {
+/// ends.
+fn number(out: &mut [u8], at: usize, w: u64) -> Option<usize> {
     let lo = w & EIGHT_MASK;
     let mid = (w >> EIGHT_BITS) & EIGHT_MASK;
     let top = (w >> TOP_SHIFT) & 0xf;
+    let zeros = ((w >> ZEROS_SHIFT) & u64::from(MAX_ZEROS)) as usize;
+    decimal(out, at, w & NEGATIVE != 0, zeros, top, mid, lo)
+}
+
+/// Writes `-`, `0.`, `zeros` zeros and the digits `top`, `mid` (eight),
+/// `lo` (eight) without their leading zeros at `at`; where it ends. Every
+/// write is of a fixed size: 8 bytes at a time, the ones past the
+/// number's end overwritten by what follows.
+#[inline(always)]
+fn decimal(
+    out: &mut [u8],
+    mut at: usize,
+    negative: bool,
+    zeros: usize,
+    top: u64,
+    mid: u64,
+    lo: u64,
+) -> Option<usize> {
     if lo >= E8 || mid >= E8 || top > 9 {
         return None;
     }
-    let zeros = ((w >> ZEROS_SHIFT) & u64::from(MAX_ZEROS)) as usize;
     // Half the numbers are negative and half have 17 digits: no branches
     // on either, a `-` or a first digit is written and kept or not.
     *out.get_mut(at)? = b'-';
-    at += usize::from(w & NEGATIVE != 0);
+    at += usize::from(negative);
     // `0.` and up to 6 zeros, of which `zeros` are kept.
     put8(out, at, u64::from_le_bytes(*b"0.000000"))?;
     at += 2;
@@ -458,73 +764,176 @@ mod tests {
         test_vector(seed, if small { 12.0 } else { 1.0 })
     }
 
+    /// Encodes `d` and decodes it again; the text it then gives.
+    fn through_redis(d: &Digits) -> Bytes {
+        let mut value = Vec::new();
+        d.encode(&mut value);
+        let (back, text) = Digits::decode(&value, d.kind()).expect("decodes");
+        assert_eq!(back.text(), Some(text.clone()));
+        text
+    }
+
     #[test]
-    fn dashscope_vectors_round_trip_in_twelve_kib() {
-        for seed in 0..20 {
-            for small in [false, true] {
-                let text = vector(seed, small);
-                let d = Digits::of(&text).expect("taken");
-                assert_eq!(d.text().as_deref(), Some(&text[..]));
-                assert_eq!(d.words.len(), 1536 * 8);
-                assert!(d.allocated() <= 12_288 + 160, "{}", d.allocated());
-                assert_eq!(d.len(), text.len() as u64);
-                assert_eq!(d.crc(), crc32fast::hash(&text));
-                let mut value = Vec::new();
-                d.encode(&mut value);
-                let (back, t) = Digits::decode(&value).expect("decodes");
-                assert_eq!(&t[..], &text[..]);
-                assert_eq!(back.text().as_deref(), Some(&text[..]));
+    fn dashscope_vectors_round_trip_in_6_or_12_kib() {
+        for (kind, bytes) in [(Words::Float32, 6_144), (Words::Digits, 12_288)] {
+            for seed in 0..20 {
+                for small in [false, true] {
+                    let text = vector(seed, small);
+                    let d = Digits::of(&text, kind).expect("taken");
+                    assert_eq!(d.kind(), kind);
+                    assert_eq!(d.text().as_deref(), Some(&text[..]));
+                    assert_eq!(d.words.len(), bytes);
+                    assert!(d.allocated() <= bytes + 160, "{}", d.allocated());
+                    assert_eq!(d.len(), text.len() as u64);
+                    assert_eq!(d.crc(), crc32fast::hash(&text));
+                    assert_eq!(&through_redis(&d)[..], &text[..]);
+                }
+            }
+        }
+        // The smallest form of a DashScope vector is float32.
+        let d = Digits::smallest(&vector(1, true), Words::Float32).unwrap();
+        assert_eq!(d.kind(), Words::Float32);
+        let d = Digits::smallest(&vector(1, true), Words::Digits).unwrap();
+        assert_eq!(d.kind(), Words::Digits);
+    }
+
+    /// A list of `n` numbers: `other(i)` where it gives one, else the
+    /// DashScope-like `usual(i)`; separated by `sep`.
+    fn list(
+        n: usize,
+        sep: &str,
+        usual: impl Fn(usize) -> String,
+        other: impl Fn(usize) -> Option<&'static str>,
+    ) -> String {
+        let mut s = String::from("[ ");
+        for i in 0..n {
+            match other(i) {
+                Some(o) => s.push_str(o),
+                None => s.push_str(&usual(i)),
+            }
+            s.push_str(if i + 1 < n { sep } else { " ]\n" });
+        }
+        s
+    }
+
+    #[test]
+    fn other_shapes_are_kept_or_refused() {
+        let digits_like = |_| "-0.12345678901234567".to_string();
+        // Spaces, other numbers kept as they were, a shape of each kind;
+        // 80 numbers of other shapes: too many to keep.
+        let many = list(200, " , ", digits_like, |i| match i % 10 {
+            0 => Some("1.5e-05"),
+            1 => Some("-0.0000000012"),
+            2 => Some("0"),
+            3 => Some("-0.0"),
+            _ => None,
+        });
+        assert!(Digits::of(many.as_bytes(), Words::Digits).is_none());
+        let few = list(200, " , ", digits_like, |i| match i {
+            3 => Some("1.5e-05"),
+            7 => Some("-0.0000000012"),
+            9 => Some("0"),
+            11 => Some("-0.0"),
+            12 => Some("0.10"),
+            13 => Some("0.123456789012345678"),
+            _ => None,
+        });
+        let d = Digits::of(few.as_bytes(), Words::Digits).expect("taken");
+        assert_eq!(d.text().as_deref(), Some(few.as_bytes()));
+        assert_eq!(&through_redis(&d)[..], few.as_bytes());
+        // Not float32 values: no float32 form; the smallest is digits.
+        assert!(Digits::of(few.as_bytes(), Words::Float32).is_none());
+        let d = Digits::smallest(few.as_bytes(), Words::Float32).expect("taken");
+        assert_eq!(d.kind(), Words::Digits);
+        for kind in [Words::Float32, Words::Digits] {
+            for refused in [
+                &b"[0.1,0.2, 0.3]"[..],
+                b"[0.1,0.2,\"x\"]",
+                b"{\"a\":1}",
+                b"[]",
+                b"[0.1,,0.2]",
+            ] {
+                assert!(
+                    Digits::of(refused, kind).is_none(),
+                    "{}",
+                    String::from_utf8_lossy(refused)
+                );
             }
         }
     }
 
     #[test]
-    fn other_shapes_are_kept_or_refused() {
-        // Spaces, other numbers kept as they were, a shape of each kind.
-        let mut many = String::from("[ ");
-        for i in 0..200 {
-            many.push_str(match i % 10 {
-                0 => "1.5e-05",
-                1 => "-0.0000000012",
-                2 => "0",
-                3 => "-0.0",
-                _ => "-0.12345678901234567",
-            });
-            many.push_str(if i < 199 { " , " } else { " ]\n" });
+    fn float32_words_keep_what_prints_otherwise() {
+        // Float32 values in shortest float64 form (serde_json's), and
+        // numbers that are not (Python's form of 2^-23, a value that is
+        // not a float32, zeros, a trailing zero): those are kept as they
+        // were.
+        let value = |i: usize| {
+            let f = ((i as f32) * 0.618_034).fract() - 0.5;
+            serde_json::to_string(&f64::from(f)).unwrap()
+        };
+        let text = list(1536, ", ", value, |i| match i {
+            0 => Some("1.1920928955078125e-07"),
+            5 => Some("1e-05"),
+            6 => Some("-0.0"),
+            7 => Some("0.0"),
+            9 => Some("0"),
+            10 => Some("0.10"),
+            11 => Some("0.1"),
+            12 => Some("-0.12345678901234567"),
+            1535 => Some("0.5"),
+            _ => None,
+        });
+        let d = Digits::of(text.as_bytes(), Words::Float32).expect("taken");
+        assert_eq!(d.text().as_deref(), Some(text.as_bytes()));
+        assert_eq!(&through_redis(&d)[..], text.as_bytes());
+        // `0.5` is a float32 word; eight numbers are kept.
+        assert_eq!(d.verbatim_ends.len(), 8);
+        assert_eq!(d.words.len(), 1536 * 4);
+    }
+
+    /// Every float32 of the usual shape, sampled (a fixed stride through
+    /// the bit patterns, and the powers of two), prints as serde_json's
+    /// shortest float64 form (ryu) prints it.
+    #[test]
+    fn float32_digits_are_the_shortest_float64_form() {
+        let mut text = Vec::with_capacity(32);
+        let mut checked = 0;
+        let mut check = |f: f32| {
+            let Some(w) = float32_digits(f) else {
+                let a = f.abs();
+                assert!(!(1e-7..1.0).contains(&a), "{f:e} refused");
+                return;
+            };
+            text.clear();
+            text.resize(40, 0);
+            let end = number(&mut text, 0, w).unwrap();
+            // The kept word writes the same.
+            let (kept, _) = Float32::of(f).unwrap();
+            let mut again = [0u8; 40];
+            let end_again = kept.write(&mut again, 0).unwrap();
+            assert_eq!(&again[..end_again], &text[..end], "{:#x}", f.to_bits());
+            let ours = std::str::from_utf8(&text[..end]).unwrap();
+            let theirs = serde_json::to_string(&f64::from(f)).unwrap();
+            // ryu writes below 1e-5 with an exponent: compare the values.
+            if f.abs() >= 1e-5 {
+                assert_eq!(ours, theirs, "{:#x}", f.to_bits());
+            } else {
+                assert_eq!(ours.parse::<f64>().unwrap(), f64::from(f), "{ours}");
+                assert!(ours.len() <= theirs.len() + 6, "{ours} {theirs}");
+            }
+            checked += 1;
+        };
+        for bits in (0..0x8000_0000u32).step_by(331) {
+            check(f32::from_bits(bits));
+            check(-f32::from_bits(bits));
         }
-        // 80 numbers of other shapes: too many to keep.
-        assert!(Digits::of(many.as_bytes()).is_none());
-        let mut few = String::from("[ ");
-        for i in 0..200 {
-            few.push_str(match i {
-                3 => "1.5e-05",
-                7 => "-0.0000000012",
-                9 => "0",
-                11 => "-0.0",
-                12 => "0.10",
-                13 => "0.123456789012345678",
-                _ => "-0.12345678901234567",
-            });
-            few.push_str(if i < 199 { " , " } else { " ]\n" });
+        for p in 1..=24 {
+            check(0.5f32.powi(p));
+            check(f32::from_bits(0.5f32.powi(p).to_bits() - 1));
+            check(f32::from_bits(0.5f32.powi(p).to_bits() + 1));
         }
-        let d = Digits::of(few.as_bytes()).expect("taken");
-        assert_eq!(d.text().as_deref(), Some(few.as_bytes()));
-        let mut value = Vec::new();
-        d.encode(&mut value);
-        assert_eq!(&Digits::decode(&value).unwrap().1[..], few.as_bytes());
-        for refused in [
-            &b"[0.1,0.2, 0.3]"[..],
-            b"[0.1,0.2,\"x\"]",
-            b"{\"a\":1}",
-            b"[]",
-            b"[0.1,,0.2]",
-        ] {
-            assert!(
-                Digits::of(refused).is_none(),
-                "{}",
-                String::from_utf8_lossy(refused)
-            );
-        }
+        assert!(checked > 1_000_000, "{checked}");
     }
 
     #[test]
@@ -543,16 +952,34 @@ mod tests {
     #[test]
     fn damaged_values_are_refused() {
         let text = vector(7, false);
-        let d = Digits::of(&text).unwrap();
+        for kind in [Words::Float32, Words::Digits] {
+            let d = Digits::of(&text, kind).unwrap();
+            let mut value = Vec::new();
+            d.encode(&mut value);
+            for cut in [0, 5, 20, value.len() - 1] {
+                assert!(
+                    Digits::decode(&value[..cut], kind).is_none(),
+                    "cut at {cut}"
+                );
+            }
+            let mut flipped = value.clone();
+            let last = flipped.len() - 3;
+            flipped[last] ^= 1;
+            assert!(Digits::decode(&flipped, kind).is_none());
+            // A float32 word of no number: an exponent code out of range,
+            // an unknown way to round, a kept number's index out of range.
+            for bad in [0x0000_0000u32, 0x5000_0000 | 20 << 23, 31 << 23 | 1000] {
+                let mut broken = value.clone();
+                let at = broken.len() - 4;
+                broken[at..].copy_from_slice(&bad.to_le_bytes());
+                assert!(Digits::decode(&broken, Words::Float32).is_none());
+            }
+        }
+        // A value of one kind does not read as the other.
+        let d = Digits::of(&text, Words::Float32).unwrap();
         let mut value = Vec::new();
         d.encode(&mut value);
-        for cut in [0, 5, 20, value.len() - 1] {
-            assert!(Digits::decode(&value[..cut]).is_none(), "cut at {cut}");
-        }
-        let mut flipped = value.clone();
-        let last = flipped.len() - 3;
-        flipped[last] ^= 1;
-        assert!(Digits::decode(&flipped).is_none());
+        assert!(Digits::decode(&value, Words::Digits).is_none());
     }
 
     /// Cost of writing the text again, against inflating DEFLATE (run with
@@ -561,28 +988,30 @@ mod tests {
     #[ignore]
     fn write_cost() {
         let text = vector(3, false);
-        let d = Digits::of(&text).unwrap();
-        let c = crate::gzip::Precompressed::of(&text).unwrap();
         let n = 2000;
-        let t = std::time::Instant::now();
-        for _ in 0..n {
-            std::hint::black_box(d.text());
+        for kind in [Words::Float32, Words::Digits] {
+            let d = Digits::of(&text, kind).unwrap();
+            let t = std::time::Instant::now();
+            for _ in 0..n {
+                std::hint::black_box(d.text());
+            }
+            let write = t.elapsed() / n;
+            let t = std::time::Instant::now();
+            for _ in 0..200 {
+                std::hint::black_box(Digits::of(&text, kind));
+            }
+            let make = t.elapsed() / 200;
+            println!(
+                "{kind:?}: {} B, write {write:?}, make {make:?}",
+                d.allocated()
+            );
         }
-        let digits = t.elapsed() / n;
+        let c = crate::gzip::Precompressed::of(&text).unwrap();
         let t = std::time::Instant::now();
         for _ in 0..n {
             std::hint::black_box(c.inflate());
         }
         let inflate = t.elapsed() / n;
-        let t = std::time::Instant::now();
-        for _ in 0..200 {
-            std::hint::black_box(Digits::of(&text));
-        }
-        let make = t.elapsed() / 200;
-        println!(
-            "digits: {} B, write {digits:?}, make {make:?}; deflate: {} B, inflate {inflate:?}",
-            d.allocated(),
-            c.size()
-        );
+        println!("deflate: {} B, inflate {inflate:?}", c.size());
     }
 }

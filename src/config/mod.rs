@@ -41,7 +41,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 pub use admin::AdminConfig;
-pub use cache::{CacheConfig, CacheScope};
+pub use cache::{CacheConfig, CacheScope, CompactForm};
 pub use events::EventsConfig;
 pub use ledger::LedgerConfig;
 pub use limits::{LimitsConfig, StoreErrorPolicy};

@@ -222,6 +222,24 @@ fn state_redis_defaults_to_the_cache_redis() {
 }
 
 #[test]
+fn the_compact_form_is_float32_unless_chosen() {
+    use super::CompactForm;
+    assert_eq!(parse("").unwrap().cache.compact_form, CompactForm::Float32);
+    let digits = parse("[cache]\ncompact_form = \"digits\"\n").unwrap();
+    assert_eq!(digits.cache.compact_form, CompactForm::Digits);
+    let shown: Vec<String> = parse("[cache]\ncompact_form = \"f16\"\n")
+        .unwrap_err()
+        .0
+        .iter()
+        .map(|e| e.to_string())
+        .collect();
+    assert_eq!(
+        shown,
+        vec!["line 2: cache.compact_form: must be \"float32\" or \"digits\", got \"f16\""]
+    );
+}
+
+#[test]
 fn the_hot_tier_is_a_part_of_the_memory_cache() {
     assert_eq!(parse("").unwrap().cache.hot_max_bytes, 8 * 1024 * 1024);
     let small = parse("[cache]\nmemory_max_bytes = 1000000\n").unwrap();

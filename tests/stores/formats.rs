@@ -92,9 +92,10 @@ async fn text_then_compact_values_and_old_ones_still_read() {
     let text_bytes = memory_usage(&cache, &key);
 
     // Its first hit (an identity client's) is served the text and has it
-    // compacted: the value becomes the digits form, keeping its TTL.
+    // compacted: the value becomes the digits form with float32 words (a
+    // DashScope answer's numbers are float32 values), keeping its TTL.
     identity_hit(&gw, &body, &vector).await;
-    let compact = value_with(&cache, &key, b"eg3:").await;
+    let compact = value_with(&cache, &key, b"eg4:").await;
     let compact_bytes = memory_usage(&cache, &key);
     let ttl: i64 = redis::cmd("PTTL")
         .arg(&key)
@@ -102,14 +103,16 @@ async fn text_then_compact_values_and_old_ones_still_read() {
         .unwrap();
     assert!(ttl > 29 * 24 * 3600 * 1000, "{ttl}");
     println!(
-        "redis value of a {}-byte vector: eg1 {} B (MEMORY USAGE {text_bytes}), eg3 {} B (MEMORY USAGE {compact_bytes})",
+        "redis value of a {}-byte vector: eg1 {} B (MEMORY USAGE {text_bytes}), eg4 {} B (MEMORY USAGE {compact_bytes})",
         vector.len(),
         text_value.len(),
         compact.len()
     );
-    assert!(compact.len() * 100 <= text_value.len() * 45);
+    // 4 bytes a float and a few more.
+    assert!(compact.len() <= 4 + 1536 * 4 + 64, "{}", compact.len());
+    assert!(compact.len() * 100 <= text_value.len() * 25);
     assert!(
-        compact_bytes < text_bytes / 2 + 1024,
+        compact_bytes < text_bytes / 4 + 1024,
         "{compact_bytes} of {text_bytes}"
     );
 
@@ -156,7 +159,7 @@ async fn text_then_compact_values_and_old_ones_still_read() {
     // A value an older gateway wrote (text) still reads, and is compacted.
     set_raw(&cache, &key, &text_value);
     identity_hit(&gw, &body, &vector).await;
-    let again = value_with(&cache, &key, b"eg3:").await;
+    let again = value_with(&cache, &key, b"eg4:").await;
     assert_eq!(again, compact);
     assert_eq!(gw.fake.calls(), 1);
 
@@ -203,7 +206,7 @@ async fn a_replica_reads_the_compact_value_another_wrote() {
     .await;
     value_with(&cache, &key, b"eg1:").await;
     identity_hit(&a, &body, &vector).await;
-    value_with(&cache, &key, b"eg3:").await;
+    value_with(&cache, &key, b"eg4:").await;
 
     let b = replica().start().await;
     wait_store(&b, "redis_cache", "up").await;
@@ -212,4 +215,52 @@ async fn a_replica_reads_the_compact_value_another_wrote() {
     identity_hit(&b, &body, &vector).await;
     assert_eq!(a.fake.calls(), 1);
     assert_eq!(b.fake.calls(), 0);
+}
+
+/// `cache.compact_form = "digits"` keeps 8 bytes a float (`eg3:`), and a
+/// replica of either setting reads the other's values.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_digits_form_is_chosen_by_config_and_both_forms_read_everywhere() {
+    let cache = Redis::start();
+    let state = Redis::start();
+    let replica = |form: &str| {
+        split(&cache, &state)
+            .tenant("kt-tenant", "kt")
+            .set("cache", format!("compact_form = \"{form}\""))
+    };
+    let digits = replica("digits").start().await;
+    let float32 = replica("float32").start().await;
+    wait_store(&digits, "redis_cache", "up").await;
+    wait_store(&float32, "redis_cache", "up").await;
+    for gw in [&digits, &float32] {
+        gw.fake.set_full_precision(true);
+    }
+    let (one, two) = (text_body("digits one"), text_body("digits two"));
+    let miss = digits.embed("kt", &one).await;
+    assert_eq!((miss.status, miss.cache()), (200, "MISS"), "{}", miss.text);
+    let v1 = raw_vector(&miss.text).to_string();
+    let miss = float32.embed("kt", &two).await;
+    assert_eq!((miss.status, miss.cache()), (200, "MISS"), "{}", miss.text);
+    let v2 = raw_vector(&miss.text).to_string();
+    let key_of = |vector_text: &str| {
+        cache
+            .keys()
+            .into_iter()
+            .find(|k| get_raw(&cache, k).ends_with(vector_text.as_bytes()))
+            .expect("the entry in Redis")
+    };
+    let (k1, k2) = (key_of(&v1), key_of(&v2));
+    // Each compacts what it hits in its own form: 8 and 4 bytes a float.
+    identity_hit(&digits, &one, &v1).await;
+    let d = value_with(&cache, &k1, b"eg3:").await;
+    assert!((1536 * 8..1536 * 8 + 128).contains(&d.len()), "{}", d.len());
+    identity_hit(&float32, &two, &v2).await;
+    let f = value_with(&cache, &k2, b"eg4:").await;
+    assert!((1536 * 4..1536 * 4 + 128).contains(&f.len()), "{}", f.len());
+    // And reads the other's exactly.
+    identity_hit(&float32, &one, &v1).await;
+    identity_hit(&digits, &two, &v2).await;
+    assert_eq!(get_raw(&cache, &k1)[..4], *b"eg3:");
+    assert_eq!(get_raw(&cache, &k2)[..4], *b"eg4:");
+    assert_eq!(digits.fake.calls() + float32.fake.calls(), 2);
 }
