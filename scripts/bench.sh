@@ -456,6 +456,8 @@ RC_KEYS=$( (rc --scan --pattern 'eg:c:*' || true) | head -n 16)
 # Mean value length and mean MEMORY USAGE (with the sample size) of RC_KEYS.
 rc_strlen() { for k in $RC_KEYS; do rc strlen "$k"; done | awk '{ s += $1; n++ } END { if (n) printf "%.0f", s / n; else print 0 }'; }
 rc_usage() { for k in $RC_KEYS; do rc memory usage "$k" samples 0; done | awk '{ s += $1; n++ } END { if (n) printf "%.0f %d", s / n, n; else print "0 0" }'; }
+# How many of RC_KEYS still hold text (eg1:).
+rc_text() { for k in $RC_KEYS; do rc getrange "$k" 0 3; done | grep -c '^eg1:' || true; }
 RC_USAGE=$(rc_usage)
 RC_STRLEN=$(rc_strlen)
 # The same keys once every entry was hit: a hit queues the entry's
@@ -464,7 +466,8 @@ RC_STRLEN=$(rc_strlen)
 # "digits"); a gzip client's: DEFLATE, eg2:).
 # The queue is bounded (compact::QUEUE_JOBS): a pass over all the keys
 # overflows it and the dropped ones are asked again by their next hit, so
-# up to 4 passes, each followed by a wait until the values stop changing.
+# up to 4 passes, each followed by a wait until the values stop changing,
+# until none of the sampled keys holds text.
 for ((pass = 1; pass <= 4; pass++)); do
   fill "hit_gwc$pass" "${GWURL[gwc]}" "$AUTH"
   prev=-1
@@ -473,9 +476,10 @@ for ((pass = 1; pass <= 4; pass++)); do
     [ "$RC_STRLEN2" = "$prev" ] && break
     prev=$RC_STRLEN2; sleep 0.5
   done
-  (( RC_STRLEN2 < RC_STRLEN / 2 )) && break
+  (( $(rc_text) == 0 )) && break
 done
 RC_PASSES=$(( pass > 4 ? 4 : pass ))
+RC_LEFT=$(rc_text)
 RC_USAGE2=$(rc_usage)
 
 log "case 6: text-embedding-v4 10-text batches: all hits, 5/10 hits, all misses"
@@ -546,7 +550,7 @@ awk -F'\t' -v tck="$CLK_TCK" -v rb="$RESP_BYTES" -v nkeys="$NKEYS" -v c="$CONNS"
     -v st="$SCALE_THREADS" -v logb="$LOG_BYTES" -v rscmds="$RS_CMDS" -v dropped="${DROPPED:-0}" \
     -v rss0="$RSS0" -v rss1="$RSS1" -v rss2="$RSS2" -v rssd0="$RSSD0" -v rssd1="$RSSD1" -v rssd2="$RSSD2" \
     -v rcdb0="$RC_DB0" -v rcdb1="$RC_DB1" -v rcmem0="$RC_MEM0" -v rcmem1="$RC_MEM1" \
-    -v rcusage="$RC_USAGE" -v rcstrlen="$RC_STRLEN" -v rcusage2="$RC_USAGE2" -v rcstrlen2="$RC_STRLEN2" -v rcpasses="$RC_PASSES" \
+    -v rcusage="$RC_USAGE" -v rcstrlen="$RC_STRLEN" -v rcusage2="$RC_USAGE2" -v rcstrlen2="$RC_STRLEN2" -v rcpasses="$RC_PASSES" -v rcleft="$RC_LEFT" \
     -v h1="$H1" -v n1="$N1" -v u1="$U1" -v h2="$H2" -v n2="$N2" -v u2="$U2" -v h3="$H3" -v n3="$N3" -v u3="$U3" '
 function kv(s, k) { return match(s, "(^| )" k "=[0-9.]+") ? substr(s, RSTART, RLENGTH) : "" }
 function num(s, k,   v) { v = kv(s, k); sub(/.*=/, "", v); return v + 0 }
@@ -611,8 +615,8 @@ END {
     sprintf("gateway VmRSS %.1f MB before the fill, %.1f MB after, %.1f MB after the runs", rssd0 / 1024, rssd1 / 1024, rssd2 / 1024))
   split(rcusage, ru, " "); split(rcusage2, ru2, " ")
   row("4 Redis bytes per cache entry", "", "", "",
-    sprintf("%d keys added; fresh (text): MEMORY USAGE mean %d B (%d keys; value %d B), used_memory delta / keys %.0f B; the same keys once hit (compact, eg4: float32 form, %d pass(es) over the keys): %d B (value %d B); answer %d B",
-      rcdb1 - rcdb0, ru[1], ru[2], rcstrlen, (rcdb1 - rcdb0) ? (rcmem1 - rcmem0) / (rcdb1 - rcdb0) : 0, rcpasses, ru2[1], rcstrlen2, rb))
+    sprintf("%d keys added; fresh (text): MEMORY USAGE mean %d B (%d keys; value %d B), used_memory delta / keys %.0f B; the same keys once hit (compact, eg4: float32 form, %d pass(es) over the keys, %d of them still text): %d B (value %d B); answer %d B",
+      rcdb1 - rcdb0, ru[1], ru[2], rcstrlen, (rcdb1 - rcdb0) ? (rcmem1 - rcmem0) / (rcdb1 - rcdb0) : 0, rcpasses, rcleft, ru2[1], rcstrlen2, rb))
   row("5 miss -c" c, "miss_gw", "fake direct", "miss_direct",
     sprintf("added p50 %+.3f ms; (+n): CPU of the fake", med(p50, "miss_gw") - med(p50, "miss_direct")))
   row("5 miss -c" c ", vs nginx proxy", "miss_gw", "nginx proxy, no cache", "miss_ngp",
