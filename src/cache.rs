@@ -947,6 +947,50 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_digits_kind_is_the_configured_one_or_the_one_the_text_has() {
+        let c = Arc::new(Cache::new(
+            8 << 20,
+            0,
+            Words::Digits,
+            None,
+            Duration::from_secs(60),
+        ));
+        let (key, text) = (test_key("d"), dashscope_vector(5));
+        c.store(key, text.clone()).await;
+        assert!(matches!(
+            c.get_found(&key, 1536, false).await,
+            Some(Found::Text(_))
+        ));
+        let Form::Digits(d) = compacted(&c, &key).await else {
+            panic!("not the digits form")
+        };
+        assert_eq!(d.kind(), Words::Digits);
+        assert_eq!(d.text(), Some(text));
+        // Numbers that are not float32 values: digits, whatever is set.
+        let c = Arc::new(Cache::new(
+            8 << 20,
+            0,
+            Words::Float32,
+            None,
+            Duration::from_secs(60),
+        ));
+        let mut numbers = vec!["-0.12345678901234567"; 1536].join(",");
+        numbers.insert(0, '[');
+        numbers.push(']');
+        let (key, text) = (test_key("f64"), Bytes::from(numbers));
+        c.store(key, text.clone()).await;
+        assert!(matches!(
+            c.get_found(&key, 1536, false).await,
+            Some(Found::Text(_))
+        ));
+        let Form::Digits(d) = compacted(&c, &key).await else {
+            panic!("not the digits form")
+        };
+        assert_eq!(d.kind(), Words::Digits);
+        assert_eq!(d.text(), Some(text));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_hit_entry_is_compacted_once_and_reads_the_same() {
         // No hot tier: identity hits of the compact form inflate it.
         let c = Arc::new(Cache::new(
@@ -967,12 +1011,13 @@ mod tests {
             panic!("no text hit")
         };
         assert!(same(&got, &text));
-        // An identity client's hit: the digits form.
+        // An identity client's hit: the digits form, float32 words.
         let Form::Digits(d) = compacted(&c, &key).await else {
             panic!("not the digits form")
         };
+        assert_eq!(d.kind(), Words::Float32);
         assert_eq!(weight(&c), d.allocated() as u64 + ENTRY_OVERHEAD);
-        assert!(weight(&c) * 100 <= text.len() as u64 * 42, "{}", weight(&c));
+        assert!(weight(&c) * 100 <= text.len() as u64 * 22, "{}", weight(&c));
         // Identity hits: the same bytes, written again.
         for _ in 0..2 {
             let Some(Found::Text(again)) = c.get_found(&key, 1536, false).await else {

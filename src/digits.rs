@@ -975,6 +975,27 @@ mod tests {
                 assert!(Digits::decode(&broken, Words::Float32).is_none());
             }
         }
+        // Words of any bits (a damaged value whose header still reads)
+        // are refused, never a panic.
+        let d = Digits::of(&text, Words::Float32).unwrap();
+        let mut value = Vec::new();
+        d.encode(&mut value);
+        let words_at = value.len() - 1536 * 4;
+        let mut x = 0x9e37_79b9u32;
+        for round in 0..200 {
+            let mut broken = value.clone();
+            for w in broken[words_at..].chunks_exact_mut(4) {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                // Half the rounds keep most words whole.
+                if round % 2 == 0 || x % 7 == 0 {
+                    w.copy_from_slice(&x.to_le_bytes());
+                }
+            }
+            assert!(Digits::decode(&broken, Words::Float32).is_none());
+            assert!(Digits::decode(&broken[..words_at + 1536 * 4], Words::Digits).is_none());
+        }
         // A value of one kind does not read as the other.
         let d = Digits::of(&text, Words::Float32).unwrap();
         let mut value = Vec::new();
