@@ -989,7 +989,7 @@ mod tests {
                 x ^= x >> 17;
                 x ^= x << 5;
                 // Half the rounds keep most words whole.
-                if round % 2 == 0 || x % 7 == 0 {
+                if round % 2 == 0 || x.is_multiple_of(7) {
                     w.copy_from_slice(&x.to_le_bytes());
                 }
             }
