@@ -57,7 +57,13 @@ pub(crate) async fn watch(app: Arc<App>) {
     let Some(path) = app.config.source.clone() else {
         return;
     };
-    let mut last = std::fs::read(&path).ok();
+    // What was loaded, not what the file holds now: the file may have
+    // changed since (this task starts after the server does).
+    let mut last = app
+        .config
+        .source_bytes
+        .clone()
+        .or_else(|| std::fs::read(&path).ok());
     #[cfg(unix)]
     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
     let mut tick = tokio::time::interval(WATCH_INTERVAL);

@@ -77,6 +77,9 @@ pub struct Config {
     pub models: ModelTable,
     /// Where the config came from, for SIGHUP reloads.
     pub source: Option<PathBuf>,
+    /// The file's bytes as they were read: what the file watch compares
+    /// with, so a change made before the watch starts is seen too.
+    pub source_bytes: Option<Vec<u8>>,
 }
 
 /// One problem in a config file.
@@ -168,6 +171,7 @@ impl Config {
         })?;
         let mut config = Config::parse(&src, &|k| std::env::var(k).ok())?;
         config.source = Some(path.to_path_buf());
+        config.source_bytes = Some(src.into_bytes());
         Ok(config)
     }
 
@@ -192,6 +196,7 @@ impl Config {
             tenants: tenants::load(raw.tenants, &mut c),
             models: models::load(raw.models, &mut c),
             source: None,
+            source_bytes: None,
         };
         for (i, t) in config.tenants.iter().enumerate() {
             for m in t.models.iter().flatten() {

@@ -166,3 +166,42 @@ async fn requests_in_flight_survive_a_reload() {
         1536
     );
 }
+
+/// Cache settings are not applied by a reload (the caches are built once):
+/// a change is reported as needing a restart, and the rest applies. The
+/// first change is made right after the start: the file watch compares
+/// with what was loaded, so a change before it starts is seen too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cache_settings_changed_by_a_reload_are_reported_as_needing_a_restart() {
+    let gw = two_tenants("ka", "kb").start().await;
+    for (i, line) in [
+        "compact_form = \"digits\"",
+        "memory_max_bytes = 1000000",
+        "hot_max_bytes = 0",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let new_key = format!("ka-{i}");
+        gw.reconfigure(&two_tenants(&new_key, "kb").set("cache", line));
+        eventually(15, "the new key accepted", async || {
+            (gw.embed(&new_key, &text_body("y")).await.status == 200).then_some(())
+        })
+        .await;
+        // Logged after the swap, through the log's queue.
+        eventually(
+            15,
+            &format!("restart warning {} for {line}", i + 1),
+            async || {
+                let warnings = gw
+                    .logs()
+                    .lines()
+                    .filter(|l| l.contains("need a restart") && l.contains("cache"))
+                    .count();
+                assert!(warnings <= i + 1, "{}", gw.logs());
+                (warnings == i + 1).then_some(())
+            },
+        )
+        .await;
+    }
+}
