@@ -19,7 +19,7 @@
 //!     them as they are; identity hits inflate them (~46 µs);
 //!   - an identity client: the **digits form** ([`Digits`]), written back
 //!     as text exactly: float32 words (4 bytes per float, ~20% of the
-//!     text, `eg4:`, ~27 µs to write back) or, for texts whose numbers are
+//!     text, `eg4:`, ~20 µs to write back) or, for texts whose numbers are
 //!     not float32 values or with `cache.compact_form = "digits"`, decimal
 //!     digits (8 bytes per float, ~40%, `eg3:`, ~12 µs). A gzip hit of
 //!     such an entry asks for the DEFLATE form, which then replaces it.

@@ -11,7 +11,7 @@
 //!   exactly the number's text back: 6,144 bytes for 1536 floats. Writing
 //!   finds those digits with one 128-bit product per number (and 3 bits
 //!   kept with the value saying how to round it, see [`Float32`]), then
-//!   writes them as the digits kind does: ~28 µs for 1536 floats;
+//!   writes them as the digits kind does: ~20 µs for 1536 floats;
 //! - **digits**, 8 bytes: almost every number is an optional `-`, `0.`, a
 //!   few zeros and up to 17 significant digits, which fit in one 64-bit
 //!   word (the digits in three parts, the zeros, the sign): 12,288 bytes
@@ -513,19 +513,45 @@ impl Float32 {
 /// `s` bits of fraction. The float64 is `m·2^e` (`m` the float32's 24-bit
 /// significand; its float64 significand `m·2^29` is even, so both ends of
 /// the interval that reads back as it are in it). Scaled by `10^q`, it is
-/// `m·5^q / 2^s` exactly: one 128-bit product, the point `s` bits from its
-/// end; the interval is `half` = `5^q` either side in units of
-/// `2^-(s+30)` (half of that below when `m` is a power of two: the float64
-/// below it is nearer).
+/// `t = m·5^q / 2^s` exactly: one 128-bit product, the point `s` bits from
+/// its end.
 struct Near {
     d17: u64,
-    frac: u128,
+    t: u128,
     s: u32,
-    half: u128,
+    q: usize,
     power_of_two: bool,
     zeros: usize,
     negative: bool,
 }
+
+/// For each float32 exponent (biased, 0-255): the zeros after `0.` of the
+/// numbers at the top of its binade, and the power of ten inside the
+/// binade below which there is one more (0 when none is). A binade spans a
+/// factor of 2, so it holds at most one power of ten. (No float32 lies
+/// between a power of ten and its nearest float64, so comparing with the
+/// float64 is exact.)
+const ZEROS_BY_EXPONENT: [(u8, f64); 256] = {
+    let powers = [0.1, 0.01, 1e-3, 1e-4, 1e-5, 1e-6];
+    let mut t = [(0u8, 0.0f64); 256];
+    let mut b = 1;
+    while b < 255 {
+        // The binade [2^(b-127), 2^(b-126)).
+        let low = f64::from_bits(((b + 1023 - 127) as u64) << 52);
+        let high = 2.0 * low;
+        let mut k = 0;
+        while k < powers.len() {
+            if powers[k] >= high {
+                t[b].0 += 1;
+            } else if powers[k] > low {
+                t[b].1 = powers[k];
+            }
+            k += 1;
+        }
+        b += 1;
+    }
+    t
+};
 
 impl Near {
     /// `f` scaled, for |f| in [1e-7, 1).
@@ -536,29 +562,26 @@ impl Near {
         if !(1e-7..1.0).contains(&a) {
             return None;
         }
-        // `a` in [10^(-zeros-1), 10^-zeros), counted without branches. (No
-        // float32 lies between a power of ten and its nearest float64.)
-        let zeros = [0.1, 0.01, 1e-3, 1e-4, 1e-5, 1e-6]
-            .iter()
-            .map(|&p| usize::from(a < p))
-            .sum::<usize>();
+        let exponent = ((bits >> 23) & 0xff) as usize;
+        // `a` in [10^(-zeros-1), 10^-zeros).
+        let (zeros, power) = ZEROS_BY_EXPONENT[exponent];
+        let zeros = usize::from(zeros) + usize::from(a < power);
         let m = u64::from(bits & 0x7f_ffff | 0x80_0000);
-        let e = ((bits >> 23) & 0xff) as i32 - 150;
         let q = 17 + zeros;
         // 7 to 24 for |f| in [1e-7, 1).
-        let s = u32::try_from(-(e + q as i32))
+        let s = u32::try_from(150 - exponent as i32 - q as i32)
             .ok()
             .filter(|s| (1..=40).contains(s))?;
-        let t = u128::from(m) * u128::from(POW5[q]);
+        let t = u128::from(m) * u128::from(*POW5.get(q)?);
         let d17 = (t >> s) as u64;
         if !(POW10[16]..POW10[17]).contains(&d17) {
             return None;
         }
         Some(Near {
             d17,
-            frac: t & ((1u128 << s) - 1),
+            t,
             s,
-            half: u128::from(POW5[q]),
+            q,
             power_of_two: m == 1 << 23,
             zeros,
             negative: bits >> 31 != 0,
@@ -570,19 +593,27 @@ impl Near {
     /// many. Each digit dropped from the end while the nearer of the two
     /// rounded values is still in the interval makes it one digit shorter.
     fn shortest(&self) -> (u64, usize) {
+        let interval = Interval {
+            d17: self.d17,
+            frac: self.t & ((1u128 << self.s) - 1),
+            s: self.s,
+            half: u128::from(POW5[self.q]),
+            power_of_two: self.power_of_two,
+        };
         // 17 digits always read back: the nearer of the two.
         let half_unit = 1u128 << (self.s - 1);
-        let up = self.frac > half_unit || (self.frac == half_unit && self.d17 % 2 == 1);
+        let frac = interval.frac;
+        let up = frac > half_unit || (frac == half_unit && self.d17 % 2 == 1);
         let mut best = (self.d17 + u64::from(up), 17);
         // Most numbers print with 16 or 17 digits: the first two lengths
         // with constant divisors, the rest (values with short exact forms)
         // after.
-        if let Some(b) = self.rounded(10) {
+        if let Some(b) = interval.rounded(10) {
             best = (b, 16);
-            if let Some(b) = self.rounded(100) {
+            if let Some(b) = interval.rounded(100) {
                 best = (b, 15);
                 for (j, &p) in POW10.iter().enumerate().take(17).skip(3) {
-                    let Some(b) = self.rounded(p) else { break };
+                    let Some(b) = interval.rounded(p) else { break };
                     best = (b, 17 - j);
                 }
             }
@@ -590,8 +621,30 @@ impl Near {
         best
     }
 
-    /// The nearer of the two multiples of `p` around it (the even one of
-    /// two as near), divided by `p`, if it is in the interval.
+    /// The digits word of these digits (of the shortest form).
+    fn word(&self, digits: u64) -> u64 {
+        let (top, mid, lo) = (digits / (E8 * E8), digits / E8 % E8, digits % E8);
+        lo | mid << EIGHT_BITS
+            | top << TOP_SHIFT
+            | (self.zeros as u64) << ZEROS_SHIFT
+            | if self.negative { NEGATIVE } else { 0 }
+    }
+}
+
+/// The interval that reads back as a [`Near`]'s float64: `half` = `5^q`
+/// either side of it in units of `2^-(s+30)` (half of that below when the
+/// significand is a power of two: the float64 below it is nearer).
+struct Interval {
+    d17: u64,
+    frac: u128,
+    s: u32,
+    half: u128,
+    power_of_two: bool,
+}
+
+impl Interval {
+    /// The nearer of the two multiples of `p` around the value (the even
+    /// one of two as near), divided by `p`, if it is in the interval.
     #[inline(always)]
     fn rounded(&self, p: u64) -> Option<u64> {
         let q = self.d17 / p;
@@ -611,15 +664,6 @@ impl Near {
             (_, true) => Some(q + 1),
             (false, false) => None,
         }
-    }
-
-    /// The digits word of these digits (of the shortest form).
-    fn word(&self, digits: u64) -> u64 {
-        let (top, mid, lo) = (digits / (E8 * E8), digits / E8 % E8, digits % E8);
-        lo | mid << EIGHT_BITS
-            | top << TOP_SHIFT
-            | (self.zeros as u64) << ZEROS_SHIFT
-            | if self.negative { NEGATIVE } else { 0 }
     }
 }
 

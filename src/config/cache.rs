@@ -50,7 +50,7 @@ impl<'de> Deserialize<'de> for CacheScope {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CompactForm {
     /// 4 bytes a float (a DashScope answer's numbers are float32 values),
-    /// written back in ~27 µs; texts whose numbers are not take `Digits`.
+    /// written back in ~20 µs; texts whose numbers are not take `Digits`.
     Float32,
     /// 8 bytes a float, written back in ~12 µs.
     Digits,
