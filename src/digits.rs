@@ -443,8 +443,8 @@ const POW10: [u64; 18] = {
 /// and up to 17 digits when printed) as it is kept: its bits, with the
 /// exponent (24 values) in 5 bits and, in the 3 bits so freed, how its
 /// shortest float64 form is made from its 17-digit one ([`Near`]): 0 and
-/// 1, 17 digits rounded down and up; 2 and 3, 16 digits rounded down and
-/// up; 4, fewer digits, searched for.
+/// 1, 17 digits rounded down and up; 2 and 3, 16 digits; 4 and 5, 15
+/// digits; 6, fewer digits, searched for.
 ///
 /// Bits: sign (31), how (28-30), exponent - 100 (23-27; 31 is a number
 /// kept as its own bytes), significand (0-22).
@@ -460,7 +460,8 @@ impl Float32 {
         let how = match length {
             17 => digits - near.d17,
             16 => 2 + digits - near.d17 / 10,
-            _ => 4,
+            15 => 4 + digits - near.d17 / 100,
+            _ => 6,
         };
         let bits = f.to_bits();
         let code = ((bits >> 23) & 0xff).checked_sub(Self::EXPONENT_BASE)?;
@@ -482,13 +483,19 @@ impl Float32 {
         let near = Near::of(f32::from_bits(bits))?;
         let how = (w >> 28) & 7;
         let (digits, length) = match how {
-            // No branch on which: half the numbers are each.
-            0..=3 => {
-                let tenth = near.d17 / 10;
-                let digits = (if how & 2 != 0 { tenth } else { near.d17 }) + u64::from(how & 1);
-                (digits, 17 - (how >> 1) as usize)
+            // No branch on which: most numbers are one of these, about
+            // half with 17 digits and half with 16.
+            0..=5 => {
+                let (tenth, hundredth) = (near.d17 / 10, near.d17 / 100);
+                let dropped = how >> 1;
+                let digits = match dropped {
+                    0 => near.d17,
+                    1 => tenth,
+                    _ => hundredth,
+                } + u64::from(how & 1);
+                (digits, 17 - dropped as usize)
             }
-            4 => near.shortest(),
+            6 => near.shortest(),
             _ => return None,
         };
         *out.get_mut(at)? = b'-';
@@ -1012,7 +1019,7 @@ mod tests {
             assert!(Digits::decode(&flipped, kind).is_none());
             // A float32 word of no number: an exponent code out of range,
             // an unknown way to round, a kept number's index out of range.
-            for bad in [0x0000_0000u32, 0x5000_0000 | 20 << 23, 31 << 23 | 1000] {
+            for bad in [0x0000_0000u32, 0x7000_0000 | 20 << 23, 31 << 23 | 1000] {
                 let mut broken = value.clone();
                 let at = broken.len() - 4;
                 broken[at..].copy_from_slice(&bad.to_le_bytes());
