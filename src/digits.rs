@@ -600,16 +600,30 @@ impl Near {
     /// many. Each digit dropped from the end while the nearer of the two
     /// rounded values is still in the interval makes it one digit shorter.
     fn shortest(&self) -> (u64, usize) {
+        // A value with an exact form of 15 digits or fewer (a short
+        // dyadic fraction, e.g. `0.12109375`) prints as that: every shorter
+        // candidate is at least 100 units of the 17th digit away, and the
+        // interval is at most ~11 of them either side.
+        let frac = self.t & ((1u128 << self.s) - 1);
+        if frac == 0 {
+            let (mut digits, mut length) = (self.d17, 17);
+            while digits.is_multiple_of(10) {
+                digits /= 10;
+                length -= 1;
+            }
+            if length <= 15 {
+                return (digits, length);
+            }
+        }
         let interval = Interval {
             d17: self.d17,
-            frac: self.t & ((1u128 << self.s) - 1),
+            frac,
             s: self.s,
             half: u128::from(POW5[self.q]),
             power_of_two: self.power_of_two,
         };
         // 17 digits always read back: the nearer of the two.
         let half_unit = 1u128 << (self.s - 1);
-        let frac = interval.frac;
         let up = frac > half_unit || (frac == half_unit && self.d17 % 2 == 1);
         let mut best = (self.d17 + u64::from(up), 17);
         // Most numbers print with 16 or 17 digits: the first two lengths
@@ -978,6 +992,11 @@ mod tests {
         for bits in (0..0x8000_0000u32).step_by(331) {
             check(f32::from_bits(bits));
             check(-f32::from_bits(bits));
+        }
+        // Short dyadic fractions (exact forms of 15 digits or fewer), as
+        // the fake's short floats are.
+        for k in 0..65_536 {
+            check(k as f32 / 65_536.0 - 0.5);
         }
         for p in 1..=24 {
             check(0.5f32.powi(p));
