@@ -553,9 +553,8 @@ impl Stores {
     }
 
     /// Replaces an entry's value with its compact form (`eg2:`, `eg3:` or
-    /// `eg4:`),
-    /// keeping its TTL; an entry that expired or was evicted meanwhile stays
-    /// gone. Another answer stored for the key since is replaced too: both
+    /// `eg4:`), keeping its TTL; an entry that expired or was evicted
+    /// meanwhile stays gone. Another answer stored for the key since is replaced too: both
     /// are upstream's answer to the same input.
     async fn put_compact(&self, key: &CacheKey, form: &Form) {
         let Some(redis) = &self.redis else {
