@@ -892,6 +892,18 @@ mod tests {
         }
     }
 
+    /// A memory cache of 8 MiB (`hot_max_bytes` of it the hot tier), a
+    /// minute's TTL, no Redis.
+    fn cache_8mib(hot_max_bytes: u64, words: Words) -> Arc<Cache> {
+        Arc::new(Cache::new(
+            8 << 20,
+            hot_max_bytes,
+            words,
+            None,
+            Duration::from_secs(60),
+        ))
+    }
+
     fn weight(c: &Cache) -> u64 {
         c.stores.memory.as_ref().map_or(0, |m| m.weight())
     }
@@ -947,58 +959,35 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn the_digits_kind_is_the_configured_one_or_the_one_the_text_has() {
-        let c = Arc::new(Cache::new(
-            8 << 20,
-            0,
-            Words::Digits,
-            None,
-            Duration::from_secs(60),
-        ));
-        let (key, text) = (test_key("d"), dashscope_vector(5));
-        c.store(key, text.clone()).await;
-        assert!(matches!(
-            c.get_found(&key, 1536, false).await,
-            Some(Found::Text(_))
-        ));
-        let Form::Digits(d) = compacted(&c, &key).await else {
-            panic!("not the digits form")
-        };
+        // An entry of `text` in a cache set to `words`, hit once: the
+        // digits form it is compacted to.
+        async fn compacted_to(words: Words, text: &Bytes) -> Digits {
+            let (c, key) = (cache_8mib(0, words), test_key("d"));
+            c.store(key, text.clone()).await;
+            assert!(matches!(
+                c.get_found(&key, 1536, false).await,
+                Some(Found::Text(_))
+            ));
+            let Form::Digits(d) = compacted(&c, &key).await else {
+                panic!("not the digits form")
+            };
+            assert_eq!(d.text().as_ref(), Some(text));
+            d
+        }
+        let d = compacted_to(Words::Digits, &dashscope_vector(5)).await;
         assert_eq!(d.kind(), Words::Digits);
-        assert_eq!(d.text(), Some(text));
         // Numbers that are not float32 values: digits, whatever is set.
-        let c = Arc::new(Cache::new(
-            8 << 20,
-            0,
-            Words::Float32,
-            None,
-            Duration::from_secs(60),
-        ));
         let mut numbers = vec!["-0.12345678901234567"; 1536].join(",");
         numbers.insert(0, '[');
         numbers.push(']');
-        let (key, text) = (test_key("f64"), Bytes::from(numbers));
-        c.store(key, text.clone()).await;
-        assert!(matches!(
-            c.get_found(&key, 1536, false).await,
-            Some(Found::Text(_))
-        ));
-        let Form::Digits(d) = compacted(&c, &key).await else {
-            panic!("not the digits form")
-        };
+        let d = compacted_to(Words::Float32, &Bytes::from(numbers)).await;
         assert_eq!(d.kind(), Words::Digits);
-        assert_eq!(d.text(), Some(text));
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_hit_entry_is_compacted_once_and_reads_the_same() {
         // No hot tier: identity hits of the compact form inflate it.
-        let c = Arc::new(Cache::new(
-            8 << 20,
-            0,
-            Words::Float32,
-            None,
-            Duration::from_secs(60),
-        ));
+        let c = cache_8mib(0, Words::Float32);
         let (key, text) = (test_key("k"), dashscope_vector(2));
         c.store(key, text.clone()).await;
         assert_eq!(weight(&c), size_class(text.len()) as u64 + ENTRY_OVERHEAD);
@@ -1056,13 +1045,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn the_hot_tier_keeps_the_text_identity_clients_read() {
-        let c = Arc::new(Cache::new(
-            8 << 20,
-            1 << 20,
-            Words::Float32,
-            None,
-            Duration::from_secs(60),
-        ));
+        let c = cache_8mib(1 << 20, Words::Float32);
         let (key, text) = (test_key("h"), dashscope_vector(3));
         c.store(key, text.clone()).await;
         let _ = c.get_found(&key, 1536, false).await;
@@ -1108,13 +1091,7 @@ mod tests {
     #[test]
     fn keys_read_once_in_turn_do_not_churn_the_hot_tier() {
         // 1 MiB: 32 texts, and 64 keys noted.
-        let c = Cache::new(
-            8 << 20,
-            1 << 20,
-            Words::Float32,
-            None,
-            Duration::from_secs(60),
-        );
+        let c = cache_8mib(1 << 20, Words::Float32);
         let hot = c.stores.hot.as_ref().unwrap();
         let text = dashscope_vector(9);
         for round in 0..3 {
@@ -1129,7 +1106,7 @@ mod tests {
         c.keep_hot(&key, &text, 1);
         assert!(hot.get(&key).is_some_and(|h| same(&h.text, &text)));
         // Without a hot tier nothing is noted either.
-        let none = Cache::new(8 << 20, 0, Words::Float32, None, Duration::from_secs(60));
+        let none = cache_8mib(0, Words::Float32);
         assert!(none.stores.seen.is_none());
         // The table alone: keys read in turn, 8 times as many as it has
         // slots, are (almost) never recognised; a key read again soon is.
@@ -1146,13 +1123,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_gzip_hit_waits_for_the_compact_form() {
-        let c = Arc::new(Cache::new(
-            8 << 20,
-            0,
-            Words::Float32,
-            None,
-            Duration::from_secs(60),
-        ));
+        let c = cache_8mib(0, Words::Float32);
         let (key, text) = (test_key("g"), dashscope_vector(5));
         c.store(key, text.clone()).await;
         // The wait is bounded; on a slow machine the first answer may be
@@ -1172,13 +1143,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_job_replaces_only_the_entry_it_was_made_from() {
-        let c = Arc::new(Cache::new(
-            8 << 20,
-            0,
-            Words::Float32,
-            None,
-            Duration::from_secs(60),
-        ));
+        let c = cache_8mib(0, Words::Float32);
         let key = test_key("r");
         let (old, new) = (dashscope_vector(6), dashscope_vector(7));
         c.store(key, old.clone()).await;

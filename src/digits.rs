@@ -829,10 +829,16 @@ mod tests {
         test_vector(seed, if small { 12.0 } else { 1.0 })
     }
 
-    /// Encodes `d` and decodes it again; the text it then gives.
-    fn through_redis(d: &Digits) -> Bytes {
+    /// `d` as a Redis value holds it (after the prefix).
+    fn encoded(d: &Digits) -> Vec<u8> {
         let mut value = Vec::new();
         d.encode(&mut value);
+        value
+    }
+
+    /// Encodes `d` and decodes it again; the text it then gives.
+    fn through_redis(d: &Digits) -> Bytes {
+        let value = encoded(d);
         let (back, text) = Digits::decode(&value, d.kind()).expect("decodes");
         assert_eq!(back.text(), Some(text.clone()));
         text
@@ -1024,8 +1030,7 @@ mod tests {
         let text = vector(7, false);
         for kind in [Words::Float32, Words::Digits] {
             let d = Digits::of(&text, kind).unwrap();
-            let mut value = Vec::new();
-            d.encode(&mut value);
+            let value = encoded(&d);
             for cut in [0, 5, 20, value.len() - 1] {
                 assert!(
                     Digits::decode(&value[..cut], kind).is_none(),
@@ -1048,8 +1053,7 @@ mod tests {
         // Words of any bits (a damaged value whose header still reads)
         // are refused, never a panic.
         let d = Digits::of(&text, Words::Float32).unwrap();
-        let mut value = Vec::new();
-        d.encode(&mut value);
+        let value = encoded(&d);
         let words_at = value.len() - 1536 * 4;
         let mut x = 0x9e37_79b9u32;
         for round in 0..200 {
@@ -1068,8 +1072,7 @@ mod tests {
         }
         // A value of one kind does not read as the other.
         let d = Digits::of(&text, Words::Float32).unwrap();
-        let mut value = Vec::new();
-        d.encode(&mut value);
+        let value = encoded(&d);
         assert!(Digits::decode(&value, Words::Digits).is_none());
     }
 

@@ -9,6 +9,16 @@ use super::*;
 
 const DIGEST: &str = "2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f98a5e886266e7ae";
 
+/// The errors `src` is refused with, as they are shown.
+fn errors_of(src: &str) -> Vec<String> {
+    parse(src)
+        .unwrap_err()
+        .0
+        .iter()
+        .map(|e| e.to_string())
+        .collect()
+}
+
 fn parse(src: &str) -> Result<Config, ConfigErrors> {
     Config::parse(src, &|_| None)
 }
@@ -199,22 +209,12 @@ fn state_redis_defaults_to_the_cache_redis() {
             == "line 4: state.redis_cluster: applies to state.redis_url, which is not set (the state then uses cache.redis_url and cache.redis_cluster)"),
         "{shown:#?}"
     );
-    let shown: Vec<String> = parse("[state]\nredis_url = \"http://s\"\n")
-        .unwrap_err()
-        .0
-        .iter()
-        .map(|e| e.to_string())
-        .collect();
+    let shown = errors_of("[state]\nredis_url = \"http://s\"\n");
     assert_eq!(
         shown,
         vec!["line 2: state.redis_url: must be a redis:// or rediss:// URL (with redis_cluster = true, a comma-separated list of them)"]
     );
-    let shown: Vec<String> = parse("[state]\nredis_url = \"redis://a,redis://b\"\n")
-        .unwrap_err()
-        .0
-        .iter()
-        .map(|e| e.to_string())
-        .collect();
+    let shown = errors_of("[state]\nredis_url = \"redis://a,redis://b\"\n");
     assert_eq!(
         shown,
         vec!["line 2: state.redis_url: lists several nodes; set state.redis_cluster = true for Redis Cluster"]
@@ -227,12 +227,7 @@ fn the_compact_form_is_float32_unless_chosen() {
     assert_eq!(parse("").unwrap().cache.compact_form, CompactForm::Float32);
     let digits = parse("[cache]\ncompact_form = \"digits\"\n").unwrap();
     assert_eq!(digits.cache.compact_form, CompactForm::Digits);
-    let shown: Vec<String> = parse("[cache]\ncompact_form = \"f16\"\n")
-        .unwrap_err()
-        .0
-        .iter()
-        .map(|e| e.to_string())
-        .collect();
+    let shown = errors_of("[cache]\ncompact_form = \"f16\"\n");
     assert_eq!(
         shown,
         vec!["line 2: cache.compact_form: must be \"float32\" or \"digits\", got \"f16\""]
@@ -248,22 +243,12 @@ fn the_hot_tier_is_a_part_of_the_memory_cache() {
     assert_eq!(none.cache.hot_max_bytes, 0);
     let off = parse("[cache]\nhot_max_bytes = 0\n").unwrap();
     assert_eq!(off.cache.hot_max_bytes, 0);
-    let shown: Vec<String> = parse("[cache]\nmemory_max_bytes = 1000\nhot_max_bytes = 600\n")
-        .unwrap_err()
-        .0
-        .iter()
-        .map(|e| e.to_string())
-        .collect();
+    let shown = errors_of("[cache]\nmemory_max_bytes = 1000\nhot_max_bytes = 600\n");
     assert_eq!(
         shown,
         vec!["line 3: cache.hot_max_bytes: is a part of cache.memory_max_bytes (1000) and may be at most half of it, got 600"]
     );
-    let shown: Vec<String> = parse("[cache]\nhot_max_bytes = -1\n")
-        .unwrap_err()
-        .0
-        .iter()
-        .map(|e| e.to_string())
-        .collect();
+    let shown = errors_of("[cache]\nhot_max_bytes = -1\n");
     assert_eq!(
         shown,
         vec!["line 2: cache.hot_max_bytes: must be >= 0, got -1"]
@@ -500,12 +485,7 @@ fn uploads_rate_defaults_for_every_tenant_and_is_checked_like_rate() {
         "[[tenants]]\nname = \"a\"\nkey_sha256 = [\"{DIGEST}\"]\nuploads_rate = {{ burst = 2 }}\n[[tenants]]\nname = \"b\"\nkey_sha256 = [\"{}\"]\nuploads_rate = {{ per_second = 0, burst = 0 }}\n",
         "f".repeat(64)
     );
-    let shown: Vec<String> = parse(&bad)
-        .unwrap_err()
-        .0
-        .iter()
-        .map(|e| e.to_string())
-        .collect();
+    let shown = errors_of(&bad);
     assert_eq!(
         shown,
         vec![
